@@ -1,0 +1,112 @@
+"""Build and install r4b (trainer), r4b_kernels (Triton kernels) and the C++/CUDA packer.
+
+The packer extension is built by CMake (CMakeLists.txt).  The C++ module ``r4b._C`` always
+builds; the CUDA module ``r4b._C_cuda`` builds only when nvcc is found and ``R4B_SKIP_CUDA``
+is not set.  Neither links against torch: they take raw pointers and sizes, so builds take
+seconds and survive torch upgrades, and a build-isolated ``pip install`` never pulls torch.
+
+Environment variables:
+  R4B_SKIP_CUDA=1    never build the CUDA module (same result as a machine without nvcc)
+  R4B_CUDA_ARCHS     CMake CUDA architectures (default "80;90")
+  R4B_BUILD_TYPE     CMake build type (default Release)
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _find_nvcc():
+    if os.environ.get("R4B_SKIP_CUDA", "0") not in ("", "0"):
+        return None, "R4B_SKIP_CUDA is set"
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+        cand = Path(home) / "bin" / "nvcc"
+        nvcc = str(cand) if cand.exists() else None
+    return nvcc, (None if nvcc else "no nvcc found on PATH or in CUDA_HOME")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise RuntimeError(
+                "building the r4b packer extension needs cmake>=3.18 on PATH "
+                "(apt-get install cmake, or pip install cmake)")
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        build_temp = Path(self.build_temp).resolve() / "cmake"
+        build_temp.mkdir(parents=True, exist_ok=True)
+        nvcc, why_not = _find_nvcc()
+        import pybind11
+
+        args = [
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('R4B_BUILD_TYPE', 'Release')}",
+            f"-DR4B_OUTPUT_DIR={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DR4B_WITH_CUDA={'ON' if nvcc else 'OFF'}",
+        ]
+        if nvcc:
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                     f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('R4B_CUDA_ARCHS', '80;90')}"]
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_temp), *args],
+                       check=True, stdout=subprocess.DEVNULL)
+        jobs = str(max(1, os.cpu_count() or 1))
+        subprocess.run([cmake, "--build", str(build_temp), "-j", jobs], check=True,
+                       stdout=subprocess.DEVNULL)
+        if not nvcc:
+            print(f"r4b: CUDA kernels were not built ({why_not}); the C++ packer and "
+                  "CPU paths are available.", file=sys.stderr)
+
+
+setup(
+    name="r4b",
+    version="0.1.0",
+    description="Kernel-centric trainer for auto-thinking multimodal models (R-4B bi-mode "
+                "annealing and Bi-mode Policy Optimization)",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["r4b", "r4b.*"]) + ["r4b_kernels"],
+    package_dir={"r4b": "r4b", "r4b_kernels": "kernels"},
+    ext_modules=[CMakeExtension("r4b._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=[
+        # Install torch first (CPU: `pip install torch==2.13.0`); any >=2.6 build works.
+        "torch>=2.6",
+        "triton>=3.3; platform_system == 'Linux'",
+        "megatron-core>=0.16.1,<0.17",
+        "liger-kernel>=0.8.5,<0.9",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "tyro>=1.0,<2",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=5",
+            "hypothesis>=6.100",
+            "transformers>=4.51",
+            "pyarrow>=15",
+            "matplotlib>=3.8",
+            "tensorboard>=2.15",
+        ],
+        "gpu": ["flash-attn>=2.7", "transformer-engine[pytorch]>=2.9", "vllm>=0.10"],
+    },
+    zip_safe=False,
+)
