@@ -3,8 +3,10 @@
 Public API (stable):
 
 * :func:`grouped_advantage` -> :class:`GroupedAdvantage` — per-group (and per-mode) reward
-  statistics and advantages in one pass; :func:`token_advantage_weights` writes per-token
-  advantage and loss weight into a packed (cu_seqlens) layout.
+  statistics and advantages in one pass; :func:`sequence_loss_weights` gives each sequence's
+  per-token loss weight under a loss aggregation, normalised over the global batch;
+  :func:`token_advantage_weights` writes per-token advantage and loss weight into a packed
+  (cu_seqlens) layout.
 * :func:`policy_loss` -> :class:`PolicyLossOutput` — clipped-ratio policy loss fused with the
   LM-head GEMM and an online logsumexp; logits are never materialised; vocab-parallel.
 * :func:`token_logprobs` — forward-only log-probs (and entropy) of target tokens.
@@ -14,12 +16,13 @@ implementation and runs everywhere.  Only torch is required (triton when present
 """
 
 from ._common import HAS_TRITON, HAS_TRITON_GPU, TRITON_INTERPRET
-from .grouped_advantage import GroupedAdvantage, grouped_advantage, token_advantage_weights
+from .grouped_advantage import (GroupedAdvantage, grouped_advantage, sequence_loss_weights,
+                                token_advantage_weights)
 from .policy_loss import PolicyLossOutput, policy_loss, token_logprobs
 
 __all__ = [
     "HAS_TRITON", "HAS_TRITON_GPU", "TRITON_INTERPRET",
-    "GroupedAdvantage", "grouped_advantage", "token_advantage_weights",
+    "GroupedAdvantage", "grouped_advantage", "sequence_loss_weights", "token_advantage_weights",
     "PolicyLossOutput", "policy_loss", "token_logprobs",
 ]
 __version__ = "0.1.0"
