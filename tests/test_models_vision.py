@@ -119,8 +119,11 @@ def test_config_validation_and_tokens():
     assert cfg.tokens_per_image == 16 and cfg.head_dim == 16 and cfg.layers_run == 2
     with pytest.raises(ValueError, match="hidden_size must be divisible by num_heads=5"):
         VisionConfig(**{**TINY, "num_heads": 5})
-    with pytest.raises(ValueError, match="image_size must be a multiple of patch_size=4"):
-        VisionConfig(**{**TINY, "image_size": 18})
+    with pytest.raises(ValueError, match=r"image_size must be in \[4, inf\], got 3"):
+        VisionConfig(**{**TINY, "image_size": 3})
+    # A remainder is dropped by the strided patch conv (So400m/14@384 -> 27x27 patches).
+    assert VisionConfig(**{**TINY, "image_size": 18}).tokens_per_image == 16
+    assert VisionConfig(**{**TINY, "image_size": 384, "patch_size": 14}).tokens_per_image == 729
     with pytest.raises(ValueError, match="feature_layer"):
         VisionConfig(**TINY, feature_layer=3)
     with pytest.raises(ValueError, match="feature_layer"):

@@ -102,9 +102,8 @@ class VisionConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size must be divisible by num_heads={self.num_heads}, "
                              f"got {self.hidden_size}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size must be a multiple of patch_size={self.patch_size}, "
-                             f"got {self.image_size}")
+        # image_size need not be a multiple of patch_size: the strided patch convolution drops
+        # the remainder (So400m/14@384: 27x27 = 729 patches, the last 6 pixels unused).
 
     @property
     def tokens_per_image(self) -> int:

@@ -1,0 +1,383 @@
+"""The full model: vision tower → projector → spliced into the Qwen3 language model.
+
+:class:`R4BModel` is one pipeline stage of the whole network (with PP=1: all of it).  The first
+stage holds the vision tower, the projector and the token embedding; the last stage holds the
+final norm and the LM head.  A model built with ``ModelConfig.vision = None`` is text-only.
+
+Three ways to call it (see :meth:`R4BModel.forward`):
+
+* plain batch: ``model(input_ids=LongTensor[B, S])`` → logits ``[B, S, V]`` (like transformers);
+* packed (THD): ``model(input_ids=LongTensor[T], cu_seqlens=IntTensor[n+1], position_ids=...,
+  max_seqlen=...)`` → ``[T, V]`` logits or, with ``return_hidden=True``, final hidden states
+  ``[T, H]`` for the fused loss (which applies ``model.lm_head_weight()`` itself);
+* cached decoding: ``model(input_ids=LongTensor[b, s], kv_cache=cache, cache_rows=rows)`` →
+  ``[b, s, V]`` logits for the new tokens, appending them to the cache rows.
+
+Images: each image (``ImageBatch``: tiles plus tiles-per-image) fills
+``tiles * vision.tokens_per_image`` consecutive placeholder tokens (``image_token_id``); images
+are matched to placeholder runs in order, over the flattened batch (row by row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..log import get_logger
+from .attention import KVCache, make_attn_meta, resolve_backend
+from .config import ModelConfig
+from .lm import Qwen3LM
+from .parallel import ensure_model_parallel, megatron_config, parallel_info
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ImageBatch:
+    """Images of a batch as fixed-resolution tiles.
+
+    ``pixel_values [N_tiles, C, H, W]``: tiles of all images, image after image, in the order
+    of their placeholders in the batch.  ``tiles_per_image`` LongTensor ``[N_img]``: how many
+    consecutive tiles each image has (``None`` = one tile each).  An image with ``k`` tiles
+    fills ``k * tokens_per_image`` placeholders; AnyRes tiling only changes ``k``.
+    """
+
+    pixel_values: torch.Tensor
+    tiles_per_image: torch.Tensor | None = None
+
+    def __post_init__(self):
+        pv = self.pixel_values
+        if not isinstance(pv, torch.Tensor) or pv.dim() != 4 or not pv.is_floating_point():
+            shape = tuple(pv.shape) if isinstance(pv, torch.Tensor) else type(pv).__name__
+            raise ValueError(f"pixel_values must be a float tensor [N_tiles, C, H, W], got {shape}")
+        if self.tiles_per_image is not None:
+            t = torch.as_tensor(self.tiles_per_image, dtype=torch.long)
+            if t.dim() != 1 or int(t.sum()) != pv.shape[0] or (t.numel() and int(t.min()) < 1):
+                raise ValueError(f"tiles_per_image must be positive counts summing to N_tiles="
+                                 f"{pv.shape[0]}, got {t.tolist()}")
+            self.tiles_per_image = t
+
+    @property
+    def num_images(self) -> int:
+        """Number of images (not tiles)."""
+        return (self.pixel_values.shape[0] if self.tiles_per_image is None
+                else int(self.tiles_per_image.numel()))
+
+    @property
+    def num_tiles(self) -> int:
+        """Number of tiles."""
+        return int(self.pixel_values.shape[0])
+
+    @classmethod
+    def collate(cls, images) -> "ImageBatch | None":
+        """Accept ``None``, an ``ImageBatch``, a tensor ``[N, C, H, W]`` (one tile per image), or
+        a per-sample list of those / of ``[C, H, W]`` tensors / of ``None``."""
+        if images is None or isinstance(images, ImageBatch):
+            return images
+        if isinstance(images, torch.Tensor):
+            return cls(images)
+        if isinstance(images, Sequence):
+            pv, tiles = [], []
+            for item in images:
+                if isinstance(item, torch.Tensor) and item.dim() == 3:
+                    item = cls(item.unsqueeze(0))  # one [C, H, W] image
+                item = cls.collate(item)
+                if item is None:
+                    continue
+                pv.append(item.pixel_values)
+                tiles.append(item.tiles_per_image if item.tiles_per_image is not None
+                             else torch.ones(item.num_tiles, dtype=torch.long))
+            if not pv:
+                return None
+            return cls(torch.cat(pv), torch.cat(tiles))
+        raise TypeError(f"images must be None, an ImageBatch, a tensor [N, C, H, W] or a list of "
+                        f"those, got {type(images).__name__}")
+
+
+class R4BModel(nn.Module):
+    """One pipeline stage of the multimodal (or text-only) model.
+
+    Attributes:
+        cfg: the :class:`ModelConfig`.
+        config: megatron-core ``ModelParallelConfig`` (read by megatron's pipeline schedules).
+        language_model: the :class:`Qwen3LM` stage.
+        vision_tower, projector: on the first stage of a multimodal model, else absent.
+        vocab_start, vocab_size: first vocabulary row of this rank's LM-head slice; full vocab.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, pre_process: bool, post_process: bool,
+                 layer_range: tuple[int, int], init_weights: bool = True, device=None):
+        super().__init__()
+        info = parallel_info()
+        dtype = cfg.torch_dtype
+        self.cfg = cfg
+        self.config = megatron_config(dtype, tp_size=info.tp_size, pp_size=info.pp_size,
+                                      perform_initialization=init_weights)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.language_model = Qwen3LM(cfg.lm, config=self.config, tp_group=info.tp_group,
+                                      tp_rank=info.tp_rank, tp_size=info.tp_size,
+                                      pre_process=pre_process, post_process=post_process,
+                                      layer_range=layer_range, device=device)
+        self.has_vision = cfg.vision is not None and pre_process
+        if self.has_vision:
+            from .vision import Projector, SiglipVisionTower
+
+            v = cfg.vision
+            self.vision_tower = SiglipVisionTower(v, parallel_config=self.config)
+            self.projector = Projector(v.hidden_size, cfg.lm.hidden_size, eps=cfg.projector_eps,
+                                       act=v.projector_hidden_act, pre_norm=cfg.projector_pre_norm,
+                                       parallel_config=self.config)
+            if cfg.image_newline:
+                self.image_newline = nn.Parameter(torch.zeros(cfg.lm.hidden_size, dtype=dtype))
+        self.input_tensor: torch.Tensor | None = None
+
+    # ------------------------------------------------------------ properties for the loss
+    @property
+    def vocab_start(self) -> int:
+        """First vocabulary id of this rank's LM-head slice."""
+        return self.language_model.vocab_start
+
+    @property
+    def vocab_size(self) -> int:
+        """Full vocabulary size (all TP ranks together)."""
+        return self.language_model.vocab_size
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """This rank's ``[V_local, H]`` LM-head weight (the embedding matrix when tied)."""
+        return self.language_model.lm_head_weight()
+
+    # ------------------------------------------------------------ pipeline glue
+    def set_input_tensor(self, input_tensor) -> None:
+        """Hidden states from the previous pipeline stage (megatron passes a one-item list;
+        ``[T, 1, H]`` or ``[T, H]``); ignored on the first stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"set_input_tensor takes one tensor, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    # ------------------------------------------------------------ KV cache
+    def new_kv_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache with ``batch_size`` rows of ``max_seqlen`` tokens (dtype defaults to
+        the parameters'), on the model's device; ``cache.lengths`` starts at 0."""
+        if max_seqlen > self.cfg.lm.max_position_embeddings:
+            raise ValueError(f"max_seqlen {max_seqlen} exceeds lm.max_position_embeddings "
+                             f"{self.cfg.lm.max_position_embeddings}")
+        p = next(self.parameters())
+        return self.language_model.new_kv_cache(batch_size, max_seqlen, dtype or p.dtype, p.device)
+
+    # ------------------------------------------------------------ images
+    def encode_images(self, images: ImageBatch) -> torch.Tensor:
+        """Tower → projector: ``[N_tiles * tokens_per_image, H]`` features, tile after tile."""
+        if not self.has_vision:
+            raise ValueError("images were given but this model has no vision tower "
+                             "(ModelConfig.vision is None or this is not the first pipeline stage)")
+        p = self.vision_tower.patch_embedding.weight
+        feats = self.vision_tower(images.pixel_values.to(device=p.device, dtype=p.dtype))
+        feats = self.projector(feats)
+        return feats.reshape(-1, feats.shape[-1])
+
+    def _embed(self, ids_flat: torch.Tensor, images, *, check_placeholders: bool) -> torch.Tensor:
+        lm = self.language_model
+        if ids_flat.device.type == "cpu" and ids_flat.numel():
+            lo, hi = int(ids_flat.min()), int(ids_flat.max())
+            if lo < 0 or hi >= lm.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, {lm.vocab_size}), got values in "
+                                 f"[{lo}, {hi}]")
+        emb = lm.embed(ids_flat)
+        images = ImageBatch.collate(images)
+        if self.cfg.vision is None:
+            if images is not None:
+                raise ValueError("images were given but this model is text-only (ModelConfig.vision is None)")
+            return emb
+        if images is None and not check_placeholders:
+            return emb
+        mask = ids_flat == self.cfg.image_token_id
+        n_ph = int(mask.sum())
+        n_img = 0 if images is None else images.num_images
+        n_tiles = 0 if images is None else images.num_tiles
+        tpi = self.cfg.tokens_per_image
+        if n_ph != n_tiles * tpi:
+            raise ValueError(
+                f"image placeholders do not match the images: input_ids hold {n_ph} image tokens "
+                f"(id {self.cfg.image_token_id}), but {n_img} images with {n_tiles} tiles need "
+                f"{n_tiles} x {tpi} (tokens_per_image) = {n_tiles * tpi}")
+        if images is None:
+            return emb
+        feats = self.encode_images(images).to(emb.dtype)
+        return emb.masked_scatter(mask[:, None], feats)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor | None = None, *, images=None,
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, kv_cache: KVCache | None = None,
+                cache_rows: torch.Tensor | None = None, return_hidden: bool = False,
+                gather_logits: bool = True) -> torch.Tensor:
+        """Run this stage.
+
+        Args:
+            input_ids: ``[B, S]`` (plain batch or cached step) or ``[T]`` packed with
+                ``cu_seqlens``.  Non-first pipeline stages read their hidden states from
+                :meth:`set_input_tensor` but still take ``input_ids`` (or ``cu_seqlens``) for
+                the layout.
+            images: ``ImageBatch``, ``[N, C, H, W]`` tensor or per-sample list (see
+                :class:`ImageBatch`); first stage only.
+            position_ids: ``[T]`` (packed; default: restart at 0 per sequence) or ``[B, S]``
+                (plain; default ``arange(S)``).
+            cu_seqlens: int32 ``[n+1]`` sequence boundaries of packed ``input_ids``.
+            max_seqlen: longest packed sequence (computed from ``cu_seqlens`` when omitted).
+            kv_cache: a cache from :meth:`new_kv_cache`; switches to cached decoding.
+            cache_rows: LongTensor ``[b]``, the cache rows ``input_ids`` belong to (default:
+                all rows, ``b`` must equal the cache's batch size).
+            return_hidden: return final-normed hidden states ``[..., H]`` instead of logits.
+            gather_logits: gather logits over TP (``False``: this rank's ``[..., V_local]``).
+
+        Returns:
+            last stage: logits ``[B, S, V]`` / ``[T, V]`` (or hidden ``[..., H]``); other
+            stages: hidden states ``[T, 1, H]`` for the next stage.
+        """
+        if kv_cache is not None:
+            return self._forward_cached(input_ids, images, kv_cache, cache_rows, return_hidden,
+                                        gather_logits)
+        lm = self.language_model
+        max_pos = self.cfg.lm.max_position_embeddings
+        if cu_seqlens is not None:
+            if input_ids is not None:
+                if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+                    input_ids = input_ids[0]
+                if input_ids.dim() != 1:
+                    raise ValueError(f"packed input_ids must be [T] (with cu_seqlens), got shape "
+                                     f"{tuple(input_ids.shape)}")
+            cu = cu_seqlens.to(torch.int32)
+            if cu.dim() != 1 or cu.numel() < 2:
+                raise ValueError(f"cu_seqlens must be int32 [n+1] with n >= 1, got shape "
+                                 f"{tuple(cu_seqlens.shape)}")
+            t = input_ids.shape[0] if input_ids is not None else None
+            if max_seqlen is None or (t is not None and cu.device.type == "cpu"):
+                cu_host = cu.cpu()
+                lens = cu_host[1:] - cu_host[:-1]
+                if int(cu_host[0]) != 0 or int(lens.min()) < 1:
+                    raise ValueError(f"cu_seqlens must start at 0 and increase strictly, got "
+                                     f"{cu_host.tolist()}")
+                if t is not None and int(cu_host[-1]) != t:
+                    raise ValueError(f"cu_seqlens[-1]={int(cu_host[-1])} must equal the number of "
+                                     f"packed tokens {t}")
+                max_seqlen = int(lens.max()) if max_seqlen is None else max_seqlen
+            if max_seqlen > max_pos:
+                raise ValueError(f"a packed sequence has {max_seqlen} tokens, more than "
+                                 f"lm.max_position_embeddings={max_pos}")
+            dense = None
+            if position_ids is None:
+                position_ids = _positions_from_cu(cu, t)
+            position_ids = position_ids.reshape(-1)
+            ids_flat = input_ids
+        else:
+            if input_ids is None or input_ids.dim() != 2:
+                shape = None if input_ids is None else tuple(input_ids.shape)
+                raise ValueError(f"input_ids must be [B, S] (or [T] with cu_seqlens), got {shape}")
+            b, s = input_ids.shape
+            if s > max_pos:
+                raise ValueError(f"sequence length {s} exceeds lm.max_position_embeddings={max_pos}")
+            dev = input_ids.device
+            if position_ids is None:
+                position_ids = torch.arange(s, device=dev).repeat(b)
+            else:
+                if tuple(position_ids.shape) != (b, s):
+                    raise ValueError(f"position_ids must have the shape of input_ids {(b, s)}, got "
+                                     f"{tuple(position_ids.shape)}")
+                position_ids = position_ids.reshape(-1)
+            cu = torch.arange(0, (b + 1) * s, s, device=dev, dtype=torch.int32)
+            max_seqlen, dense = s, (b, s)
+            ids_flat = input_ids.reshape(-1)
+        if self.pre_process:
+            hidden = self._embed(ids_flat, images, check_placeholders=True)
+        else:
+            hidden = self._stage_input()
+        backend = resolve_backend(self.cfg.attention_backend, hidden.device, hidden.dtype)
+        meta = make_attn_meta(cu.to(hidden.device), max_seqlen, backend=backend, dense=dense)
+        hidden = lm.run_layers(hidden, position_ids.to(hidden.device), meta=meta)
+        if not self.post_process:
+            return hidden.unsqueeze(1)
+        out = self._head(hidden, return_hidden, gather_logits)
+        return out.view(*dense, out.shape[-1]) if dense is not None else out
+
+    def _stage_input(self) -> torch.Tensor:
+        if self.input_tensor is None:
+            raise RuntimeError("this pipeline stage has no input: call set_input_tensor() with the "
+                               "previous stage's output first")
+        x = self.input_tensor
+        return x.reshape(-1, x.shape[-1])
+
+    def _head(self, hidden: torch.Tensor, return_hidden: bool, gather: bool) -> torch.Tensor:
+        lm = self.language_model
+        h = lm.final_norm(hidden)
+        return h if return_hidden else lm.logits(h, gather=gather)
+
+    def _forward_cached(self, input_ids, images, cache: KVCache, rows, return_hidden, gather):
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("cached decoding runs on a single pipeline stage (PP=1) only")
+        if input_ids is None or input_ids.dim() != 2:
+            shape = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(f"cached decoding takes input_ids [b, s], got {shape}")
+        b, s = input_ids.shape
+        if rows is None:
+            if b != cache.batch_size:
+                raise ValueError(f"without cache_rows, input_ids must have one row per cache row "
+                                 f"({cache.batch_size}), got {b}")
+            rows = torch.arange(b)
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if rows.shape != (b,):
+            raise ValueError(f"cache_rows must be a LongTensor [{b}] (one per input row), got "
+                             f"shape {tuple(rows.shape)}")
+        step = cache.plan(rows, s)
+        max_pos = self.cfg.lm.max_position_embeddings
+        if step.kv_len > max_pos:
+            raise ValueError(f"cached sequence would reach {step.kv_len} tokens, more than "
+                             f"lm.max_position_embeddings={max_pos}")
+        hidden = self._embed(input_ids.reshape(-1), images, check_placeholders=images is not None)
+        pos = step.positions.reshape(-1)
+        hidden = self.language_model.run_layers(hidden, pos, cache=cache, step=step)
+        cache.advance(step)
+        out = self._head(hidden, return_hidden, gather)
+        return out.view(b, s, out.shape[-1])
+
+
+def _positions_from_cu(cu: torch.Tensor, t: int | None) -> torch.Tensor:
+    """Positions restarting at 0 at each ``cu_seqlens`` boundary."""
+    cu = cu.long()
+    n_tok = int(cu[-1]) if t is None else t
+    lens = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lens, output_size=n_tok)
+    return torch.arange(n_tok, device=cu.device) - starts
+
+
+def build_model(cfg: ModelConfig, *, pre_process: bool | None = None, post_process: bool | None = None,
+                layer_range: tuple[int, int] | None = None, device: torch.device | str | None = None,
+                init_weights: bool = True) -> R4BModel:
+    """Build this rank's stage of the model described by ``cfg``.
+
+    Process groups come from megatron's ``parallel_state`` (a one-process TP=1/PP=1 world is set
+    up when nothing is initialised).  ``pre_process`` / ``post_process`` / ``layer_range``
+    default to this rank's pipeline stage (layers split evenly, earlier stages taking the
+    remainder); pass them to build a stage explicitly.  Weights are drawn on CPU from the
+    default torch generator (``init_weights=False`` skips that, for loading checkpoints) and
+    the model is then moved to ``device``.
+    """
+    from .pipeline import stage_layer_range
+
+    ensure_model_parallel()
+    info = parallel_info()
+    if pre_process is None:
+        pre_process = info.pp_rank == 0
+    if post_process is None:
+        post_process = info.pp_rank == info.pp_size - 1
+    if layer_range is None:
+        layer_range = stage_layer_range(cfg.lm.num_layers, info.pp_rank, info.pp_size)
+    model = R4BModel(cfg, pre_process=pre_process, post_process=post_process,
+                     layer_range=layer_range, init_weights=init_weights, device=device)
+    if device is not None:
+        model = model.to(device)
+    return model
