@@ -40,7 +40,15 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    """One CMake build produces every module; each extension entry then only checks that its
+    file exists, so setuptools copies all of them (editable installs included)."""
+
     def build_extension(self, ext):
+        if ext.name != "r4b._C":  # built by the r4b._C entry's CMake run
+            path = Path(self.get_ext_fullpath(ext.name))
+            if not path.exists():
+                raise RuntimeError(f"CMake did not produce {path.name} for {ext.name}")
+            return
         cmake = shutil.which("cmake")
         if cmake is None:
             raise RuntimeError(
@@ -83,7 +91,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["r4b", "r4b.*"]) + ["r4b_kernels"],
     package_dir={"r4b": "r4b", "r4b_kernels": "kernels"},
-    ext_modules=[CMakeExtension("r4b._C")],
+    ext_modules=[CMakeExtension("r4b._C")]
+    + ([CMakeExtension("r4b._C_cuda")] if _find_nvcc()[0] else []),
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         # Install torch first (CPU: `pip install torch==2.13.0`); any >=2.6 build works.

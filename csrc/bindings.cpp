@@ -1,0 +1,189 @@
+// pybind11 face of the torch-free packer core (module r4b._C).  NumPy buffers in and out; every
+// argument is checked here (dtype, rank, contiguity, length) and every value in the core; a bad
+// argument raises ValueError (std::invalid_argument) naming it, the index and the constraint.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "pack_core.h"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int kAbiVersion = 2;
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
+
+std::string describe(const py::array& a) {
+  std::ostringstream os;
+  os << "dtype " << std::string(py::str(a.dtype())) << ", ndim " << a.ndim();
+  return os.str();
+}
+
+// Checks that `a` is a C-contiguous 1-D array of dtype T (and of length `len` when >= 0).
+template <class T>
+const T* vec(const py::array& a, const char* name, int64_t len = -1) {
+  if (!a.dtype().is(py::dtype::of<T>()) || a.ndim() != 1)
+    bad(std::string(name) + " must be a 1-D " + std::string(py::str(py::dtype::of<T>())) +
+        " array, got " + describe(a));
+  if (!(a.flags() & py::array::c_style))
+    bad(std::string(name) + " must be C-contiguous");
+  if (len >= 0 && a.shape(0) != len)
+    bad(std::string(name) + " must have one entry per sequence (" + std::to_string(len) +
+        "), got " + std::to_string(a.shape(0)));
+  return static_cast<const T*>(a.data());
+}
+
+template <class T>
+py::array_t<T> empty(int64_t n) { return py::array_t<T>(py::ssize_t(n)); }
+
+py::dict plan(const py::array& seq_lens, int64_t num_ranks, int64_t tokens_per_microbatch,
+              std::optional<py::array> group_ids, std::optional<py::array> modes, int cost,
+              int64_t flops_a, bool keep_groups, int64_t pad_to_multiple) {
+  r4b::PlanArgs a;
+  a.seq_lens = vec<int64_t>(seq_lens, "seq_lens");
+  a.n = seq_lens.shape(0);
+  if (group_ids) a.group_ids = vec<int64_t>(*group_ids, "group_ids", a.n);
+  if (modes) a.modes = vec<int8_t>(*modes, "modes", a.n);
+  a.num_ranks = num_ranks;
+  a.tokens_per_microbatch = tokens_per_microbatch;
+  a.cost = cost;
+  a.flops_a = flops_a;
+  a.keep_groups = keep_groups;
+  a.pad_to_multiple = pad_to_multiple;
+  if (num_ranks < 1) bad("num_ranks must be >= 1, got " + std::to_string(num_ranks));
+  auto rank_of = empty<int32_t>(a.n), mb_of = empty<int32_t>(a.n);
+  auto costs = empty<int64_t>(num_ranks), tokens = empty<int64_t>(num_ranks);
+  auto counts = empty<int32_t>(num_ranks);
+  r4b::PlanResult out;
+  out.rank_of = rank_of.mutable_data();
+  out.microbatch_of = mb_of.mutable_data();
+  out.rank_costs = costs.mutable_data();
+  out.rank_tokens = tokens.mutable_data();
+  out.microbatch_counts = counts.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    r4b::plan(a, out);
+  }
+  py::dict d;
+  d["rank_of"] = rank_of;
+  d["microbatch_of"] = mb_of;
+  d["rank_costs"] = costs;
+  d["rank_tokens"] = tokens;
+  d["microbatch_counts"] = counts;
+  d["max_unit_cost"] = out.max_unit_cost;
+  return d;
+}
+
+py::dict pack(const py::array& token_ids, const py::array& offsets, const py::array& prompt_lens,
+              const py::array& seq_indices, std::optional<py::array> modes,
+              std::optional<py::array> advantages, int64_t pad_to_multiple,
+              int64_t pad_token_id) {
+  r4b::PackArgs a;
+  if (token_ids.dtype().is(py::dtype::of<int32_t>())) {
+    a.token_ids = vec<int32_t>(token_ids, "token_ids");
+    a.token_itemsize = 4;
+  } else {
+    a.token_ids = vec<int64_t>(token_ids, "token_ids");
+    a.token_itemsize = 8;
+  }
+  a.token_count = token_ids.shape(0);
+  a.prompt_lens = vec<int64_t>(prompt_lens, "prompt_lens");
+  a.n = prompt_lens.shape(0);
+  const int64_t* off = vec<int64_t>(offsets, "offsets");
+  if (offsets.shape(0) != a.n + 1)
+    bad("offsets must have len(prompt_lens) + 1 = " + std::to_string(a.n + 1) +
+        " entries, got " + std::to_string(offsets.shape(0)));
+  a.offsets = off;
+  a.seq_indices = vec<int64_t>(seq_indices, "seq_indices");
+  a.k = seq_indices.shape(0);
+  if (modes) a.modes = vec<int8_t>(*modes, "modes", a.n);
+  if (advantages) a.advantages = vec<float>(*advantages, "advantages", a.n);
+  a.pad_to_multiple = pad_to_multiple;
+  a.pad_token_id = pad_token_id;
+  r4b::PackSizes z;
+  {
+    py::gil_scoped_release nogil;
+    z = r4b::pack_sizes(a);
+  }
+  auto ids = empty<int64_t>(z.rows), pos = empty<int64_t>(z.rows), lab = empty<int64_t>(z.rows);
+  py::array mask(py::dtype("bool"), std::vector<py::ssize_t>{py::ssize_t(z.rows)});
+  auto mode = empty<int8_t>(z.rows);
+  auto adv = empty<float>(z.rows);
+  auto seg = empty<int32_t>(z.rows);
+  auto cu = empty<int32_t>(a.k + 1);
+  auto rr = empty<int64_t>(z.response_rows);
+  r4b::PackOut o;
+  o.input_ids = ids.mutable_data();
+  o.position_ids = pos.mutable_data();
+  o.labels = lab.mutable_data();
+  o.loss_mask = static_cast<uint8_t*>(mask.mutable_data());
+  o.mode = mode.mutable_data();
+  o.advantage = adv.mutable_data();
+  o.seq_index = seg.mutable_data();
+  o.cu_seqlens = cu.mutable_data();
+  o.response_rows = rr.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    r4b::pack_fill(a, o);
+  }
+  py::dict d;
+  d["input_ids"] = ids;
+  d["position_ids"] = pos;
+  d["labels"] = lab;
+  d["loss_mask"] = mask;
+  d["mode"] = mode;
+  d["advantage"] = adv;
+  d["seq_index"] = seg;
+  d["cu_seqlens"] = cu;
+  d["response_rows"] = rr;
+  d["max_seqlen"] = z.max_seqlen;
+  return d;
+}
+
+py::array unpack_rows(const py::array& values, const py::array& cu_seqlens,
+                      const py::array& seq_lens) {
+  if (values.ndim() < 1) bad("values must have at least 1 dimension (rows), got a 0-d array");
+  if (!(values.flags() & py::array::c_style)) bad("values must be C-contiguous");
+  const int32_t* cu = vec<int32_t>(cu_seqlens, "cu_seqlens");
+  const int64_t* lens = vec<int64_t>(seq_lens, "seq_lens");
+  const int64_t k = seq_lens.shape(0);
+  const int64_t total = r4b::unpack_check(values.shape(0), cu, cu_seqlens.shape(0), lens, k);
+  std::vector<py::ssize_t> shape(values.shape(), values.shape() + values.ndim());
+  shape[0] = py::ssize_t(total);
+  py::array out(values.dtype(), shape);
+  int64_t row_bytes = values.itemsize();
+  for (py::ssize_t d = 1; d < values.ndim(); ++d) row_bytes *= values.shape(d);
+  {
+    py::gil_scoped_release nogil;
+    r4b::unpack_rows(values.data(), row_bytes, cu, lens, k, out.mutable_data());
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "r4b ragged packer (torch-free C++): plan, pack, unpack_rows";
+  m.def("abi_version", [] { return kAbiVersion; }, "Version of this module's calling convention.");
+  m.def("plan", &plan, py::arg("seq_lens"), py::arg("num_ranks"),
+        py::arg("tokens_per_microbatch"), py::arg("group_ids") = py::none(),
+        py::arg("modes") = py::none(), py::arg("cost") = 0, py::arg("flops_a") = 0,
+        py::arg("keep_groups") = false, py::arg("pad_to_multiple") = 1,
+        "Assign sequences to ranks and micro-batches; see r4b/_packing_ref.py:plan.");
+  m.def("pack", &pack, py::arg("token_ids"), py::arg("offsets"), py::arg("prompt_lens"),
+        py::arg("seq_indices"), py::arg("modes") = py::none(),
+        py::arg("advantages") = py::none(), py::arg("pad_to_multiple") = 1,
+        py::arg("pad_token_id") = 0,
+        "Pack sequences seq_indices into one THD micro-batch; see r4b/_packing_ref.py:pack.");
+  m.def("unpack_rows", &unpack_rows, py::arg("values"), py::arg("cu_seqlens"),
+        py::arg("seq_lens"),
+        "Unpadded rows of each packed sequence, concatenated in order.");
+}

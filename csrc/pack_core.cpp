@@ -1,0 +1,351 @@
+// Torch-free core of the r4b ragged packer; see pack_core.h and r4b/_packing_ref.py (the
+// reference whose algorithm and tie-breaking this file reproduces exactly).
+#include "pack_core.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace r4b {
+namespace {
+
+template <class... Ts>
+[[noreturn]] void fail(const Ts&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  throw std::invalid_argument(os.str());
+}
+
+inline int64_t padded(int64_t len, int64_t m) { return (len + m - 1) / m * m; }
+
+void check_modes(const int8_t* modes, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (modes[i] < 0 || modes[i] > kMaxMode)
+      fail("modes must be in [0, ", kMaxMode, "], got ", int(modes[i]), " at index ", i);
+}
+
+// (obj, kind, x, y): obj = |2d - gap| with d the load leaving the higher rank; kind 0 = move
+// of x, 1 = swap of x with y.  Smaller tuples are better; valid iff obj < gap.
+using Exchange = std::tuple<int64_t, int, int64_t, int64_t>;
+
+bool best_exchange(const std::vector<int64_t>& cost, const std::vector<int64_t>& hi_members,
+                   std::vector<std::pair<int64_t, int64_t>>& lo_sorted, int64_t gap,
+                   Exchange& best) {
+  bool found = false;
+  for (int64_t x : hi_members) {
+    int64_t obj = std::llabs(2 * cost[x] - gap);
+    if (obj < gap) {
+      Exchange e{obj, 0, x, -1};
+      if (!found || e < best) best = e, found = true;
+    }
+  }
+  if (lo_sorted.empty()) return found;
+  const int64_t none = std::numeric_limits<int64_t>::max();
+  for (int64_t x : hi_members) {
+    const int64_t t2 = 2 * cost[x] - gap;  // twice the ideal partner cost
+    auto it = std::lower_bound(lo_sorted.begin(), lo_sorted.end(), t2,
+                               [](const std::pair<int64_t, int64_t>& p, int64_t v) {
+                                 return 2 * p.first < v;
+                               });
+    const int64_t hi = it - lo_sorted.begin();
+    const int64_t n = int64_t(lo_sorted.size());
+    for (int side = 0; side < 2; ++side) {
+      int64_t obj = none, y = -1;
+      if (side == 0 && hi < n) {
+        obj = 2 * lo_sorted[hi].first - t2;
+        y = lo_sorted[hi].second;
+      } else if (side == 1 && hi > 0) {
+        const int64_t c = lo_sorted[hi - 1].first;  // first of its equal-cost run
+        auto first = std::lower_bound(lo_sorted.begin(), lo_sorted.end(),
+                                      std::make_pair(c, std::numeric_limits<int64_t>::min()));
+        obj = t2 - 2 * c;
+        y = first->second;
+      }
+      if (obj < gap) {
+        Exchange e{obj, 1, x, y};
+        if (!found || e < best) best = e, found = true;
+      }
+    }
+  }
+  return found;
+}
+
+}  // namespace
+
+void plan(const PlanArgs& a, PlanResult& out) {
+  const int64_t n = a.n, R = a.num_ranks, B = a.tokens_per_microbatch, m = a.pad_to_multiple;
+  if (R < 1) fail("num_ranks must be >= 1, got ", R);
+  if (B < 1) fail("tokens_per_microbatch must be >= 1, got ", B);
+  if (m < 1) fail("pad_to_multiple must be >= 1, got ", m);
+  if (a.cost != kCostTokens && a.cost != kCostFlops)
+    fail("cost must be ", kCostTokens, " (tokens) or ", kCostFlops, " (flops), got ", a.cost);
+  if (a.flops_a < 0) fail("flops_a must be >= 0, got ", a.flops_a);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t L = a.seq_lens[i];
+    if (L < 0) fail("seq_lens must be non-negative, got ", L, " at index ", i);
+    if (L == 0)
+      fail("seq_lens must be non-zero (zero-length sequences are not allowed), got 0 at index ", i);
+  }
+  if (a.modes) check_modes(a.modes, n);
+  if (a.keep_groups && !a.group_ids) fail("keep_groups=True needs group_ids, got None");
+  std::vector<int64_t> plen(n), c(n);
+  int64_t max_plen = 0, argmax_plen = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    plen[i] = padded(a.seq_lens[i], m);
+    if (plen[i] > B)
+      fail("seq_lens[", i, "] = ", a.seq_lens[i], " (padded to ", plen[i],
+           ") exceeds tokens_per_microbatch = ", B, " at index ", i, "; raise the budget");
+    if (plen[i] > max_plen) max_plen = plen[i], argmax_plen = i;
+  }
+  if (a.cost == kCostFlops && max_plen > (int64_t(1) << 20))
+    fail("seq_lens must be <= ", int64_t(1) << 20, " with the flops cost (int64 overflow), got ",
+         max_plen, " at index ", argmax_plen);
+  for (int64_t i = 0; i < n; ++i)
+    c[i] = a.cost == kCostTokens ? plen[i] : a.flops_a * plen[i] + plen[i] * plen[i];
+
+  // Units: sequences, or groups numbered by first appearance.
+  std::vector<int64_t> unit_of_seq(n), unit_first;
+  if (a.keep_groups) {
+    std::unordered_map<int64_t, int64_t> ids;
+    ids.reserve(size_t(n) * 2);
+    for (int64_t i = 0; i < n; ++i) {
+      auto [it, fresh] = ids.try_emplace(a.group_ids[i], int64_t(unit_first.size()));
+      if (fresh) unit_first.push_back(i);
+      unit_of_seq[i] = it->second;
+    }
+  } else {
+    unit_first.resize(n);
+    for (int64_t i = 0; i < n; ++i) unit_of_seq[i] = unit_first[i] = i;
+  }
+  const int64_t U = int64_t(unit_first.size());
+  std::vector<int64_t> ucost(U, 0), umode(U, 0);
+  for (int64_t i = 0; i < n; ++i) ucost[unit_of_seq[i]] += c[i];
+  if (a.modes)
+    for (int64_t u = 0; u < U; ++u) umode[u] = a.modes[unit_first[u]];
+
+  // LPT greedy: (cost desc, id asc) → rank with min (load, same-mode units, rank id).
+  std::vector<int64_t> order(U);
+  for (int64_t u = 0; u < U; ++u) order[u] = u;
+  std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return ucost[x] != ucost[y] ? ucost[x] > ucost[y] : x < y;
+  });
+  std::vector<int64_t> load(R, 0), mcount(size_t(R) * (kMaxMode + 1), 0), urank(U);
+  for (int64_t u : order) {
+    int64_t r = 0;
+    for (int64_t q = 1; q < R; ++q) {
+      if (load[q] < load[r] ||
+          (load[q] == load[r] &&
+           mcount[q * (kMaxMode + 1) + umode[u]] < mcount[r * (kMaxMode + 1) + umode[u]]))
+        r = q;
+    }
+    urank[u] = r;
+    load[r] += ucost[u];
+    mcount[r * (kMaxMode + 1) + umode[u]] += 1;
+  }
+
+  // Refinement: best move / pairwise swap out of the most loaded rank.
+  std::vector<int64_t> rorder(R), hi_members;
+  std::vector<std::pair<int64_t, int64_t>> lo_sorted;
+  for (int64_t it = 0; it < 4 * U + 16; ++it) {
+    const int64_t M = std::max_element(load.begin(), load.end()) - load.begin();
+    for (int64_t q = 0; q < R; ++q) rorder[q] = q;
+    std::stable_sort(rorder.begin(), rorder.end(),
+                     [&](int64_t x, int64_t y) { return load[x] < load[y]; });
+    hi_members.clear();
+    for (int64_t u = 0; u < U; ++u)
+      if (urank[u] == M) hi_members.push_back(u);
+    bool applied = false;
+    for (int64_t mm : rorder) {
+      if (mm == M) continue;
+      const int64_t gap = load[M] - load[mm];
+      if (gap <= 1) break;
+      lo_sorted.clear();
+      for (int64_t u = 0; u < U; ++u)
+        if (urank[u] == mm) lo_sorted.emplace_back(ucost[u], u);
+      std::sort(lo_sorted.begin(), lo_sorted.end());
+      Exchange ex;
+      if (!best_exchange(ucost, hi_members, lo_sorted, gap, ex)) continue;
+      const int64_t x = std::get<2>(ex), y = std::get<3>(ex);
+      urank[x] = mm;
+      load[M] -= ucost[x];
+      load[mm] += ucost[x];
+      if (std::get<1>(ex) == 1) {
+        urank[y] = M;
+        load[mm] -= ucost[y];
+        load[M] += ucost[y];
+      }
+      applied = true;
+      break;
+    }
+    if (!applied) break;
+  }
+
+  // First-fit-decreasing into micro-batches, per rank.
+  std::vector<std::vector<int64_t>> members(R);
+  for (int64_t i = 0; i < n; ++i) {
+    out.rank_of[i] = int32_t(urank[unit_of_seq[i]]);
+    members[out.rank_of[i]].push_back(i);
+  }
+  std::vector<int64_t> fill;
+  for (int64_t r = 0; r < R; ++r) {
+    auto& mem = members[r];
+    std::stable_sort(mem.begin(), mem.end(),
+                     [&](int64_t x, int64_t y) { return plen[x] > plen[y]; });
+    fill.clear();
+    int64_t tokens = 0;
+    for (int64_t i : mem) {
+      const int64_t L = plen[i];
+      size_t b = 0;
+      while (b < fill.size() && fill[b] > B - L) ++b;
+      if (b == fill.size()) fill.push_back(0);
+      fill[b] += L;
+      out.microbatch_of[i] = int32_t(b);
+      tokens += L;
+    }
+    out.microbatch_counts[r] = int32_t(fill.size());
+    out.rank_tokens[r] = tokens;
+    out.rank_costs[r] = load[r];
+  }
+  out.max_unit_cost = U ? *std::max_element(ucost.begin(), ucost.end()) : 0;
+}
+
+PackSizes pack_sizes(const PackArgs& a) {
+  const int64_t n = a.n, m = a.pad_to_multiple;
+  const int64_t* off = a.offsets;
+  if (m < 1) fail("pad_to_multiple must be >= 1, got ", m);
+  if (off[0] < 0) fail("offsets must be non-negative, got ", off[0], " at index 0");
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t len = off[i + 1] - off[i];
+    if (len < 0)
+      fail("offsets must be non-decreasing: sequence ", i, " has length ", len, " (offsets[", i,
+           "] = ", off[i], ", offsets[", i + 1, "] = ", off[i + 1], ")");
+    if (len == 0)
+      fail("offsets must be strictly increasing (zero-length sequences are not allowed): "
+           "sequence ", i, " has length 0 (offsets[", i, "] = ", off[i], ", offsets[", i + 1,
+           "] = ", off[i + 1], ")");
+  }
+  if (off[n] > a.token_count)
+    fail("offsets[", n, "] = ", off[n], " exceeds len(token_ids) = ", a.token_count);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t P = a.prompt_lens[i], len = off[i + 1] - off[i];
+    if (P < 1 || P > len)
+      fail("prompt_lens must be in [1, seq_len] per sequence, got ", P, " at index ", i,
+           " (seq_len ", len, ")");
+  }
+  if (a.modes) check_modes(a.modes, n);
+  for (int64_t j = 0; j < a.k; ++j) {
+    const int64_t s = a.seq_indices[j];
+    if (s < 0 || s >= n) fail("seq_indices must be in [0, ", n, "), got ", s, " at index ", j);
+  }
+  if (a.k > 1) {
+    std::vector<std::pair<int64_t, int64_t>> sorted(a.k);
+    for (int64_t j = 0; j < a.k; ++j) sorted[j] = {a.seq_indices[j], j};
+    std::sort(sorted.begin(), sorted.end());
+    for (int64_t j = 0; j + 1 < a.k; ++j)
+      if (sorted[j].first == sorted[j + 1].first)
+        fail("seq_indices must not repeat a sequence, got ", sorted[j].first, " at indices ",
+             sorted[j].second, " and ", sorted[j + 1].second);
+  }
+  if (a.advantages)
+    for (int64_t j = 0; j < a.k; ++j) {
+      const int64_t s = a.seq_indices[j];
+      if (!std::isfinite(a.advantages[s]))
+        fail("advantages must be finite, got ", a.advantages[s], " at index ", s);
+    }
+  PackSizes z;
+  for (int64_t j = 0; j < a.k; ++j) {
+    const int64_t s = a.seq_indices[j], len = off[s + 1] - off[s];
+    const int64_t p = padded(len, m);
+    z.rows += p;
+    z.response_rows += len - a.prompt_lens[s];
+    z.max_seqlen = std::max(z.max_seqlen, p);
+  }
+  if (z.rows > int64_t(std::numeric_limits<int32_t>::max()))
+    fail("the micro-batch holds ", z.rows, " rows; cu_seqlens is int32, so at most ",
+         std::numeric_limits<int32_t>::max());
+  return z;
+}
+
+namespace {
+template <class Tok>
+void fill_rows(const PackArgs& a, const PackOut& o) {
+  const Tok* tok = static_cast<const Tok*>(a.token_ids);
+  int64_t row = 0, rr = 0;
+  o.cu_seqlens[0] = 0;
+  for (int64_t j = 0; j < a.k; ++j) {
+    const int64_t s = a.seq_indices[j], start = a.offsets[s];
+    const int64_t L = a.offsets[s + 1] - start, P = a.prompt_lens[s];
+    const int64_t Lp = padded(L, a.pad_to_multiple);
+    const int8_t md = a.modes ? a.modes[s] : int8_t(0);
+    const float adv = a.advantages ? a.advantages[s] : 0.0f;
+    const Tok* t = tok + start;
+    int64_t* ids = o.input_ids + row;
+    int64_t* pos = o.position_ids + row;
+    int64_t* lab = o.labels + row;
+    uint8_t* msk = o.loss_mask + row;
+    float* av = o.advantage + row;
+    for (int64_t p = 0; p < L; ++p) ids[p] = int64_t(t[p]);
+    for (int64_t p = L; p < Lp; ++p) ids[p] = a.pad_token_id;
+    for (int64_t p = 0; p < Lp; ++p) pos[p] = p;
+    // Row p is scored iff P-1 <= p < L-1; its label is the next token of the same sequence.
+    for (int64_t p = 0; p < P - 1; ++p) lab[p] = kIgnoreIndex, msk[p] = 0, av[p] = 0.0f;
+    for (int64_t p = P - 1; p < L - 1; ++p) {
+      lab[p] = int64_t(t[p + 1]);
+      msk[p] = 1;
+      av[p] = adv;
+      o.response_rows[rr++] = row + p;
+    }
+    for (int64_t p = L - 1; p < Lp; ++p) lab[p] = kIgnoreIndex, msk[p] = 0, av[p] = 0.0f;
+    std::memset(o.mode + row, md, size_t(Lp));
+    for (int64_t p = 0; p < Lp; ++p) o.seq_index[row + p] = int32_t(j);
+    row += Lp;
+    o.cu_seqlens[j + 1] = int32_t(row);
+  }
+}
+}  // namespace
+
+void pack_fill(const PackArgs& a, const PackOut& o) {
+  if (a.token_itemsize == 4)
+    fill_rows<int32_t>(a, o);
+  else
+    fill_rows<int64_t>(a, o);
+}
+
+int64_t unpack_check(int64_t rows, const int32_t* cu, int64_t cu_len, const int64_t* seq_lens,
+                     int64_t k) {
+  if (cu_len != k + 1)
+    fail("cu_seqlens must have len(seq_lens) + 1 = ", k + 1, " entries, got ", cu_len);
+  if (cu[0] != 0) fail("cu_seqlens must start at 0, got ", cu[0], " at index 0");
+  int64_t total = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t span = int64_t(cu[j + 1]) - int64_t(cu[j]);
+    if (seq_lens[j] < 0 || seq_lens[j] > span)
+      fail("seq_lens must be in [0, cu_seqlens[j+1] - cu_seqlens[j]], got ", seq_lens[j],
+           " at index ", j, " (span ", span, ")");
+    total += seq_lens[j];
+  }
+  if (int64_t(cu[k]) != rows)
+    fail("values must have cu_seqlens[-1] = ", cu[k], " rows, got ", rows);
+  return total;
+}
+
+void unpack_rows(const void* values, int64_t row_bytes, const int32_t* cu,
+                 const int64_t* seq_lens, int64_t k, void* dst) {
+  const char* src = static_cast<const char*>(values);
+  char* out = static_cast<char*>(dst);
+  for (int64_t j = 0; j < k; ++j) {
+    const size_t nbytes = size_t(seq_lens[j]) * size_t(row_bytes);
+    if (nbytes) std::memcpy(out, src + int64_t(cu[j]) * row_bytes, nbytes);
+    out += nbytes;
+  }
+}
+
+}  // namespace r4b

@@ -1,0 +1,90 @@
+// Torch-free core of the r4b ragged packer: plan (rank balancing + micro-batch filling),
+// THD pack of one micro-batch, and unpack.  Plain pointers and sizes; errors are thrown as
+// std::invalid_argument with a message naming the argument, the index and the constraint.
+// The algorithm and its tie-breaking mirror r4b/_packing_ref.py exactly (tests compare them).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace r4b {
+
+constexpr int64_t kIgnoreIndex = -100;
+constexpr int kCostTokens = 0;
+constexpr int kCostFlops = 1;
+constexpr int kMaxMode = 127;
+
+struct PlanArgs {
+  const int64_t* seq_lens = nullptr;  // [n]
+  int64_t n = 0;
+  const int64_t* group_ids = nullptr;  // [n] or null
+  const int8_t* modes = nullptr;       // [n] or null
+  int64_t num_ranks = 1;
+  int64_t tokens_per_microbatch = 1;
+  int cost = kCostTokens;
+  int64_t flops_a = 0;
+  bool keep_groups = false;
+  int64_t pad_to_multiple = 1;
+};
+
+struct PlanResult {
+  int32_t* rank_of = nullptr;            // [n]
+  int32_t* microbatch_of = nullptr;      // [n]
+  int64_t* rank_costs = nullptr;         // [num_ranks]
+  int64_t* rank_tokens = nullptr;        // [num_ranks]
+  int32_t* microbatch_counts = nullptr;  // [num_ranks]
+  int64_t max_unit_cost = 0;
+};
+
+// Validates `a` and fills `out` (all buffers preallocated by the caller).
+void plan(const PlanArgs& a, PlanResult& out);
+
+struct PackArgs {
+  const void* token_ids = nullptr;  // [token_count], int32 or int64 (token_itemsize 4 or 8)
+  int token_itemsize = 8;
+  int64_t token_count = 0;
+  const int64_t* offsets = nullptr;      // [n + 1]
+  const int64_t* prompt_lens = nullptr;  // [n]
+  int64_t n = 0;
+  const int64_t* seq_indices = nullptr;  // [k]
+  int64_t k = 0;
+  const int8_t* modes = nullptr;       // [n] or null
+  const float* advantages = nullptr;   // [n] or null
+  int64_t pad_to_multiple = 1;
+  int64_t pad_token_id = 0;
+};
+
+struct PackSizes {
+  int64_t rows = 0;           // packed rows (padded lengths summed)
+  int64_t response_rows = 0;  // rows with a label
+  int64_t max_seqlen = 0;     // longest padded sequence
+};
+
+// Validates `a` and returns the output sizes.
+PackSizes pack_sizes(const PackArgs& a);
+
+struct PackOut {
+  int64_t* input_ids = nullptr;     // [rows]
+  int64_t* position_ids = nullptr;  // [rows]
+  int64_t* labels = nullptr;        // [rows]
+  uint8_t* loss_mask = nullptr;     // [rows]
+  int8_t* mode = nullptr;           // [rows]
+  float* advantage = nullptr;       // [rows]
+  int32_t* seq_index = nullptr;     // [rows]
+  int32_t* cu_seqlens = nullptr;    // [k + 1]
+  int64_t* response_rows = nullptr; // [response_rows]
+};
+
+// Fills `out`; call pack_sizes first (it validates; this does not).
+void pack_fill(const PackArgs& a, const PackOut& out);
+
+// Validates an unpack request: `rows` packed rows, cu_seqlens [k+1], seq_lens [k].
+// Returns the number of unpadded rows (sum of seq_lens).
+int64_t unpack_check(int64_t rows, const int32_t* cu_seqlens, int64_t cu_len,
+                     const int64_t* seq_lens, int64_t k);
+
+// Copies each sequence's first seq_lens[j] rows (row_bytes each) to dst, in order.
+void unpack_rows(const void* values, int64_t row_bytes, const int32_t* cu_seqlens,
+                 const int64_t* seq_lens, int64_t k, void* dst);
+
+}  // namespace r4b

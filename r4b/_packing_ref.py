@@ -1,0 +1,346 @@
+"""Pure-Python/NumPy reference of the ragged packer (the fallback when ``r4b._C`` is missing).
+
+Every function here has a C++ twin in ``csrc/pack_core.cpp`` with the same validation, the same
+algorithm and the same tie-breaking, so the two produce identical outputs; the tests compare
+them on random inputs.  Inputs are NumPy arrays already converted by ``r4b.packing`` (int64
+lengths/offsets/indices, int8 modes, float32 advantages); outputs are NumPy arrays.
+
+Plan (see ``plan``):
+
+1. each sequence's length is padded to ``pad_to_multiple``; its cost is the padded length
+   (``cost=COST_TOKENS``) or ``a*L + L*L`` (``cost=COST_FLOPS``);
+2. units are sequences, or whole groups with ``keep_groups`` (numbered by first appearance);
+3. LPT: units in order of (cost desc, unit id asc) go to the rank with the smallest
+   (load, units of the same mode already there, rank id) — the mode term spreads think and
+   no-think rollouts when loads tie;
+4. refinement: while some single move or pairwise swap between the most loaded rank and another
+   rank lowers the larger of the two loads, apply the one that brings the pair closest to even
+   (ties: move before swap, then smaller unit ids); ranks are tried in (load asc, id asc) order;
+5. per rank, first-fit-decreasing of its sequences (padded length desc, index asc) into
+   micro-batches of at most ``tokens_per_microbatch`` rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_INDEX = -100
+COST_TOKENS = 0
+COST_FLOPS = 1
+MAX_MODE = 127
+INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------- validation
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def check_seq_lens(seq_lens: np.ndarray) -> None:
+    """Every length must be positive (zero-length sequences are rejected, never dropped)."""
+    bad = seq_lens <= 0
+    if bad.any():
+        i = _first_bad(bad)
+        what = "non-negative" if seq_lens[i] < 0 else "non-zero (zero-length sequences are not allowed)"
+        raise ValueError(f"seq_lens must be {what}, got {int(seq_lens[i])} at index {i}")
+
+
+def check_modes(modes: np.ndarray, n: int, name: str = "modes") -> None:
+    """Modes are small non-negative ids (0 no-think, 1 think, 2 auto, ...)."""
+    if modes.shape[0] != n:
+        raise ValueError(f"{name} must have one entry per sequence ({n}), got {modes.shape[0]}")
+    bad = (modes < 0) | (modes > MAX_MODE)
+    if bad.any():
+        i = _first_bad(bad)
+        raise ValueError(f"{name} must be in [0, {MAX_MODE}], got {int(modes[i])} at index {i}")
+
+
+def padded_lengths(seq_lens: np.ndarray, pad_to_multiple: int) -> np.ndarray:
+    """Lengths rounded up to a multiple of ``pad_to_multiple``."""
+    m = int(pad_to_multiple)
+    return (seq_lens + (m - 1)) // m * m
+
+
+# ---------------------------------------------------------------- plan
+def _check_plan(seq_lens, num_ranks, tokens_per_microbatch, group_ids, modes, cost, flops_a,
+                keep_groups, pad_to_multiple) -> np.ndarray:
+    n = seq_lens.shape[0]
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+    if tokens_per_microbatch < 1:
+        raise ValueError(f"tokens_per_microbatch must be >= 1, got {tokens_per_microbatch}")
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+    if cost not in (COST_TOKENS, COST_FLOPS):
+        raise ValueError(f"cost must be {COST_TOKENS} (tokens) or {COST_FLOPS} (flops), got {cost}")
+    if flops_a < 0:
+        raise ValueError(f"flops_a must be >= 0, got {flops_a}")
+    check_seq_lens(seq_lens)
+    if group_ids is not None and group_ids.shape[0] != n:
+        raise ValueError(f"group_ids must have one entry per sequence ({n}), got {group_ids.shape[0]}")
+    if modes is not None:
+        check_modes(modes, n)
+    if keep_groups and group_ids is None:
+        raise ValueError("keep_groups=True needs group_ids, got None")
+    plen = padded_lengths(seq_lens, pad_to_multiple)
+    over = plen > tokens_per_microbatch
+    if over.any():
+        i = _first_bad(over)
+        raise ValueError(
+            f"seq_lens[{i}] = {int(seq_lens[i])} (padded to {int(plen[i])}) exceeds "
+            f"tokens_per_microbatch = {tokens_per_microbatch} at index {i}; raise the budget")
+    if cost == COST_FLOPS and n and int(plen.max()) > 2**20:
+        raise ValueError(f"seq_lens must be <= {2**20} with the flops cost (int64 overflow), "
+                         f"got {int(plen.max())} at index {int(plen.argmax())}")
+    return plen
+
+
+def _best_exchange(costs: np.ndarray, members_hi: np.ndarray, members_lo: np.ndarray, gap: int):
+    """Best move (hi→lo) or swap between two ranks; ``(obj, kind, x, y)`` or None.
+
+    ``obj = |2d - gap|`` where ``d`` is the load moved from the higher rank; valid iff
+    ``obj < gap`` (the larger load strictly drops).  Ties: smaller obj, move (kind 0) before swap
+    (kind 1), smaller x, smaller y.  ``members_*`` are ascending unit ids.
+    """
+    best = None
+    cx = costs[members_hi]
+    obj = np.abs(2 * cx - gap)
+    ok = obj < gap
+    if ok.any():
+        o = obj[ok].min()
+        x = int(members_hi[ok & (obj == o)][0])
+        best = (int(o), 0, x, -1)
+    if members_lo.size == 0:
+        return best
+    order = np.lexsort((members_lo, costs[members_lo]))
+    ys, yc = members_lo[order], costs[members_lo][order]
+    t2 = 2 * cx - gap                                   # twice the ideal partner cost
+    hi = np.searchsorted(2 * yc, t2, side="left")       # first y with 2c >= t2
+    cand = []
+    has_hi = hi < yc.size
+    hi_c = np.where(has_hi, hi, 0)
+    cand.append((np.where(has_hi, 2 * yc[hi_c] - t2, np.iinfo(np.int64).max), ys[hi_c]))
+    has_lo = hi > 0
+    lo_last = np.where(has_lo, hi - 1, 0)
+    lo = np.searchsorted(yc, yc[lo_last], side="left")  # first of its equal-cost run
+    cand.append((np.where(has_lo, t2 - 2 * yc[lo], np.iinfo(np.int64).max), ys[lo]))
+    objs = np.stack([cand[0][0], cand[1][0]])           # [2, |hi|]
+    yids = np.stack([cand[0][1], cand[1][1]])
+    xs = np.broadcast_to(members_hi, objs.shape)
+    valid = objs < gap
+    if not valid.any():
+        return best
+    o, x, y = objs[valid], xs[valid], yids[valid]
+    k = np.lexsort((y, x, o))[0]
+    sw = (int(o[k]), 1, int(x[k]), int(y[k]))
+    return sw if best is None or sw < best else best
+
+
+def plan(seq_lens: np.ndarray, num_ranks: int, tokens_per_microbatch: int,
+         group_ids: np.ndarray | None = None, modes: np.ndarray | None = None,
+         cost: int = COST_TOKENS, flops_a: int = 0, keep_groups: bool = False,
+         pad_to_multiple: int = 1) -> dict:
+    """Assign sequences to ranks and micro-batches (algorithm in the module docstring).
+
+    Returns a dict of NumPy arrays: ``rank_of`` / ``microbatch_of`` (int32 [n]),
+    ``rank_costs`` / ``rank_tokens`` (int64 [ranks]), ``microbatch_counts`` (int32 [ranks]) and
+    ``max_unit_cost`` (int, the largest unit's cost, for the lower bound).
+    """
+    plen = _check_plan(seq_lens, num_ranks, tokens_per_microbatch, group_ids, modes, cost,
+                       flops_a, keep_groups, pad_to_multiple)
+    n, R = seq_lens.shape[0], int(num_ranks)
+    c = plen if cost == COST_TOKENS else int(flops_a) * plen + plen * plen
+    if keep_groups:
+        _, first, inv = np.unique(group_ids, return_index=True, return_inverse=True)
+        by_first = np.argsort(first, kind="stable")
+        gid = np.empty_like(by_first)
+        gid[by_first] = np.arange(by_first.size)
+        unit_of_seq = gid[inv.reshape(-1)]
+        unit_first = first[by_first]
+    else:
+        unit_of_seq = np.arange(n)
+        unit_first = np.arange(n)
+    U = unit_first.size
+    ucost = np.zeros(U, dtype=np.int64)
+    np.add.at(ucost, unit_of_seq, c)
+    umode = (modes[unit_first].astype(np.int64) if modes is not None
+             else np.zeros(U, dtype=np.int64))
+
+    # LPT greedy.
+    load = np.zeros(R, dtype=np.int64)
+    mcount = np.zeros((R, MAX_MODE + 1), dtype=np.int64)
+    urank = np.empty(U, dtype=np.int64)
+    for u in np.lexsort((np.arange(U), -ucost)).tolist():
+        cand = np.flatnonzero(load == load.min())
+        r = int(cand[np.argmin(mcount[cand, umode[u]])]) if cand.size > 1 else int(cand[0])
+        urank[u] = r
+        load[r] += ucost[u]
+        mcount[r, umode[u]] += 1
+
+    # Move / pairwise-swap refinement of the most loaded rank.
+    for _ in range(4 * U + 16):
+        M = int(np.argmax(load))
+        applied = False
+        for m in np.lexsort((np.arange(R), load)).tolist():
+            if m == M:
+                continue
+            gap = int(load[M] - load[m])
+            if gap <= 1:
+                break
+            ex = _best_exchange(ucost, np.flatnonzero(urank == M), np.flatnonzero(urank == m), gap)
+            if ex is None:
+                continue
+            _, kind, x, y = ex
+            urank[x] = m
+            load[M] -= ucost[x]
+            load[m] += ucost[x]
+            if kind == 1:
+                urank[y] = M
+                load[m] -= ucost[y]
+                load[M] += ucost[y]
+            applied = True
+            break
+        if not applied:
+            break
+
+    # First-fit-decreasing into micro-batches, per rank.
+    rank_of = urank[unit_of_seq]
+    mb_of = np.empty(n, dtype=np.int32)
+    counts = np.zeros(R, dtype=np.int32)
+    for r in range(R):
+        mem = np.flatnonzero(rank_of == r)
+        mem = mem[np.lexsort((mem, -plen[mem]))]
+        fill = np.zeros(mem.size, dtype=np.int64)
+        nb = 0
+        for i in mem.tolist():
+            L = plen[i]
+            fits = fill[:nb] <= tokens_per_microbatch - L
+            b = int(fits.argmax()) if nb and fits.any() else nb
+            nb += b == nb
+            fill[b] += L
+            mb_of[i] = b
+        counts[r] = nb
+    rank_tokens = np.zeros(R, dtype=np.int64)
+    np.add.at(rank_tokens, rank_of, plen)
+    return {"rank_of": rank_of.astype(np.int32), "microbatch_of": mb_of,
+            "rank_costs": load, "rank_tokens": rank_tokens, "microbatch_counts": counts,
+            "max_unit_cost": int(ucost.max()) if U else 0}
+
+
+# ---------------------------------------------------------------- pack
+def _check_pack(token_count, offsets, prompt_lens, seq_indices, modes, advantages,
+                pad_to_multiple) -> None:
+    n = prompt_lens.shape[0]
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+    if offsets.shape[0] != n + 1:
+        raise ValueError(f"offsets must have len(prompt_lens) + 1 = {n + 1} entries, "
+                         f"got {offsets.shape[0]}")
+    if offsets[0] < 0:
+        raise ValueError(f"offsets must be non-negative, got {int(offsets[0])} at index 0")
+    lens = np.diff(offsets)
+    bad = lens <= 0
+    if bad.any():
+        i = _first_bad(bad)
+        what = ("non-decreasing" if lens[i] < 0 else
+                "strictly increasing (zero-length sequences are not allowed)")
+        raise ValueError(f"offsets must be {what}: sequence {i} has length {int(lens[i])} "
+                         f"(offsets[{i}] = {int(offsets[i])}, offsets[{i + 1}] = {int(offsets[i + 1])})")
+    if offsets[n] > token_count:
+        raise ValueError(f"offsets[{n}] = {int(offsets[n])} exceeds len(token_ids) = {token_count}")
+    bad = (prompt_lens < 1) | (prompt_lens > lens)
+    if bad.any():
+        i = _first_bad(bad)
+        raise ValueError(f"prompt_lens must be in [1, seq_len] per sequence, got {int(prompt_lens[i])} "
+                         f"at index {i} (seq_len {int(lens[i])})")
+    if modes is not None:
+        check_modes(modes, n)
+    if advantages is not None:
+        if advantages.shape[0] != n:
+            raise ValueError(f"advantages must have one entry per sequence ({n}), got {advantages.shape[0]}")
+    bad = (seq_indices < 0) | (seq_indices >= n)
+    if bad.any():
+        j = _first_bad(bad)
+        raise ValueError(f"seq_indices must be in [0, {n}), got {int(seq_indices[j])} at index {j}")
+    if seq_indices.size > 1:
+        order = np.argsort(seq_indices, kind="stable")
+        s = seq_indices[order]
+        dup = s[1:] == s[:-1]
+        if dup.any():
+            d = _first_bad(dup)
+            a, b = sorted((int(order[d]), int(order[d + 1])))
+            raise ValueError(f"seq_indices must not repeat a sequence, got {int(s[d])} at "
+                             f"indices {a} and {b}")
+    if advantages is not None and seq_indices.size:
+        bad = ~np.isfinite(advantages[seq_indices])
+        if bad.any():
+            j = int(seq_indices[_first_bad(bad)])
+            raise ValueError(f"advantages must be finite, got {float(advantages[j])} at index {j}")
+    plen = padded_lengths(lens[seq_indices], pad_to_multiple)
+    if int(plen.sum()) > INT32_MAX:
+        raise ValueError(f"the micro-batch holds {int(plen.sum())} rows; cu_seqlens is int32, "
+                         f"so at most {INT32_MAX}")
+
+
+def pack(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
+         seq_indices: np.ndarray, modes: np.ndarray | None = None,
+         advantages: np.ndarray | None = None, pad_to_multiple: int = 1,
+         pad_token_id: int = 0) -> dict:
+    """Pack sequences ``seq_indices`` into one THD micro-batch (see ``r4b.packing.PackedBatch``)."""
+    _check_pack(token_ids.shape[0], offsets, prompt_lens, seq_indices, modes, advantages,
+                pad_to_multiple)
+    k = seq_indices.size
+    start = offsets[seq_indices]
+    lens = offsets[seq_indices + 1] - start
+    plens = prompt_lens[seq_indices]
+    padded = padded_lengths(lens, pad_to_multiple)
+    cu = np.zeros(k + 1, dtype=np.int64)
+    np.cumsum(padded, out=cu[1:])
+    T = int(cu[-1])
+    seg = np.repeat(np.arange(k, dtype=np.int32), padded)
+    pos = np.arange(T, dtype=np.int64) - cu[:-1][seg]
+    seg_len = lens[seg]
+    real = pos < seg_len
+    src = start[seg] + pos
+    input_ids = np.where(real, token_ids[np.where(real, src, 0)] if T else src, pad_token_id)
+    scored = (pos >= plens[seg] - 1) & (pos < seg_len - 1)
+    labels = np.full(T, IGNORE_INDEX, dtype=np.int64)
+    labels[scored] = token_ids[src[scored] + 1]
+    mode = (modes[seq_indices] if modes is not None else np.zeros(k, np.int8))[seg]
+    advantage = np.zeros(T, dtype=np.float32)
+    if advantages is not None:
+        advantage[scored] = advantages[seq_indices][seg[scored]]
+    return {"input_ids": input_ids.astype(np.int64, copy=False), "position_ids": pos,
+            "labels": labels, "loss_mask": scored, "mode": mode.astype(np.int8, copy=False),
+            "advantage": advantage, "seq_index": seg, "cu_seqlens": cu.astype(np.int32),
+            "response_rows": np.flatnonzero(scored).astype(np.int64),
+            "max_seqlen": int(padded.max()) if k else 0}
+
+
+# ---------------------------------------------------------------- unpack
+def _check_unpack(rows: int, cu_seqlens: np.ndarray, seq_lens: np.ndarray) -> None:
+    k = seq_lens.shape[0]
+    if cu_seqlens.shape[0] != k + 1:
+        raise ValueError(f"cu_seqlens must have len(seq_lens) + 1 = {k + 1} entries, "
+                         f"got {cu_seqlens.shape[0]}")
+    if k + 1 and cu_seqlens[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])} at index 0")
+    span = np.diff(cu_seqlens.astype(np.int64))
+    bad = (seq_lens < 0) | (seq_lens > span)
+    if bad.any():
+        j = _first_bad(bad)
+        raise ValueError(f"seq_lens must be in [0, cu_seqlens[j+1] - cu_seqlens[j]], got "
+                         f"{int(seq_lens[j])} at index {j} (span {int(span[j])})")
+    if int(cu_seqlens[-1]) != rows:
+        raise ValueError(f"values must have cu_seqlens[-1] = {int(cu_seqlens[-1])} rows, got {rows}")
+
+
+def unpack_rows(values: np.ndarray, cu_seqlens: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
+    """Rows of each packed sequence without its padding, concatenated in sequence order."""
+    _check_unpack(values.shape[0], cu_seqlens, seq_lens)
+    if seq_lens.size == 0:
+        return values[:0].copy()
+    starts = cu_seqlens[:-1].astype(np.int64)
+    idx = np.repeat(starts - np.concatenate([[0], np.cumsum(seq_lens)[:-1]]), seq_lens)
+    idx += np.arange(int(seq_lens.sum()), dtype=np.int64)
+    return values[idx]

@@ -1,0 +1,558 @@
+"""Ragged packer: balanced THD micro-batches from a batch of think / no-think rollouts, and back.
+
+A BPO batch is ragged and bimodal (thinking rollouts are several times longer than
+non-thinking ones) and the 2g rollouts of a prompt arrive together.  This module
+
+* **plans** (:func:`plan_microbatches`): balances sequences across data-parallel ranks (LPT
+  greedy + move/pairwise-swap refinement, cost ``tokens`` or ``a*L + L^2``, think and no-think
+  spread by the tie-break, optional "keep each group on one rank") and fills each rank's
+  micro-batches first-fit-decreasing under a token budget;
+* **packs** (:func:`pack_microbatch`): one micro-batch into THD layout — ``input_ids``,
+  ``position_ids`` restarting per sequence, ``cu_seqlens`` (int32), ``max_seqlen``, labels that
+  never cross a sequence boundary, loss mask, per-token mode / advantage / sequence index, the
+  scored (response) rows, optional padding of every sequence to a multiple (TP/CP);
+* **unpacks** (:func:`unpack_rows`, :func:`unpack_response`): per-row or per-response-row
+  values (e.g. log-probs) back to per-sequence tensors.
+
+Implementations: ``"cpp"`` (``r4b._C``, torch-free C++ on NumPy buffers), ``"python"``
+(``r4b._packing_ref``, the NumPy reference, identical output), ``"cuda"`` (``r4b._C_cuda``,
+gathers of device-resident tensors: :func:`pack_microbatch` with CUDA ``token_ids``,
+:func:`gather_rows`, :func:`scatter_rows`, :func:`unpack_rows`).  ``"auto"`` picks CUDA for
+device tensors when built, else C++, else Python.  Availability is decided once at import
+(``HAS_R4B_C``, ``HAS_R4B_CUDA``) and logged with its reason; tests may patch the flags.
+
+Conventions (``P`` prompt length, ``L`` sequence length, ``Lp`` padded length):
+
+* row ``p`` of a sequence has a label iff ``P - 1 <= p < L - 1``; the label is token ``p + 1``
+  of the same sequence; every other row has label ``IGNORE_INDEX`` (-100) and loss mask 0;
+* padding rows (``L <= p < Lp``): ``input_ids = pad_token_id``, label -100, loss mask 0,
+  advantage 0, ``position_ids`` continue the sequence (``p``), mode and sequence index of
+  their sequence; ``cu_seqlens`` covers the padded lengths;
+* ``advantage`` holds the sequence's advantage on scored rows and 0 elsewhere;
+* ``seq_index`` is the position of the row's sequence in ``seq_indices`` (0..k-1).
+
+DP lock-step: ranks may get different numbers of micro-batches (``Plan.microbatch_counts``).
+With ``equal_microbatches=True`` the plan appends empty micro-batches so that every rank has
+``Plan.num_microbatches``; :func:`pack_microbatch` of an empty list is a valid empty batch
+(zero rows, ``cu_seqlens = [0]``), which a trainer runs as a no-op forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import _packing_ref as ref
+from .log import get_logger
+
+log = get_logger(__name__)
+
+IGNORE_INDEX = ref.IGNORE_INDEX
+_ABI_VERSION = 2
+COSTS = {"tokens": ref.COST_TOKENS, "flops": ref.COST_FLOPS}
+
+try:  # Optional: the C++ packer, built by setup.py / CMakeLists.txt.
+    from . import _C
+
+    if _C.abi_version() != _ABI_VERSION:
+        raise ImportError(f"r4b._C has ABI version {_C.abi_version()}, this r4b expects "
+                          f"{_ABI_VERSION} (stale build)")
+    HAS_R4B_C = True
+    _C_WHY = "r4b._C importable"
+except ImportError as e:
+    _C = None
+    HAS_R4B_C = False
+    _C_WHY = f"r4b._C not importable ({e}); rebuild with `pip install -e . --no-build-isolation`"
+    log.warning("C++ packer unavailable, using the NumPy reference: %s", _C_WHY)
+
+try:  # Optional: the CUDA gathers (built only where nvcc was found).
+    from . import _C_cuda
+
+    if _C_cuda.abi_version() != _ABI_VERSION:
+        raise ImportError(f"r4b._C_cuda has ABI version {_C_cuda.abi_version()}, this r4b "
+                          f"expects {_ABI_VERSION} (stale build)")
+    HAS_R4B_CUDA = True
+    _CUDA_WHY = "r4b._C_cuda importable"
+except ImportError as e:
+    _C_cuda = None
+    HAS_R4B_CUDA = False
+    _CUDA_WHY = f"r4b._C_cuda not importable ({e})"
+log.debug("packer: HAS_R4B_C=%s (%s); HAS_R4B_CUDA=%s (%s)", HAS_R4B_C, _C_WHY, HAS_R4B_CUDA,
+          _CUDA_WHY)
+
+
+def resolve_impl(impl: str, *, device: torch.device | str = "cpu", cuda_ok: bool = False) -> str:
+    """Map ``impl`` to "cuda", "cpp" or "python" for data on ``device``.
+
+    ``"auto"``: CUDA for device tensors when ``cuda_ok`` and ``r4b._C_cuda`` is built, else C++
+    when ``r4b._C`` is built, else Python.  Explicit choices raise if unavailable.
+    """
+    allowed = ("auto", "cpp", "python") + (("cuda",) if cuda_ok else ())
+    if impl not in allowed:
+        raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
+    dev = torch.device(device)
+    if impl == "auto":
+        if cuda_ok and dev.type == "cuda" and HAS_R4B_CUDA:
+            return "cuda"
+        return "cpp" if HAS_R4B_C else "python"
+    if impl == "cpp" and not HAS_R4B_C:
+        raise RuntimeError(f"impl='cpp' requested but {_C_WHY}")
+    if impl == "cuda":
+        if not HAS_R4B_CUDA:
+            raise RuntimeError(f"impl='cuda' requested but {_CUDA_WHY}; build with nvcc on PATH")
+        if dev.type != "cuda":
+            raise ValueError(f"impl='cuda' needs CUDA tensors, got data on {dev}")
+    return impl
+
+
+# ---------------------------------------------------------------- input conversion
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _ints(name: str, x, dtype=np.int64) -> np.ndarray:
+    if (isinstance(x, np.ndarray) and x.dtype == dtype and x.ndim == 1
+            and x.flags.c_contiguous):
+        return x  # fast path: already what the core takes
+    a = _to_numpy(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if a.size and (a.dtype.kind not in "iu"):
+        raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _modes(x, n: int) -> np.ndarray | None:
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray) and x.dtype == np.int8 and x.ndim == 1 and x.flags.c_contiguous:
+        return x  # int8 cannot wrap; the range is checked by the implementation
+    m = _ints("modes", x)
+    ref.check_modes(m, n)
+    return m.astype(np.int8)
+
+
+# ---------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    """Assignment of sequences to data-parallel ranks and micro-batches."""
+
+    rank_of: np.ndarray
+    """int32 [n]: rank of each sequence."""
+    microbatch_of: np.ndarray
+    """int32 [n]: micro-batch of each sequence within its rank."""
+    microbatches: list[list[np.ndarray]]
+    """``microbatches[rank][j]``: int64 sequence indices (ascending) of micro-batch ``j``."""
+    microbatch_counts: np.ndarray
+    """int32 [ranks]: non-empty micro-batches per rank (before ``equal_microbatches`` padding)."""
+    rank_costs: np.ndarray
+    """int64 [ranks]: summed cost per rank under the plan's cost model."""
+    rank_tokens: np.ndarray
+    """int64 [ranks]: summed (padded) tokens per rank."""
+    lower_bound: float
+    """``max(total cost / ranks, largest unit cost)``: no plan can do better."""
+    cost: str
+    """Cost model: "tokens" or "flops"."""
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.microbatches)
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per rank for DP lock-step (the largest per-rank count)."""
+        return int(self.microbatch_counts.max(initial=0))
+
+    @property
+    def imbalance(self) -> float:
+        """Max rank cost over the lower bound (1.0 is perfect)."""
+        if self.lower_bound <= 0:
+            return 1.0
+        return float(self.rank_costs.max()) / self.lower_bound
+
+
+def plan_microbatches(seq_lens, *, num_ranks: int, tokens_per_microbatch: int, group_ids=None,
+                      modes=None, cost: str = "tokens", flops_a: int = 4096,
+                      keep_groups: bool = False, pad_to_multiple: int = 1,
+                      equal_microbatches: bool = False, impl: str = "auto") -> Plan:
+    """Balance sequences across ``num_ranks`` ranks and fill micro-batches per rank.
+
+    Args:
+        seq_lens: [n] positive sequence lengths (prompt + response).
+        num_ranks: data-parallel ranks.
+        tokens_per_microbatch: budget of packed rows per micro-batch (after padding); a longer
+            sequence raises ``ValueError`` naming it.
+        group_ids: [n] prompt-group ids (needed for ``keep_groups``).
+        modes: [n] mode ids in [0, 127] (0 no-think, 1 think, 2 auto); ties in the greedy go to
+            the rank holding fewer sequences of the same mode.
+        cost: "tokens" (padded length) or "flops" (``flops_a * L + L * L``, integer).
+        flops_a: linear coefficient of the flops cost (roughly the per-token matmul work in
+            units of the attention term), in [0, 2**24].
+        keep_groups: keep every group on one rank (units are groups).
+        pad_to_multiple: lengths are padded to this multiple for cost and budget (TP/CP).
+        equal_microbatches: append empty micro-batches so every rank has the same count.
+        impl: "auto" | "cpp" | "python" (identical results).
+    """
+    impl = resolve_impl(impl)
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {tuple(COSTS)}, got {cost!r}")
+    if not 0 <= int(flops_a) <= 2**24:
+        raise ValueError(f"flops_a must be in [0, {2**24}], got {flops_a}")
+    lens = _ints("seq_lens", seq_lens)
+    n = lens.shape[0]
+    gids = None if group_ids is None else _ints("group_ids", group_ids)
+    md = _modes(modes, n)
+    args = dict(num_ranks=int(num_ranks), tokens_per_microbatch=int(tokens_per_microbatch),
+                group_ids=gids, modes=md, cost=COSTS[cost], flops_a=int(flops_a),
+                keep_groups=bool(keep_groups), pad_to_multiple=int(pad_to_multiple))
+    if impl == "cpp":
+        out = _C.plan(lens, **args)
+    else:
+        if gids is not None and gids.shape[0] != n:
+            raise ValueError(f"group_ids must have one entry per sequence ({n}), got {gids.shape[0]}")
+        out = ref.plan(lens, **args)
+    R = int(num_ranks)
+    rank_of, mb_of = out["rank_of"], out["microbatch_of"]
+    counts = out["microbatch_counts"]
+    order = np.lexsort((np.arange(n), mb_of, rank_of))
+    per_rank = np.bincount(rank_of, minlength=R)
+    mbs: list[list[np.ndarray]] = []
+    start = 0
+    for r in range(R):
+        idx = order[start:start + per_rank[r]]
+        start += per_rank[r]
+        sizes = np.bincount(mb_of[idx], minlength=int(counts[r]))
+        mbs.append([a.astype(np.int64) for a in np.split(idx, np.cumsum(sizes)[:-1])]
+                   if idx.size else [])
+    if equal_microbatches:
+        top = int(counts.max(initial=0))
+        for r in range(R):
+            mbs[r] += [np.zeros(0, dtype=np.int64)] * (top - len(mbs[r]))
+    total = float(out["rank_costs"].sum())
+    lb = max(total / R, float(out["max_unit_cost"])) if n else 0.0
+    return Plan(rank_of=rank_of, microbatch_of=mb_of, microbatches=mbs, microbatch_counts=counts,
+                rank_costs=out["rank_costs"], rank_tokens=out["rank_tokens"], lower_bound=lb,
+                cost=cost)
+
+
+# ---------------------------------------------------------------- pack
+@dataclass
+class PackedBatch:
+    """One micro-batch in THD layout (``T`` rows, ``k`` sequences); see the module docstring."""
+
+    input_ids: torch.Tensor
+    """int64 [T]."""
+    position_ids: torch.Tensor
+    """int64 [T]: 0.. within each sequence (padding rows continue)."""
+    labels: torch.Tensor
+    """int64 [T]: next token of the same sequence on scored rows, else -100."""
+    loss_mask: torch.Tensor
+    """bool [T]: True exactly on scored rows (``P - 1 <= p < L - 1``)."""
+    mode: torch.Tensor
+    """int8 [T]: mode of each row's sequence."""
+    advantage: torch.Tensor
+    """float32 [T]: the sequence's advantage on scored rows, 0 elsewhere."""
+    seq_index: torch.Tensor
+    """int32 [T]: position of each row's sequence in ``seq_indices``."""
+    cu_seqlens: torch.Tensor
+    """int32 [k + 1]: padded sequence boundaries."""
+    max_seqlen: int
+    """Longest padded sequence."""
+    response_rows: torch.Tensor
+    """int64 [R]: rows with ``loss_mask`` (the rows a loss kernel scores), ascending."""
+    seq_indices: torch.Tensor
+    """int64 [k]: global indices of the packed sequences, in packed order."""
+    seq_lens: torch.Tensor
+    """int64 [k]: unpadded lengths of the packed sequences."""
+    prompt_lens: torch.Tensor
+    """int64 [k]: prompt lengths of the packed sequences."""
+    pad_to_multiple: int = 1
+    """Padding multiple the batch was packed with."""
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def response_lens(self) -> torch.Tensor:
+        """int64 [k]: scored rows per sequence (``L - P``)."""
+        return self.seq_lens - self.prompt_lens
+
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        """Copy of this batch with every tensor on ``device``."""
+        kw = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+              for k, v in self.__dict__.items()}
+        return PackedBatch(**kw)
+
+    def unpack(self, values: torch.Tensor, *, impl: str = "auto") -> list[torch.Tensor]:
+        """Per-row ``values`` [T, ...] → one tensor per packed sequence (padding dropped)."""
+        return unpack_rows(values, self.cu_seqlens, self.seq_lens, impl=impl)
+
+    def unpack_response(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """Values on ``response_rows`` [R, ...] → one tensor per sequence ([L - P, ...])."""
+        return unpack_response(values, self.prompt_lens, self.seq_lens)
+
+
+def pack_microbatch(token_ids, offsets, prompt_lens, seq_indices, *, modes=None,
+                    advantages=None, pad_to_multiple: int = 1, pad_token_id: int = 0,
+                    impl: str = "auto") -> PackedBatch:
+    """Pack sequences ``seq_indices`` of a flat token buffer into one THD micro-batch.
+
+    Args:
+        token_ids: [total] int32/int64 token ids of all sequences back to back (NumPy, list or
+            tensor; a CUDA tensor packs on the device with ``impl="cuda"``/``"auto"``).
+        offsets: [n + 1] start of each sequence in ``token_ids`` (strictly increasing).
+        prompt_lens: [n] prompt length per sequence, in [1, L].
+        seq_indices: [k] sequences to pack, in order (no repeats; may be empty).
+        modes: [n] mode ids (default 0); advantages: [n] float (default 0).
+        pad_to_multiple: pad every sequence to a multiple of this (TP/CP); padding rows are
+            described in the module docstring.
+        pad_token_id: input id of padding rows.
+        impl: "auto" | "cpp" | "python" | "cuda".
+    Returns:
+        :class:`PackedBatch` on the device of ``token_ids``.
+    """
+    dev = token_ids.device if isinstance(token_ids, torch.Tensor) else torch.device("cpu")
+    impl = resolve_impl(impl, device=dev, cuda_ok=True)
+    off = _ints("offsets", offsets)
+    pl = _ints("prompt_lens", prompt_lens)
+    sel = _ints("seq_indices", seq_indices)
+    n = pl.shape[0]
+    md = _modes(modes, n)
+    adv = None
+    if advantages is not None:
+        adv = (advantages if isinstance(advantages, np.ndarray) and advantages.dtype == np.float32
+               and advantages.flags.c_contiguous else
+               np.ascontiguousarray(_to_numpy(advantages), dtype=np.float32))
+        if adv.ndim != 1:
+            raise ValueError(f"advantages must be 1-D, got shape {adv.shape}")
+    if impl == "cuda":
+        return _pack_cuda(token_ids, off, pl, sel, md, adv, int(pad_to_multiple),
+                          int(pad_token_id))
+    tok = _to_numpy(token_ids)
+    if tok.ndim != 1:
+        raise ValueError(f"token_ids must be 1-D, got shape {tok.shape}")
+    if tok.size and tok.dtype.kind not in "iu":
+        raise TypeError(f"token_ids must hold integers, got dtype {tok.dtype}")
+    tok = np.ascontiguousarray(tok, dtype=np.int32 if tok.dtype == np.int32 else np.int64)
+    args = dict(modes=md, advantages=adv, pad_to_multiple=int(pad_to_multiple),
+                pad_token_id=int(pad_token_id))
+    if impl == "cpp":
+        out = _C.pack(tok, off, pl, sel, **args)
+    else:
+        if off.shape[0] != n + 1:
+            raise ValueError(f"offsets must have len(prompt_lens) + 1 = {n + 1} entries, "
+                             f"got {off.shape[0]}")
+        out = ref.pack(tok, off, pl, sel, **args)
+    pb = _packed_from(out, off, pl, sel, int(pad_to_multiple))
+    return pb if dev.type == "cpu" else pb.to(dev)
+
+
+def _packed_from(out: dict, off, pl, sel, pad: int) -> PackedBatch:
+    t = {k: torch.from_numpy(v) for k, v in out.items() if isinstance(v, np.ndarray)}
+    return PackedBatch(
+        input_ids=t["input_ids"], position_ids=t["position_ids"], labels=t["labels"],
+        loss_mask=t["loss_mask"], mode=t["mode"], advantage=t["advantage"],
+        seq_index=t["seq_index"], cu_seqlens=t["cu_seqlens"], max_seqlen=int(out["max_seqlen"]),
+        response_rows=t["response_rows"], seq_indices=torch.from_numpy(sel.copy()),
+        seq_lens=torch.from_numpy(off[sel + 1] - off[sel]), prompt_lens=torch.from_numpy(pl[sel]),
+        pad_to_multiple=pad)
+
+
+def _pack_cuda(token_ids: torch.Tensor, off, pl, sel, md, adv, pad: int, pad_id: int) -> PackedBatch:
+    """Device pack: O(k) metadata on the host, every O(rows) byte on the GPU."""
+    if token_ids.dim() != 1 or token_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"token_ids must be a 1-D int32/int64 tensor, got {token_ids.dtype} "
+                         f"shape {tuple(token_ids.shape)}")
+    n = pl.shape[0]
+    if off.shape[0] != n + 1:
+        raise ValueError(f"offsets must have len(prompt_lens) + 1 = {n + 1} entries, "
+                         f"got {off.shape[0]}")
+    ref._check_pack(token_ids.shape[0], off, pl, sel, md, adv, pad)
+    dev = token_ids.device
+    tok = token_ids.contiguous()
+    k = sel.shape[0]
+    start = off[sel]
+    lens = off[sel + 1] - start
+    plens = pl[sel]
+    padded = ref.padded_lengths(lens, pad)
+    cu = np.zeros(k + 1, dtype=np.int64)
+    np.cumsum(padded, out=cu[1:])
+    resp = np.zeros(k + 1, dtype=np.int64)
+    np.cumsum(lens - plens, out=resp[1:])
+    rows, n_resp = int(cu[-1]), int(resp[-1])
+    meta = torch.from_numpy(np.concatenate([start, lens, plens, resp])).to(dev)
+    cu_d = torch.from_numpy(cu.astype(np.int32)).to(dev)
+    mode_k = torch.from_numpy(md[sel] if md is not None else np.zeros(k, np.int8)).to(dev)
+    adv_k = torch.from_numpy(adv[sel] if adv is not None else np.zeros(k, np.float32)).to(dev)
+    e = lambda dt, m=rows: torch.empty(m, dtype=dt, device=dev)  # noqa: E731
+    o = dict(input_ids=e(torch.int64), position_ids=e(torch.int64), labels=e(torch.int64),
+             loss_mask=e(torch.bool), mode=e(torch.int8), advantage=e(torch.float32),
+             seq_index=e(torch.int32), response_rows=e(torch.int64, n_resp))
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    _C_cuda.pack_rows(
+        tok.data_ptr(), tok.element_size(), meta.data_ptr(), meta[k:].data_ptr(),
+        meta[2 * k:].data_ptr(), mode_k.data_ptr(), adv_k.data_ptr(), cu_d.data_ptr(),
+        meta[3 * k:].data_ptr(), k, rows, pad_id, o["input_ids"].data_ptr(),
+        o["position_ids"].data_ptr(), o["labels"].data_ptr(), o["loss_mask"].data_ptr(),
+        o["mode"].data_ptr(), o["advantage"].data_ptr(), o["seq_index"].data_ptr(),
+        o["response_rows"].data_ptr(), n_resp, stream)
+    return PackedBatch(**o, cu_seqlens=cu_d, max_seqlen=int(padded.max()) if k else 0,
+                       seq_indices=torch.from_numpy(sel.copy()).to(dev),
+                       seq_lens=torch.from_numpy(lens).to(dev),
+                       prompt_lens=torch.from_numpy(plens.copy()).to(dev), pad_to_multiple=pad)
+
+
+# ---------------------------------------------------------------- device gathers
+def gather_rows(src: torch.Tensor, index: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """``out[i] = src[index[i]]`` along dim 0 (zeros where ``index[i] < 0``).
+
+    The pack gather for any per-token values (e.g. rollout-engine log-probs laid out per
+    sequence: ``index`` = source row of every packed row, -1 on padding).
+    """
+    _check_gather("src", src, index)
+    n_src = src.shape[0]
+    if index.numel() and (int(index.max()) >= n_src):
+        j = int(index.argmax())
+        raise ValueError(f"index must be < src.shape[0] = {n_src}, got {int(index[j])} at index {j}")
+    impl = resolve_impl(impl, device=src.device, cuda_ok=True)
+    if impl == "cuda":
+        src = src.contiguous()
+        idx = index.to(torch.int64).contiguous()
+        out = torch.empty((idx.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+        _C_cuda.gather_rows(out.data_ptr(), src.data_ptr(), idx.data_ptr(), idx.shape[0],
+                            _row_bytes(src), torch.cuda.current_stream(src.device).cuda_stream)
+        return out
+    idx = index.to(torch.int64)
+    out = torch.zeros((idx.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+    ok = idx >= 0
+    out[ok] = src[idx[ok]]
+    return out
+
+
+def scatter_rows(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor, *,
+                 impl: str = "auto") -> torch.Tensor:
+    """``dst[index[i]] = src[i]`` along dim 0 in place (rows with ``index[i] < 0`` skipped).
+
+    The unpack scatter: packed rows back to per-sequence layout.  Indices must not repeat.
+    """
+    _check_gather("src", src, index)
+    if not isinstance(dst, torch.Tensor) or dst.dtype != src.dtype or dst.shape[1:] != src.shape[1:]:
+        raise ValueError(f"dst must be a tensor with src's dtype {src.dtype} and row shape "
+                         f"{tuple(src.shape[1:])}, got {getattr(dst, 'dtype', type(dst))} "
+                         f"{tuple(getattr(dst, 'shape', ()))}")
+    if dst.device != src.device:
+        raise ValueError(f"dst is on {dst.device}, expected {src.device} like src")
+    if index.numel() and int(index.max()) >= dst.shape[0]:
+        j = int(index.argmax())
+        raise ValueError(f"index must be < dst.shape[0] = {dst.shape[0]}, got {int(index[j])} at index {j}")
+    impl = resolve_impl(impl, device=src.device, cuda_ok=True)
+    if impl == "cuda":
+        if not dst.is_contiguous():
+            raise ValueError("dst must be contiguous for impl='cuda'")
+        src = src.contiguous()
+        idx = index.to(torch.int64).contiguous()
+        _C_cuda.scatter_rows(dst.data_ptr(), src.data_ptr(), idx.data_ptr(), idx.shape[0],
+                             _row_bytes(src), torch.cuda.current_stream(src.device).cuda_stream)
+        return dst
+    idx = index.to(torch.int64)
+    ok = idx >= 0
+    dst[idx[ok]] = src[ok]
+    return dst
+
+
+def _check_gather(name: str, src, index) -> None:
+    if not isinstance(src, torch.Tensor) or src.dim() < 1:
+        raise ValueError(f"{name} must be a tensor with at least 1 dimension (rows)")
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (
+            torch.int32, torch.int64):
+        raise ValueError(f"index must be a 1-D int32/int64 tensor, got "
+                         f"{getattr(index, 'dtype', type(index))}")
+    if index.device != src.device:
+        raise ValueError(f"index is on {index.device}, expected {src.device} like {name}")
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    return int(t.element_size() * (t[0].numel() if t.shape[0] else int(np.prod(t.shape[1:]))))
+
+
+# ---------------------------------------------------------------- unpack
+def unpack_rows(values: torch.Tensor, cu_seqlens, seq_lens, *, impl: str = "auto"
+                ) -> list[torch.Tensor]:
+    """Per-row values of a packed micro-batch → one tensor per sequence, padding dropped.
+
+    Args:
+        values: [T, ...] values per packed row (e.g. per-token log-probs).
+        cu_seqlens: [k + 1] padded boundaries (``PackedBatch.cu_seqlens``).
+        seq_lens: [k] unpadded lengths (``PackedBatch.seq_lens``).
+        impl: "auto" | "cpp" | "python" | "cuda".
+    Returns:
+        ``k`` tensors, sequence ``j`` of shape [seq_lens[j], ...] (views of one buffer).
+    """
+    if not isinstance(values, torch.Tensor) or values.dim() < 1:
+        raise ValueError("values must be a tensor with at least 1 dimension (rows)")
+    cu = _ints("cu_seqlens", cu_seqlens, dtype=np.int64)
+    lens = _ints("seq_lens", seq_lens)
+    impl = resolve_impl(impl, device=values.device, cuda_ok=True)
+    ref._check_unpack(values.shape[0], cu, lens)
+    if impl == "cuda":
+        idx = np.repeat(cu[:-1] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+        idx += np.arange(int(lens.sum()), dtype=np.int64)
+        flat = gather_rows(values, torch.from_numpy(idx).to(values.device), impl="cuda")
+    else:
+        v = values.detach().contiguous().cpu()
+        view = v.view(torch.int16) if v.dtype == torch.bfloat16 else v
+        if impl == "cpp":
+            out = _C.unpack_rows(view.numpy(), cu.astype(np.int32), lens)
+        else:
+            out = ref.unpack_rows(view.numpy(), cu.astype(np.int32), lens)
+        flat = torch.from_numpy(out)
+        if v.dtype == torch.bfloat16:
+            flat = flat.view(torch.bfloat16)
+        flat = flat.to(values.device)
+    return list(torch.split(flat, lens.tolist()))
+
+
+def unpack_response(values: torch.Tensor, prompt_lens, seq_lens) -> list[torch.Tensor]:
+    """Values on the response rows of a micro-batch → one tensor per sequence.
+
+    ``values`` [R, ...] follow ``PackedBatch.response_rows`` (packed order); sequence ``j``
+    owns ``seq_lens[j] - prompt_lens[j]`` of them, the values for predicting its response
+    tokens ``P .. L-1`` in order.  Returns views (no copy), so there is one implementation.
+    """
+    pl = _ints("prompt_lens", prompt_lens)
+    lens = _ints("seq_lens", seq_lens)
+    if pl.shape != lens.shape:
+        raise ValueError(f"prompt_lens and seq_lens must have the same length, got "
+                         f"{pl.shape[0]} and {lens.shape[0]}")
+    counts = lens - pl
+    bad = (pl < 1) | (counts < 0)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"prompt_lens must be in [1, seq_len] per sequence, got {int(pl[j])} at "
+                         f"index {j} (seq_len {int(lens[j])})")
+    if not isinstance(values, torch.Tensor) or values.dim() < 1:
+        raise ValueError("values must be a tensor with at least 1 dimension (rows)")
+    if values.shape[0] != int(counts.sum()):
+        raise ValueError(f"values must have sum(seq_lens - prompt_lens) = {int(counts.sum())} "
+                         f"rows (one per response row), got {values.shape[0]}")
+    return list(torch.split(values, counts.tolist()))
+
+
+def flatten_sequences(token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sequence token lists → (flat int64 token buffer, int64 offsets [n + 1])."""
+    lens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+    offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    flat = np.fromiter((x for t in token_ids for x in t), dtype=np.int64, count=int(offsets[-1]))
+    return flat, offsets
+
+
+__all__ = ["HAS_R4B_C", "HAS_R4B_CUDA", "IGNORE_INDEX", "PackedBatch", "Plan", "flatten_sequences",
+           "gather_rows", "pack_microbatch", "plan_microbatches", "resolve_impl", "scatter_rows",
+           "unpack_response", "unpack_rows"]
