@@ -1,0 +1,367 @@
+"""Embedded rollout engine: batched KV-cache sampling on r4b's own (TP-aware) model.
+
+One call generates completions for a batch of requests, each with its own forced mode
+prefix (already in ``prompt_ids`` under prompt routing) and optional forced response tokens
+(under token routing: scored by the model, never sampled).  It returns token ids and the
+sampling log-probs, stops each row on end-of-turn or its mode's token budget, and reports
+which mode the completion is in (for auto requests: the mode the model chose).
+
+How a batch runs:
+
+1. **Prefill.** Rows with equal prompt length run as one cached forward (images of the group
+   concatenated in row order), filling their KV-cache rows; the last position's logits seed
+   decoding.  The cache holds ``max(prompt + budget)`` tokens per row, never more than
+   ``max_seqlen``.
+2. **Decode.** All live rows advance in lock step, so response position ``t`` is decoding step
+   ``t`` for every row: one sampler call and one device→host copy (tokens and log-probs
+   together) per step.  Forced tokens replace the draw at their positions; every row is drawn
+   either way, so the random stream does not depend on forcing.  Finished rows drop out of the
+   batch (their cache rows are simply no longer addressed).
+
+Log-probs are ``log_softmax(logits / T)[token]`` over the full vocabulary (see
+:mod:`r4b.rollout.sampling`), for sampled and forced tokens alike.  Some ids are never drawn:
+padding rows of the LM head (``vocab_limit``) and the image placeholder (``banned_ids``).
+
+Random stream: ``generator`` may live on any device.  When it is not on the model's device a
+device generator is seeded from one draw of it, so a CPU generator with a fixed seed gives
+reproducible rollouts on any device (and advances by one draw per call).
+
+TP: the model returns full-vocabulary logits on every TP rank; every rank of a TP group must
+pass a generator with the same seed and state, so all ranks draw the same tokens and feed the
+same ids to the next step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+
+from ..log import get_logger
+from .sampling import SamplingParams, sample
+
+log = get_logger(__name__)
+
+Mode = Literal["think", "no_think", "auto"]
+MODES: tuple[str, ...] = ("think", "no_think", "auto")
+
+
+@dataclass
+class RolloutRequest:
+    """One completion to generate."""
+
+    prompt_ids: list[int]
+    """Prompt tokens, including the assistant opening and (prompt routing) the mode prefix."""
+    mode: Mode
+    """Requested mode: 'think' / 'no_think' (forced) or 'auto' (the model chooses)."""
+    forced_ids: list[int] = field(default_factory=list)
+    """Tokens forced at the start of the response (token routing); scored, not sampled."""
+    images: Any = None
+    """Pixel tiles of this request's images, [n_tiles, C, H, W] (tensor or array), or None."""
+    group_id: int = 0
+    """Prompt group (rollouts of one prompt share it)."""
+    uid: Any = None
+    """Caller's identifier, passed through."""
+
+
+@dataclass
+class Rollout:
+    """A finished completion."""
+
+    request: RolloutRequest
+    """The request this completion answers."""
+    response_ids: list[int]
+    """Response tokens (forced tokens first), ending with the stop token when finished."""
+    logprobs: list[float]
+    """Per response token: log-prob under the tempered full-vocabulary distribution."""
+    finished: bool
+    """True when the row emitted a stop token; False when it hit its token budget."""
+    mode_chosen: str | None = None
+    """'think' / 'no_think' as read from the response by the engine's ``mode_classifier``;
+    None when malformed or when the engine has no classifier."""
+
+
+def validate_requests(requests: Sequence[RolloutRequest], params: SamplingParams, *,
+                      max_seqlen: int, vocab_size: int | None = None) -> list[int]:
+    """Check every request; errors name ``requests[i]``.  Returns each row's token budget
+    (its mode's ``max_new_tokens`` plus its forced tokens).  Shared by the rollout engines."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    budgets = []
+    for i, r in enumerate(requests):
+        if not isinstance(r, RolloutRequest):
+            raise TypeError(f"requests[{i}] must be a RolloutRequest, got {type(r).__name__}")
+        if r.mode not in MODES:
+            raise ValueError(f"requests[{i}].mode must be one of {MODES}, got {r.mode!r}")
+        if len(r.prompt_ids) == 0:
+            raise ValueError(f"requests[{i}].prompt_ids is empty; a prompt needs at least one "
+                             "token")
+        for name in ("prompt_ids", "forced_ids"):
+            ids = getattr(r, name)
+            if len(ids) and vocab_size is not None:
+                lo, hi = min(int(t) for t in ids), max(int(t) for t in ids)
+                if lo < 0 or hi >= vocab_size:
+                    raise ValueError(f"requests[{i}].{name} must lie in [0, {vocab_size}), got "
+                                     f"values in [{lo}, {hi}]")
+        budget = params.max_new_tokens(r.mode) + len(r.forced_ids)
+        need = len(r.prompt_ids) + budget
+        if need > max_seqlen:
+            raise ValueError(f"requests[{i}]: prompt ({len(r.prompt_ids)} tokens) + response "
+                             f"budget "
+                             f"({budget} = max_new_tokens_{r.mode} {params.max_new_tokens(r.mode)} "
+                             f"+ {len(r.forced_ids)} forced) = {need} exceeds the engine's "
+                             f"max_seqlen {max_seqlen}")
+        budgets.append(budget)
+    return budgets
+
+
+def _as_tiles(images, i: int) -> torch.Tensor | None:
+    """A request's images as a float32 CPU tensor [n_tiles, C, H, W] (None: no image)."""
+    if images is None:
+        return None
+    if isinstance(images, (list, tuple)):
+        if not images:
+            return None
+        t = torch.stack([torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x,
+                                         dtype=torch.float32) for x in images])
+    else:
+        t = torch.as_tensor(images, dtype=torch.float32)
+    if t.dim() == 3:
+        t = t.unsqueeze(0)
+    if t.dim() != 4 or t.shape[0] == 0:
+        raise ValueError(f"requests[{i}].images must be tiles [n_tiles, C, H, W] (or one [C, H, W] "
+                         f"tile), got shape {tuple(t.shape)}")
+    return t
+
+
+class EmbeddedEngine:
+    """KV-cache sampler over an r4b model.
+
+    Args:
+        model: an ``r4b.models`` model exposing ``new_kv_cache`` and the cached forward
+            (one pipeline stage holding the whole network: PP = 1; any TP size).
+        stop_ids: token ids that end a response (end of turn, end of text).
+        mode_classifier: ``f(prompt_ids, response_ids) -> 'think' | 'no_think' | None``
+            (``ChatTemplate.classify_mode``).
+        max_seqlen: KV-cache capacity per row (prompt + response).
+        vocab_limit: number of real token ids (the tokenizer's ``vocab_size``); ids at or above
+            it — padding rows of an LM head padded for TP — are never drawn (their mass stays
+            in the log-prob normaliser, like top-k / top-p truncation).  None: the
+            tokenizer's ``vocab_size`` when ``mode_classifier`` is a ``ChatTemplate`` method
+            (its ``tok``), else the model's full vocabulary.
+        banned_ids: token ids that are never drawn (forced tokens may still be any id).
+            None: the image placeholder id (the model's ``cfg.image_token_id`` and the
+            template tokenizer's ``image_token_id``) — a response cannot contain an image.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, stop_ids: Sequence[int],
+                 mode_classifier: Callable[[list[int], list[int]], str | None] | None = None,
+                 max_seqlen: int = 512, vocab_limit: int | None = None,
+                 banned_ids: Sequence[int] | None = None):
+        self.model = model
+        self.stop_ids = set(int(i) for i in stop_ids)
+        if not self.stop_ids:
+            raise ValueError("stop_ids must name at least one token id, got none")
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 2:
+            raise ValueError(f"max_seqlen must be an int >= 2, got {max_seqlen!r}")
+        V = getattr(model, "vocab_size", None)
+        max_pos = getattr(getattr(getattr(model, "cfg", None), "lm", None),
+                          "max_position_embeddings", None)
+        if max_pos is not None and max_seqlen > max_pos:
+            raise ValueError(f"max_seqlen {max_seqlen} exceeds the model's "
+                             f"lm.max_position_embeddings {max_pos}")
+        if V is not None:
+            bad = sorted(t for t in self.stop_ids if not 0 <= t < V)
+            if bad:
+                raise ValueError(f"stop_ids must lie in [0, {V}), got {bad}")
+        # ChatTemplate.classify_mode decodes responses with the template's tokenizer, which
+        # rejects the LM head's padding ids: never draw them.
+        tok = getattr(getattr(mode_classifier, "__self__", None), "tok", None)
+        if vocab_limit is None:
+            vocab_limit = getattr(tok, "vocab_size", None)
+            if vocab_limit is not None and V is not None:
+                vocab_limit = min(int(vocab_limit), V)
+        if vocab_limit is not None:
+            hi = V if V is not None else vocab_limit
+            if isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int) \
+                    or not 1 <= vocab_limit <= hi:
+                raise ValueError(f"vocab_limit must be an int in [1, {hi}] (the model's "
+                                 f"vocabulary), got {vocab_limit!r}")
+        if banned_ids is None:
+            found = (getattr(getattr(model, "cfg", None), "image_token_id", None),
+                     getattr(tok, "image_token_id", None))
+            banned_ids = [int(t) for t in found if t is not None]
+        self.banned_ids = sorted(set(int(t) for t in banned_ids))
+        if V is not None and any(not 0 <= t < V for t in self.banned_ids):
+            raise ValueError(f"banned_ids must lie in [0, {V}), got {self.banned_ids}")
+        self.mode_classifier = mode_classifier
+        self.max_seqlen = max_seqlen
+        self.vocab_limit = vocab_limit
+        self.vocab_size = V
+        self.last_stats: dict[str, float] = {}
+
+    def sync_weights(self, policy: torch.nn.Module | None = None) -> float:
+        """Make the engine sample from ``policy``'s current weights; returns seconds spent.
+
+        The embedded engine usually runs on the policy module itself (``policy is None`` or
+        ``policy is self.model``): nothing to do.  A different module of the same structure
+        is copied parameter by parameter (names and shapes must match).
+        """
+        t0 = time.perf_counter()
+        if policy is not None and policy is not self.model:
+            dst = dict(self.model.named_parameters())
+            src = dict(policy.named_parameters())
+            if dst.keys() != src.keys():
+                missing, extra = sorted(dst.keys() - src.keys()), sorted(src.keys() - dst.keys())
+                raise ValueError(f"policy parameters do not match the engine's model: missing "
+                                 f"{missing[:5]}, unexpected {extra[:5]}")
+            with torch.no_grad():
+                for name, p in dst.items():
+                    s = src[name]
+                    if s.shape != p.shape:
+                        raise ValueError(f"policy parameter {name} has shape {tuple(s.shape)}, the "
+                                         f"engine's model expects {tuple(p.shape)}")
+                    p.copy_(s)
+        return time.perf_counter() - t0
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams,
+                 generator: torch.Generator | None = None) -> list[Rollout]:
+        """Generate one completion per request, in request order (deterministic for a fixed
+        ``generator`` state).  Sets ``last_stats`` (seconds, tokens, throughput)."""
+        requests = list(requests)
+        budgets = validate_requests(requests, params, max_seqlen=self.max_seqlen,
+                                    vocab_size=self.vocab_size)
+        if not requests:
+            self.last_stats = {"seconds": 0.0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
+                               "decode_steps": 0, "rows": 0, "response_tokens": 0,
+                               "tokens_per_s": 0.0}
+            return []
+        images = [_as_tiles(r.images, i) for i, r in enumerate(requests)]
+        self._check_images(requests, images)
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out, stats = self._generate(requests, budgets, images, params, generator)
+        finally:
+            self.model.train(was_training)
+        n_tok = sum(len(r.response_ids) for r in out)
+        dt = time.perf_counter() - t0
+        self.last_stats = {"seconds": dt, **stats, "rows": len(out), "response_tokens": n_tok,
+                           "tokens_per_s": n_tok / max(dt, 1e-9)}
+        return out
+
+    def _check_images(self, reqs: list[RolloutRequest], images: list[torch.Tensor | None]) -> None:
+        """Per-request placeholder count check, so a mismatch names its request."""
+        cfg = getattr(self.model, "cfg", None)
+        img_id = getattr(cfg, "image_token_id", None)
+        tpi = getattr(cfg, "tokens_per_image", None)
+        for i, (r, im) in enumerate(zip(reqs, images)):
+            if im is not None and (cfg is None or getattr(cfg, "vision", None) is None):
+                raise ValueError(f"requests[{i}] has images but the model is text-only")
+            if img_id is None or not tpi:
+                continue
+            n_ph = sum(1 for t in r.prompt_ids if int(t) == img_id)
+            n_tiles = 0 if im is None else im.shape[0]
+            if n_ph != n_tiles * tpi:
+                raise ValueError(f"requests[{i}]: prompt_ids hold {n_ph} image placeholders (id "
+                                 f"{img_id}) but its {n_tiles} image tiles need {n_tiles} x {tpi} "
+                                 f"= {n_tiles * tpi}")
+
+    def _device_generator(self, generator: torch.Generator | None, dev: torch.device):
+        if generator is None or generator.device.type == dev.type:
+            return generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        return torch.Generator(device=dev).manual_seed(seed)
+
+    def _generate(self, reqs: list[RolloutRequest], budgets: list[int],
+                  images: list[torch.Tensor | None], params: SamplingParams,
+                  generator: torch.Generator | None):
+        dev = self._device()
+        gen = self._device_generator(generator, dev)
+        banned = (torch.tensor(self.banned_ids, dtype=torch.long, device=dev)
+                  if self.banned_ids else None)
+        B = len(reqs)
+        capacity = max(len(r.prompt_ids) + b for r, b in zip(reqs, budgets))
+        cache = self.model.new_kv_cache(B, capacity)
+
+        # 1. Prefill, one forward per distinct prompt length.
+        t0 = time.perf_counter()
+        by_len: dict[int, list[int]] = {}
+        for i, r in enumerate(reqs):
+            by_len.setdefault(len(r.prompt_ids), []).append(i)
+        last_logits = None
+        for _, rows in sorted(by_len.items()):
+            ids = torch.tensor([[int(t) for t in reqs[i].prompt_ids] for i in rows],
+                               dtype=torch.long).to(dev, non_blocking=True)
+            tiles = [images[i] for i in rows if images[i] is not None]
+            pix = torch.cat(tiles).to(dev, non_blocking=True) if tiles else None
+            logits = self.model(input_ids=ids, kv_cache=cache, images=pix,
+                                cache_rows=torch.tensor(rows, dtype=torch.long))[:, -1]
+            if last_logits is None:
+                last_logits = logits.new_empty((B, logits.shape[-1]))
+            last_logits[torch.tensor(rows, device=dev)] = logits
+        logits = last_logits
+        t_prefill = time.perf_counter() - t0
+
+        # 2. Decode in lock step: response position t == step t for every live row.
+        n_forced_max = max(len(r.forced_ids) for r in reqs)
+        forced_mat = None
+        if n_forced_max:
+            forced_mat = torch.full((B, n_forced_max), -1, dtype=torch.long)
+            for i, r in enumerate(reqs):
+                if r.forced_ids:
+                    forced_mat[i, :len(r.forced_ids)] = torch.tensor([int(t) for t in r.forced_ids])
+        n_forced = [len(r.forced_ids) for r in reqs]
+        stop = self.stop_ids
+        resp: list[list[int]] = [[] for _ in range(B)]
+        lps: list[list[float]] = [[] for _ in range(B)]
+        finished = [False] * B
+        active = list(range(B))
+        step = 0
+        while True:
+            forced = None
+            if forced_mat is not None and step < n_forced_max:
+                forced = forced_mat[active, step].to(dev, non_blocking=True)
+            tok, lp = sample(logits, params, gen, forced=forced, vocab_limit=self.vocab_limit,
+                             banned=banned)
+            # One device->host copy per step (ids < 2**53 are exact in float64).
+            host = torch.stack([tok.double(), lp.double()]).tolist()
+            keep_pos, keep_rows = [], []
+            for j, i in enumerate(active):
+                t = int(host[0][j])
+                resp[i].append(t)
+                lps[i].append(host[1][j])
+                if t in stop and step >= n_forced[i]:
+                    finished[i] = True
+                elif step + 1 < budgets[i]:
+                    keep_pos.append(j)
+                    keep_rows.append(i)
+            step += 1
+            if not keep_rows:
+                break
+            if len(keep_rows) == len(active):
+                ids = tok[:, None]
+            else:
+                ids = tok[torch.tensor(keep_pos, device=dev)][:, None]
+            active = keep_rows
+            logits = self.model(input_ids=ids, kv_cache=cache,
+                                cache_rows=torch.tensor(active, dtype=torch.long))[:, -1]
+        t_decode = time.perf_counter() - t0 - t_prefill
+
+        out = []
+        for i, r in enumerate(reqs):
+            chosen = None
+            if self.mode_classifier is not None:
+                chosen = self.mode_classifier(list(r.prompt_ids), resp[i])
+            out.append(Rollout(request=r, response_ids=resp[i], logprobs=lps[i],
+                               finished=finished[i], mode_chosen=chosen))
+        stats = {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "decode_steps": step}
+        return out, stats
