@@ -65,6 +65,12 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
         os.fsync(fh.fileno())
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict tensors (non-tensor entries such as megatron's empty
+    ``_extra_state`` placeholders carry no data and are left out)."""
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
 # ---------------------------------------------------------------- optimizer <-> flat tensors
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Flatten an optimizer state_dict into safetensors-compatible tensors + JSON metadata."""
@@ -141,7 +147,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model: torch.nn.Modul
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    _save_tensors(dict(model.state_dict()), tmp / f"model-rank{rank}.safetensors")
+    _save_tensors(model_tensors(model), tmp / f"model-rank{rank}.safetensors")
     if optimizer is not None:
         t, meta = optimizer_to_tensors(optimizer)
         _save_tensors(t, tmp / f"optim-rank{rank}.safetensors", meta)
@@ -209,6 +215,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
                                 f"a different number of ranks?")
     sd = load_file(str(mfile))
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("._extra_state")]
     if strict and (missing or unexpected):
         raise KeyError(f"checkpoint {mfile}: missing keys {missing}, unexpected keys {unexpected}")
     if optimizer is not None:

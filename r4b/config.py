@@ -122,5 +122,6 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, *, default: T | N
     base = default if default is not None else cls()
     if recipe is not None:
         base = config_from_dict(cls, load_recipe(recipe), base=base)
+    # Booleans take an explicit value (``--rl.filter_zero_variance True``), like every other field.
     return tyro.cli(cls, args=argv, default=base, prog=prog, description=description,
-                    use_underscores=True)
+                    use_underscores=True, config=(tyro.conf.FlagConversionOff,))

@@ -97,9 +97,18 @@ def _destroy_dist() -> None:
     torch.distributed.destroy_process_group()
 
 
+def _fresh_process_state() -> None:
+    """Drop any process group an earlier test of this session left behind (building a model
+    initialises a one-process group on demand)."""
+    from r4b.models.parallel import destroy_model_parallel
+
+    destroy_model_parallel()
+
+
 @pytest.fixture
 def single_process_tp():
     """torch.distributed (gloo, world size 1) + parallel_state with TP=1, torn down after."""
+    _fresh_process_state()
     _init_dist(0, 1, _free_port(), 1)
     yield
     _destroy_dist()
@@ -110,6 +119,8 @@ def dist_mode(request):
     """Run a test without torch.distributed and with a single-process TP=1 group."""
     if request.param == "gloo_tp1":
         request.getfixturevalue("single_process_tp")
+    else:
+        _fresh_process_state()
     return request.param
 
 

@@ -8,8 +8,9 @@ The backend is resolved in one place, :func:`resolve_backend`:
 * ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (present in this torch, CUDA,
   fp16/bf16);
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; a plain ``[B, S]`` batch runs
-  as ``[B, H, S, D]`` with ``is_causal``, packed sequences of unequal length with a
-  block-diagonal causal mask (the CPU path; flex attention has no CPU backward).
+  as ``[B, H, S, D]`` with ``is_causal``, packed sequences of unequal length are right-padded
+  to ``[n, max_seqlen]`` and run the same way (the CPU path; flex attention has no CPU
+  backward).
 
 Cached decoding (:class:`KVCache`) always uses SDPA with an explicit per-row mask: the new
 ``s`` tokens of row ``r`` see the row's cached prefix and themselves, causally.
@@ -87,30 +88,36 @@ class AttnMeta:
 
     ``cu_seqlens`` int32 ``[n+1]`` on the activations' device; ``max_seqlen`` host int;
     ``dense`` = ``(B, S)`` when all sequences have the same length ``S`` (tokens are then
-    ``[B*S]`` row-major); ``mask``: ``[T, T]`` bool block-diagonal causal mask (SDPA on packed
-    sequences of unequal length only).
+    ``[B*S]`` row-major); ``pad_rows``: for SDPA on packed sequences of unequal length, the
+    flat index ``[T]`` of each token in an ``[n, max_seqlen]`` right-padded layout.
     """
 
     backend: str
     cu_seqlens: torch.Tensor
     max_seqlen: int
     dense: tuple[int, int] | None = None
-    mask: torch.Tensor | None = None
+    pad_rows: torch.Tensor | None = None
 
 
 def make_attn_meta(cu_seqlens: torch.Tensor, max_seqlen: int, *, backend: str,
                    dense: tuple[int, int] | None = None) -> AttnMeta:
-    """Build the metadata once per forward (the block-diagonal mask only where SDPA needs it)."""
-    mask = None
+    """Build the metadata once per forward (the padded layout only where SDPA needs it).
+
+    SDPA on ragged packed sequences runs on a right-padded ``[n, max_seqlen]`` batch with
+    ``is_causal``: padding sits after every real token, so causality alone keeps it out, and
+    the cost is ``n * max_seqlen^2`` instead of the ``T^2`` of a block-diagonal mask.
+    """
+    pad_rows = None
     if backend == "sdpa" and dense is None:
         n_tok = int(cu_seqlens[-1])
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        starts = cu_seqlens[:-1].long()
+        lengths = cu_seqlens[1:].long() - starts
         seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device),
                                       lengths, output_size=n_tok)
-        idx = torch.arange(n_tok, device=cu_seqlens.device)
-        mask = (seq[:, None] == seq[None, :]) & (idx[:, None] >= idx[None, :])
+        pos = torch.arange(n_tok, device=cu_seqlens.device) - starts[seq]
+        pad_rows = seq * int(max_seqlen) + pos
     return AttnMeta(backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dense=dense,
-                    mask=mask)
+                    pad_rows=pad_rows)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta,
@@ -141,9 +148,15 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
         qh, kh, vh = (x.view(b, s, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
         return o.transpose(1, 2).reshape(q.shape)
-    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=meta.mask, scale=scale, enable_gqa=gqa)
-    return o.squeeze(0).transpose(0, 1)
+    n, s = meta.cu_seqlens.numel() - 1, int(meta.max_seqlen)
+
+    def padded(x):
+        buf = x.new_zeros((n * s, x.shape[1], x.shape[2]))
+        return buf.index_copy(0, meta.pad_rows, x).view(n, s, x.shape[1], x.shape[2]).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True,
+                                       scale=scale, enable_gqa=gqa)
+    return o.transpose(1, 2).reshape(n * s, q.shape[1], q.shape[2]).index_select(0, meta.pad_rows)
 
 
 # ---------------------------------------------------------------- KV cache

@@ -1,0 +1,332 @@
+"""Bi-mode annealing (stage one of R-4B): ``python -m r4b.anneal`` (also under torchrun).
+
+With no arguments it runs the embedded default end to end:
+
+1. generate the visual-arithmetic task (train and eval splits, disjoint by content);
+2. **warm up** the tiny model on direct (non-thinking) answers, so it can act as the
+   curation model;
+3. **curate** with the paper's heuristics: for each verifiable item sample N (default 8)
+   direct answers with the rollout engine — if all N are wrong the item becomes a *thinking*
+   sample, else a *non-thinking* one; open-ended items go through a pluggable judge;
+4. **anneal**: SFT on the curated mix with the *auto* prompt (the model learns to pick the
+   mode), plus a share of items in the opposite form with that form's forced prefix as prompt
+   (so both forced modes stay usable on every kind of item);
+5. print per-mode accuracy by difficulty level and write ``report.json`` / ``report.md``.
+
+Checkpoints (safetensors, atomic) are written every ``ckpt_every`` steps and at phase ends;
+rerunning the same command resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import parse_cli, require_range
+from .data import Sample, read_samples
+from .embedded import Setup, make_template, make_tokenizer, model_config
+from .evaluate import EvalConfig, evaluate, log_report
+from .log import MetricsWriter, get_logger, setup_logging
+from .models import build_model
+from .report import write_report
+from .rewards import verify
+from .rollout.engine import EmbeddedEngine, RolloutRequest
+from .rollout.sampling import SamplingParams
+from .runtime import Runtime, broadcast_object, init_runtime
+from .sft import Example, OptimConfig, make_optimizer, train_sft
+
+log = get_logger(__name__)
+
+
+class Judge(Protocol):
+    """Decides whether an open-ended (non-verifiable) query needs reasoning."""
+
+    def __call__(self, sample: Sample) -> bool: ...
+
+
+def reference_reasoning_judge(sample: Sample) -> bool:
+    """Default judge for open-ended items: needs reasoning iff the row carries a non-empty
+    reference reasoning.  Plug a model-based judge in through :func:`curate` for real data."""
+    return bool(sample.reasoning and sample.reasoning.strip())
+
+
+@dataclass(kw_only=True)
+class AnnealConfig:
+    """Stage one: warm-up, curation, annealing."""
+
+    n_train_items: int = 4000
+    """Training items generated from the embedded task (ignored with ``data``)."""
+    warmup_steps: int = 200
+    """SFT steps on direct answers before curation (0 skips the warm-up)."""
+    anneal_steps: int = 500
+    """SFT steps on the curated bi-mode mix."""
+    batch_size: int = 64
+    """Sequences per optimizer step (global, across data-parallel ranks)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule (each phase runs its own cosine schedule)."""
+    curate_items: int = 1200
+    """Items curated (the annealing set's size)."""
+    curation_samples: int = 8
+    """N: direct answers sampled per verifiable item; all N wrong → thinking sample."""
+    curation_temperature: float = 1.0
+    """Sampling temperature of the curation rollouts."""
+    forced_mode_fraction: float = 0.5
+    """Share of curated items that also get an example in the other form, with that form's
+    forced prefix as prompt (keeps forced thinking / non-thinking usable on every level)."""
+    tokens_per_microbatch: int = 4096
+    """Token budget of one packed micro-batch."""
+    ckpt_every: int = 100
+    """Checkpoint every this many optimizer steps (and at every phase end)."""
+
+    def __post_init__(self):
+        require_range("anneal.n_train_items", self.n_train_items, 1)
+        require_range("anneal.warmup_steps", self.warmup_steps, 0)
+        require_range("anneal.anneal_steps", self.anneal_steps, 1)
+        require_range("anneal.batch_size", self.batch_size, 1)
+        require_range("anneal.curate_items", self.curate_items, 1)
+        require_range("anneal.curation_samples", self.curation_samples, 1)
+        require_range("anneal.curation_temperature", self.curation_temperature, 0.0, lo_open=True)
+        require_range("anneal.forced_mode_fraction", self.forced_mode_fraction, 0.0, 1.0)
+        require_range("anneal.tokens_per_microbatch", self.tokens_per_microbatch, 16)
+        require_range("anneal.ckpt_every", self.ckpt_every, 1)
+
+
+@dataclass(kw_only=True)
+class AnnealJob:
+    """``python -m r4b.anneal``: bi-mode annealing on the embedded task or a data file."""
+
+    setup: Setup = field(default_factory=Setup)
+    """Model, task, seed and tensor-parallel size."""
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    """Warm-up, curation and annealing."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation after annealing."""
+    data: str | None = None
+    """JSON Lines / Parquet file of ``{images, question, answer, reasoning?, topic?,
+    verifiable?}`` rows; None uses the embedded task."""
+    out_dir: str = "runs/anneal"
+    """Run directory: checkpoints, curated set, metrics, report."""
+
+
+# ---------------------------------------------------------------- curation
+def curate(items: Sequence[Sample], engine: EmbeddedEngine, template, *, n_samples: int,
+           temperature: float, seed: int, judge: Judge = reference_reasoning_judge,
+           batch_size: int = 512) -> tuple[list[bool], dict]:
+    """The paper's heuristics: ``needs_thinking[i]`` per item, plus statistics.
+
+    Verifiable items: sample ``n_samples`` direct answers (forced non-thinking prompt); all
+    wrong → thinking.  Open-ended items: ``judge(item)``.
+    """
+    needs = [False] * len(items)
+    verif = [i for i, it in enumerate(items) if it.verifiable]
+    for i, it in enumerate(items):
+        if not it.verifiable:
+            needs[i] = bool(judge(it))
+    reqs = [RolloutRequest(prompt_ids=template.prompt_ids(items[i].question, items[i].n_images,
+                                                           "no_think"),
+                           mode="no_think", uid=i,
+                           images=np.stack(items[i].images) if items[i].images else None)
+            for i in verif for _ in range(n_samples)]
+    params = SamplingParams(temperature=temperature, max_new_tokens_no_think=24)
+    gen = torch.Generator().manual_seed(seed)
+    n_right = {i: 0 for i in verif}
+    for s in range(0, len(reqs), batch_size):
+        for r in engine.generate(reqs[s:s + batch_size], params, gen):
+            i = r.request.uid
+            text = template.assistant_text_of(r.response_ids, "no_think")
+            n_right[i] += int(r.finished and verify(text, items[i].answer) == 1.0)
+    for i in verif:
+        needs[i] = n_right[i] == 0
+    stats: dict = {"n_items": len(items), "thinking_fraction": float(np.mean(needs)) if needs else 0.0,
+                   "per_level": {}, "per_topic": {}}
+    for key, name in (("level", "per_level"), ("topic", "per_topic")):
+        vals = sorted({getattr(it, key) for it in items}, key=str)
+        for v in vals:
+            sel = [needs[i] for i, it in enumerate(items) if getattr(it, key) == v]
+            stats[name][str(v)] = {"n": len(sel), "thinking_fraction": float(np.mean(sel))}
+    return needs, stats
+
+
+def annealing_examples(items: Sequence[Sample], needs: Sequence[bool], template, *,
+                       forced_mode_fraction: float, seed: int) -> list[Example]:
+    """The bi-mode SFT set: each item in its curated form under the auto prompt, plus a
+    ``forced_mode_fraction`` share in the other form under that form's forced prompt."""
+    rng = np.random.default_rng([seed, 17])
+    out = []
+    for it, think in zip(items, needs):
+        has_r = bool(it.reasoning and it.reasoning.strip())
+        form = "think" if (think and has_r) else "no_think"
+        ex = template.sft_example(it.question, it.answer, it.reasoning if form == "think" else None,
+                                  it.n_images)
+        out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), int(form == "think")))
+        other = "no_think" if form == "think" else "think"
+        if rng.random() < forced_mode_fraction and (other == "no_think" or has_r):
+            ex = template.sft_example(it.question, it.answer,
+                                      it.reasoning if other == "think" else None, it.n_images,
+                                      prompt_mode=other)
+            out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), int(other == "think")))
+    return out
+
+
+def direct_examples(items: Sequence[Sample], template) -> list[Example]:
+    """Warm-up set: direct answers under the forced non-thinking prompt."""
+    out = []
+    for it in items:
+        ex = template.sft_example(it.question, it.answer, None, it.n_images, prompt_mode="no_think")
+        out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), 0))
+    return out
+
+
+# ---------------------------------------------------------------- the stage
+@dataclass
+class AnnealResult:
+    model: torch.nn.Module
+    report: dict
+    curation: dict
+    seconds: float
+
+
+def load_items(job: AnnealJob) -> tuple[list[Sample], list[Sample]]:
+    """(train, eval) items: the embedded task, or a data file split 90/10 by row order."""
+    from .data import train_eval_split
+
+    if job.data is None:
+        return train_eval_split(job.setup.seed, job.anneal.n_train_items, job.eval.n_items,
+                                config=job.setup.task)
+    samples, stats = read_samples(job.data)
+    log.info("read %d rows from %s (%d skipped)", stats.rows_read, job.data, stats.rows_skipped)
+    n_eval = max(1, len(samples) // 10)
+    return samples[n_eval:], samples[:n_eval]
+
+
+def build_engine(model, template, tokenizer) -> EmbeddedEngine:
+    """The embedded engine on ``model``: stops at end of turn / text, never samples the image
+    placeholder or the vocabulary padding ids."""
+    return EmbeddedEngine(model, stop_ids=[tokenizer.im_end_id, tokenizer.eos_id],
+                          mode_classifier=template.classify_mode, max_seqlen=256,
+                          vocab_limit=tokenizer.vocab_size, banned_ids=[tokenizer.image_token_id])
+
+
+def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasoning_judge) -> AnnealResult:
+    """Run (or resume) the whole annealing stage; returns the annealed model and its report."""
+    t_start = time.perf_counter()
+    cfg, setup = job.anneal, job.setup
+    out = Path(job.out_dir)
+    ckpt_dir = out / "ckpt"
+    tok = make_tokenizer(setup.model)
+    mcfg = model_config(setup.model, tok, setup.task, tp_size=setup.tp_size)
+    template = make_template(tok, mcfg)
+    torch.manual_seed(setup.seed)
+    model = build_model(mcfg)
+    engine = build_engine(model, template, tok)
+    optimizer = make_optimizer(model, cfg.optim)
+    train, evals = load_items(job)
+    state = {"phase": "warmup", "step": 0}
+    if latest_checkpoint(ckpt_dir) is not None:
+        loaded = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer)
+        state = loaded.state["anneal"]
+        log.info("resuming annealing from %s (phase %s, step %d)", loaded.path, state["phase"],
+                 state["step"])
+    metrics = MetricsWriter(out / "metrics.jsonl", truncate_after_step=_global_step(state, cfg))
+
+    def saver(phase):
+        def on_step(step, m):
+            metrics.write(_global_step({"phase": phase, "step": step}, cfg), phase=phase, **m)
+            if step % cfg.ckpt_every == 0:
+                save_checkpoint(ckpt_dir, _global_step({"phase": phase, "step": step}, cfg),
+                                model=model, optimizer=optimizer,
+                                state={"anneal": {"phase": phase, "step": step}})
+        return on_step
+
+    # 1. warm-up on direct answers
+    if state["phase"] == "warmup":
+        if cfg.warmup_steps:
+            log.info("warm-up: %d SFT steps on direct answers", cfg.warmup_steps)
+            train_sft(model, optimizer, direct_examples(train, template), rt, steps=cfg.warmup_steps,
+                      start_step=state["step"], batch_size=cfg.batch_size, optim=cfg.optim,
+                      seed=setup.seed, tokens_per_microbatch=cfg.tokens_per_microbatch,
+                      on_step=saver("warmup"), progress_desc="warm-up")
+        state = {"phase": "curate", "step": 0}
+        optimizer = make_optimizer(model, cfg.optim)  # the anneal phase starts a fresh schedule
+        save_checkpoint(ckpt_dir, _global_step(state, cfg), model=model, optimizer=optimizer,
+                        state={"anneal": state})
+
+    # 2. curation (deterministic; its result is stored so a resume reuses it)
+    cur_path = out / "curation.json"
+    pool = train[:cfg.curate_items]
+    if state["phase"] == "curate" or not cur_path.exists():
+        log.info("curating %d items with %d direct samples each", len(pool), cfg.curation_samples)
+        needs, stats = curate(pool, engine, template, n_samples=cfg.curation_samples,
+                              temperature=cfg.curation_temperature, seed=setup.seed + 1, judge=judge)
+        needs = broadcast_object(needs, rt)  # identical on every rank (DP ranks agree on data)
+        if rt.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = cur_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"needs_thinking": needs, "stats": stats}) + "\n")
+            tmp.replace(cur_path)
+        state = {"phase": "anneal", "step": 0}
+    else:
+        saved = json.loads(cur_path.read_text())
+        needs, stats = saved["needs_thinking"], saved["stats"]
+    log.info("curated thinking fraction %.3f; per level: %s", stats["thinking_fraction"],
+             {k: round(v["thinking_fraction"], 3) for k, v in stats["per_level"].items()})
+
+    # 3. annealing on the bi-mode mix
+    if state["phase"] == "anneal":
+        examples = annealing_examples(pool, needs, template,
+                                      forced_mode_fraction=cfg.forced_mode_fraction, seed=setup.seed)
+        log.info("annealing: %d SFT steps on %d examples (%.2f thinking)", cfg.anneal_steps,
+                 len(examples), float(np.mean([e.mode for e in examples])))
+        train_sft(model, optimizer, examples, rt, steps=cfg.anneal_steps, start_step=state["step"],
+                  batch_size=cfg.batch_size, optim=cfg.optim, seed=setup.seed + 2,
+                  tokens_per_microbatch=cfg.tokens_per_microbatch, on_step=saver("anneal"),
+                  progress_desc="anneal")
+        state = {"phase": "done", "step": 0}
+        save_checkpoint(ckpt_dir, _global_step(state, cfg), model=model, optimizer=optimizer,
+                        state={"anneal": state})
+    metrics.close()
+
+    # 4. evaluation per mode and level
+    report = evaluate(engine, template, evals, job.eval, seed=setup.seed)
+    if rt.is_main:
+        write_report(report, out / "report", title="r4b annealing")
+        (out / "curation_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    log_report(report, "after annealing (eval split)")
+    return AnnealResult(model=model, report=report, curation=stats,
+                        seconds=time.perf_counter() - t_start)
+
+
+def _global_step(state: dict, cfg: AnnealConfig) -> int:
+    """Monotone step counter across phases (for checkpoints and metrics)."""
+    phase, step = state["phase"], state["step"]
+    if phase == "warmup":
+        return step
+    if phase == "curate":
+        return cfg.warmup_steps
+    if phase == "anneal":
+        return cfg.warmup_steps + step
+    return cfg.warmup_steps + cfg.anneal_steps + 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    job = parse_cli(AnnealJob, argv, prog="python -m r4b.anneal",
+                    description="Bi-mode annealing (R-4B stage one).")
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(__import__("os").environ.get(
+        "LOCAL_WORLD_SIZE", "1"))))
+    rt = init_runtime(job.setup.tp_size)
+    res = run_anneal(job, rt)
+    log.info("annealing done in %.1f s", res.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""From sequences to this rank's packed micro-batches (shared by annealing and BPO).
+
+A sequence is prompt + response token ids with its images; the C++ packer (``r4b.packing``)
+balances all sequences of the global batch across data-parallel ranks and fills micro-batches
+under a token budget; each rank then packs its own micro-batches into THD layout.  Scored rows
+follow the label-shift convention: row ``p`` of a sequence with prompt length ``P`` and length
+``L`` predicts token ``p + 1`` and is scored iff ``P - 1 <= p < L - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .packing import pack_microbatch, plan_microbatches
+
+
+@dataclass
+class PackedMicroBatch:
+    """One packed micro-batch and the map from its scored rows back to sequences."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    labels: torch.Tensor
+    rows: torch.Tensor
+    """Scored rows (long), in packed order."""
+    seqs: list[int]
+    """Global sequence indices packed here, in order."""
+    row_seq: torch.Tensor
+    """For each scored row: position of its sequence in ``seqs``."""
+    row_token: torch.Tensor
+    """For each scored row: index of the predicted token within its sequence's response."""
+    images: list
+    """``[pixel tiles [N, C, H, W]]`` of the packed sequences in order, or ``[]``."""
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.labels.index_select(0, self.rows)
+
+
+def plan(lengths: Sequence[int], *, dp_rank: int, dp_size: int, tokens_per_microbatch: int,
+         group_ids: Sequence[int] | None = None, modes: Sequence[int] | None = None
+         ) -> tuple[list[list[int]], float]:
+    """This rank's micro-batches (lists of sequence indices) and the plan's imbalance."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    budget = int(max(tokens_per_microbatch, int(lens.max(initial=1))))
+    p = plan_microbatches(lens, num_ranks=dp_size, tokens_per_microbatch=budget,
+                          group_ids=None if group_ids is None else np.asarray(group_ids, np.int64),
+                          modes=None if modes is None else np.asarray(modes, np.int8))
+    return [list(map(int, mb)) for mb in p.microbatches[dp_rank]], float(p.imbalance)
+
+
+def pack(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], images: Sequence[list],
+         seqs: list[int]) -> PackedMicroBatch:
+    """Pack sequences ``seqs`` (indices into the per-sequence lists) into one micro-batch."""
+    lens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+    offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    flat = np.fromiter((x for t in token_ids for x in t), dtype=np.int64, count=int(offsets[-1]))
+    plens = np.asarray(prompt_lens, dtype=np.int64)
+    pk = pack_microbatch(flat, offsets, plens, np.asarray(seqs, dtype=np.int64))
+    seqs = [int(j) for j in pk.seq_indices.tolist()]  # packed order
+    rows = pk.response_rows.to(torch.long)
+    row_seq = pk.seq_index.to(torch.long).index_select(0, rows)
+    starts = pk.cu_seqlens.to(torch.long)
+    pl = torch.as_tensor(plens[np.asarray(seqs, dtype=np.int64)], dtype=torch.long)
+    row_token = rows - starts.index_select(0, row_seq) + 1 - pl.index_select(0, row_seq)
+    imgs = [img for j in seqs for img in images[j]]
+    return PackedMicroBatch(
+        input_ids=pk.input_ids, position_ids=pk.position_ids, cu_seqlens=pk.cu_seqlens,
+        max_seqlen=int(pk.max_seqlen), labels=pk.labels.to(torch.long), rows=rows, seqs=list(seqs),
+        row_seq=row_seq, row_token=row_token,
+        images=[torch.as_tensor(np.stack(imgs))] if imgs else [])
+
+
+def forward_rows(model, mb: PackedMicroBatch, *, return_hidden: bool = True,
+                 gather_logits: bool = True) -> torch.Tensor:
+    """Hidden states (or logits) of ``model`` at the scored rows of ``mb``."""
+    out = model(input_ids=mb.input_ids, cu_seqlens=mb.cu_seqlens, position_ids=mb.position_ids,
+                max_seqlen=mb.max_seqlen, images=mb.images or None, return_hidden=return_hidden,
+                gather_logits=gather_logits)
+    return out.reshape(-1, out.shape[-1]).index_select(0, mb.rows)

@@ -1,0 +1,134 @@
+"""Evaluation per mode and difficulty level: ``python -m r4b.evaluate --checkpoint DIR``.
+
+For each mode (auto, think, no_think) and level: accuracy (rule-based verifier), mean
+response tokens, and — in auto mode — the think rate.  Writes ``report.json`` (mode → level
+→ ``accuracy``, ``mean_tokens``, ``think_rate``), ``report.md`` and, when the run directory
+holds the training history (``eval_history.jsonl``), PNG plots of think rate and accuracy
+per level over training steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import parse_cli, require_range
+from .log import get_logger, setup_logging
+from .report import summarize, write_report
+from .rewards import verify
+from .rollout.engine import EmbeddedEngine, RolloutRequest
+from .rollout.sampling import SamplingParams
+
+log = get_logger(__name__)
+
+EVAL_MODES = ("auto", "think", "no_think")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """What to evaluate and how to decode."""
+
+    n_items: int = 200
+    """Eval items (the task's eval split: never seen in training)."""
+    greedy: bool = True
+    """Greedy decoding (True) or sampling at ``temperature``."""
+    temperature: float = 1.0
+    """Sampling temperature when not greedy."""
+    max_new_tokens_think: int = 80
+    """Response budget in thinking mode."""
+    max_new_tokens_no_think: int = 16
+    """Response budget in non-thinking mode."""
+    max_new_tokens_auto: int = 80
+    """Response budget in auto mode."""
+    batch_size: int = 256
+    """Requests per engine call."""
+    modes: tuple[str, ...] = EVAL_MODES
+    """Modes to evaluate."""
+
+    def __post_init__(self):
+        require_range("eval.n_items", self.n_items, 1)
+        require_range("eval.batch_size", self.batch_size, 1)
+        for m in self.modes:
+            if m not in EVAL_MODES:
+                raise ValueError(f"eval.modes entries must be in {EVAL_MODES}, got {m!r}")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, greedy=self.greedy,
+                              max_new_tokens_think=self.max_new_tokens_think,
+                              max_new_tokens_no_think=self.max_new_tokens_no_think,
+                              max_new_tokens_auto=self.max_new_tokens_auto)
+
+
+def eval_records(engine: EmbeddedEngine, template, items: Sequence, cfg: EvalConfig, *,
+                 seed: int = 0) -> list[dict]:
+    """One record per (item, mode): ``{mode, level, correct, tokens, thought, well_formed}``."""
+    reqs = [RolloutRequest(prompt_ids=template.prompt_ids(it.question, it.n_images, m), mode=m,
+                           images=(torch.as_tensor(__import__("numpy").stack(it.images))
+                                   if it.images else None), uid=k)
+            for m in cfg.modes for k, it in enumerate(items)]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for s in range(0, len(reqs), cfg.batch_size):
+        for r in engine.generate(reqs[s:s + cfg.batch_size], cfg.sampling(), gen):
+            it = items[r.request.uid]
+            mode = r.request.mode
+            parsed = template.parse_response(r.response_ids, mode)
+            text = template.assistant_text_of(r.response_ids, mode)
+            correct = verify(text, it.answer) if r.finished else 0.0
+            out.append({"mode": mode, "level": it.level, "correct": float(correct),
+                        "tokens": len(r.response_ids),
+                        "thought": float(parsed.mode_chosen == "think"),
+                        "well_formed": bool(parsed.well_formed and r.finished)})
+    return out
+
+
+def evaluate(engine: EmbeddedEngine, template, items: Sequence, cfg: EvalConfig, *, seed: int = 0) -> dict:
+    """The report structure (see :func:`r4b.report.summarize`) for ``items``."""
+    return summarize(eval_records(engine, template, items, cfg, seed=seed))
+
+
+def log_report(report: dict, title: str) -> None:
+    """Print accuracy / tokens / think rate per mode and level at INFO."""
+    lines = [title]
+    for mode, levels in report.items():
+        cells = "  ".join(f"L{lv}: acc {m['accuracy']:.2f} tok {m['mean_tokens']:.0f}"
+                          + (f" think {m['think_rate']:.2f}" if mode == "auto" else "")
+                          for lv, m in levels.items() if lv != "all")
+        lines.append(f"  {mode:9s} {cells}")
+    log.info("\n".join(lines))
+
+
+@dataclass(kw_only=True)
+class EvaluateCLI:
+    """``python -m r4b.evaluate``: evaluate a checkpoint written by anneal or pretrain_bpo."""
+
+    run_dir: str = "runs/bpo"
+    """Run directory of the job (holds ``job.json`` and ``ckpt/``)."""
+    out_dir: str | None = None
+    """Where to write the report (default: ``<run_dir>/report``)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation settings."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    cli = parse_cli(EvaluateCLI, argv, prog="python -m r4b.evaluate",
+                    description="Evaluate an r4b checkpoint per mode and difficulty level.")
+    from .pretrain_bpo import load_for_eval
+
+    engine, template, items, history = load_for_eval(Path(cli.run_dir), cli.eval)
+    report = evaluate(engine, template, items, cli.eval)
+    out = Path(cli.out_dir or Path(cli.run_dir) / "report")
+    write_report(report, out, history=history)
+    log_report(report, f"evaluation of {cli.run_dir}")
+    print(json.dumps(report.get("auto", {}).get("all", {})))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The main job: ``torchrun --nproc-per-node N -m r4b.pretrain_bpo``.
+
+With no arguments: the tiny preset on the embedded visual-arithmetic task — reuse the
+annealed checkpoint in ``<out_dir>/anneal`` or run annealing (``r4b.anneal``), then BPO, then
+the evaluation report (``<out_dir>/report``: ``report.json``, ``report.md``, think-rate and
+accuracy plots over training steps).  Rerunning the same command resumes from the latest
+checkpoint.  ``--rl.algo grpo`` runs the plain-GRPO ablation; ``--rl.routing prompt`` the
+paper's routing; ``--help`` lists every option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .anneal import AnnealConfig, AnnealJob, build_engine, load_items, run_anneal
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import config_from_dict, config_to_dict, parse_cli, require_range
+from .embedded import Setup, make_template, make_tokenizer, model_config
+from .evaluate import EvalConfig, evaluate, log_report
+from .log import MetricsWriter, get_logger, progress, setup_logging
+from .models import build_model
+from .report import write_report
+from .rl.bpo import BPOTrainer, frozen_copy
+from .rl.config import RLConfig
+from .runtime import Runtime, init_runtime
+from .sft import batch_indices
+
+log = get_logger(__name__)
+
+
+@dataclass(kw_only=True)
+class BPOJob:
+    """``torchrun -m r4b.pretrain_bpo``: annealing (reused or run), BPO, evaluation."""
+
+    setup: Setup = field(default_factory=Setup)
+    """Model, task, seed and tensor-parallel size."""
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    """Stage one (used when no annealed checkpoint exists yet)."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """Stage two: BPO / GRPO."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Final evaluation (the eval split of the task)."""
+    steps: int = 60
+    """BPO optimizer steps (rollout batches)."""
+    eval_every: int = 20
+    """Evaluate on ``eval_items_during`` items every this many steps (history for the plots)."""
+    eval_items_during: int = 100
+    """Eval items used for the history points during training."""
+    ckpt_every: int = 20
+    """Checkpoint every this many steps."""
+    out_dir: str = "runs/bpo"
+    """Run directory: checkpoints, metrics (JSON lines + TensorBoard), report."""
+    anneal_dir: str | None = None
+    """Annealing run to reuse or create (default ``<out_dir>/anneal``)."""
+    data: str | None = None
+    """JSON Lines / Parquet data file; None uses the embedded task."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars to ``<out_dir>/tb`` (needs the tensorboard package)."""
+
+    def __post_init__(self):
+        require_range("steps", self.steps, 0)
+        require_range("eval_every", self.eval_every, 1)
+        require_range("eval_items_during", self.eval_items_during, 1)
+        require_range("ckpt_every", self.ckpt_every, 1)
+
+
+def anneal_job_of(job: BPOJob) -> AnnealJob:
+    return AnnealJob(setup=job.setup, anneal=job.anneal, eval=job.eval, data=job.data,
+                     out_dir=job.anneal_dir or str(Path(job.out_dir) / "anneal"))
+
+
+def annealed_model(job: BPOJob, rt: Runtime):
+    """The annealed model: loaded from a finished annealing run, else trained now."""
+    aj = anneal_job_of(job)
+    ck = latest_checkpoint(Path(aj.out_dir) / "ckpt")
+    if ck is not None and json.loads((ck / "meta.json").read_text())["state"]["anneal"]["phase"] == "done":
+        tok = make_tokenizer(job.setup.model)
+        model = build_model(model_config(job.setup.model, tok, job.setup.task, tp_size=job.setup.tp_size))
+        load_checkpoint(ck, model=model, restore_rng_state=False)
+        log.info("reusing annealed model from %s", ck)
+        return model
+    return run_anneal(aj, rt).model
+
+
+def run_bpo(job: BPOJob, rt: Runtime) -> dict:
+    """Stage two plus the final report; returns the report."""
+    t0 = time.perf_counter()
+    out = Path(job.out_dir)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "job.json").write_text(json.dumps(config_to_dict(job), indent=1) + "\n")
+    setup, cfg = job.setup, job.rl
+    tok = make_tokenizer(setup.model)
+    policy = annealed_model(job, rt)
+    template = make_template(tok, policy.cfg)
+    ref = None
+    if cfg.kl_coef > 0:
+        ref = frozen_copy(policy)
+    engine = build_engine(policy, template, tok)
+    trainer = BPOTrainer(cfg, policy=policy, engine=engine, template=template, rt=rt, ref_model=ref)
+    train, evals = load_items(anneal_job_of(job))
+    history: list[dict] = []
+    start = 0
+    ckpt_dir = out / "ckpt"
+    if latest_checkpoint(ckpt_dir) is not None:
+        loaded = load_checkpoint(ckpt_dir, model=policy, optimizer=trainer.opt)
+        start = loaded.step
+        history = loaded.state.get("history", [])
+        trainer.skipped_steps = loaded.state.get("skipped_steps", 0)
+        log.info("resuming BPO from %s (step %d)", loaded.path, start)
+    tb = str(out / "tb") if job.tensorboard else None
+    metrics = MetricsWriter(out / "metrics.jsonl", tensorboard_dir=tb, truncate_after_step=start)
+    during = dataclasses.replace(job.eval, n_items=min(job.eval_items_during, len(evals)))
+    if start == 0 and not history:
+        history.append({"step": 0, "report": evaluate(engine, template, evals[:during.n_items], during,
+                                                      seed=setup.seed)})
+    bar = progress(total=job.steps, initial=start, desc=f"{cfg.algo}")
+    for step in range(start, job.steps):
+        items = [train[i] for i in batch_indices(len(train), cfg.prompts_per_step, step, setup.seed + 7)]
+        gen = torch.Generator().manual_seed(setup.seed * 1_000_003 + step * 101 + rt.dp_rank)
+        m = trainer.step(items, step, gen)
+        done = step + 1
+        if done % job.eval_every == 0 or done == job.steps:
+            rep = evaluate(engine, template, evals[:during.n_items], during, seed=setup.seed)
+            history.append({"step": done, "report": rep})
+            for lv, v in rep.get("auto", {}).items():
+                m[f"eval/auto/L{lv}/think_rate"] = v["think_rate"]
+                m[f"eval/auto/L{lv}/accuracy"] = v["accuracy"]
+        metrics.write(done, **m)
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward']:.2f}",
+                        think=f"{m.get('auto/think_rate', m.get('think/reward', 0)):.2f}")
+        if done % job.ckpt_every == 0 or done == job.steps:
+            save_checkpoint(ckpt_dir, done, model=policy, optimizer=trainer.opt,
+                            state={"history": history, "skipped_steps": trainer.skipped_steps})
+    bar.close()
+    metrics.close()
+    report = evaluate(engine, template, evals, job.eval, seed=setup.seed)
+    if rt.is_main:
+        write_report(report, out / "report", history=history, title=f"r4b {cfg.algo} evaluation")
+        (out / "history.json").write_text(json.dumps(history) + "\n")
+    log_report(report, f"after {job.steps} {cfg.algo} steps (eval split)")
+    log.info("main job done in %.1f s; report in %s", time.perf_counter() - t0, out / "report")
+    return report
+
+
+def load_for_eval(run_dir: Path, eval_cfg: EvalConfig):
+    """(engine, template, eval items, history) of a finished or running BPO run."""
+    job = config_from_dict(BPOJob, json.loads((run_dir / "job.json").read_text()))
+    job = dataclasses.replace(job, eval=eval_cfg)
+    tok = make_tokenizer(job.setup.model)
+    model = build_model(model_config(job.setup.model, tok, job.setup.task, tp_size=job.setup.tp_size))
+    ck = latest_checkpoint(run_dir / "ckpt")
+    if ck is None:
+        raise FileNotFoundError(f"{run_dir / 'ckpt'} holds no checkpoint to evaluate")
+    load_checkpoint(ck, model=model, restore_rng_state=False)
+    template = make_template(tok, model.cfg)
+    _, evals = load_items(anneal_job_of(job))
+    hist_path = run_dir / "history.json"
+    history = json.loads(hist_path.read_text()) if hist_path.exists() else \
+        json.loads((ck / "meta.json").read_text())["state"].get("history")
+    return build_engine(model, template, tok), template, evals, history
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    job = parse_cli(BPOJob, argv, prog="torchrun --nproc-per-node N -m r4b.pretrain_bpo",
+                    description="R-4B stage two: Bi-mode Policy Optimization (with annealing first "
+                                "when no annealed checkpoint exists), then the evaluation report.")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    rt = init_runtime(job.setup.tp_size)
+    run_bpo(job, rt)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

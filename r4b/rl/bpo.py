@@ -1,0 +1,381 @@
+"""Bi-mode Policy Optimization (and its plain-GRPO ablation): one file, top to bottom.
+
+One step (DESIGN.md §2):
+
+1. **Rollouts.** Each data-parallel rank takes its share of the step's prompts and asks the
+   engine for ``g`` forced-thinking + ``g`` forced-non-thinking completions per prompt (BPO)
+   or ``2g`` auto completions (GRPO).  Under ``routing="prompt"`` the mode prefix is prompt;
+   under ``routing="token"`` the prompt ends at ``<think>`` and the mode-choosing token is the
+   first (forced) response token.
+2. **Rewards** from the rule-based verifier; rollouts are gathered on every rank, so every
+   rank holds the global batch's metadata (token ids are small).
+3. **Advantages** over the merged group (``r4b_kernels.grouped_advantage``), optional
+   zero-variance filtering, and per-token loss weights normalised over the *global* batch
+   (``sequence_loss_weights``) so micro-batching and DP do not change the objective.
+4. **Packing.** The C++ packer balances sequences across DP ranks and packs each rank's share
+   into THD micro-batches; labels never cross a sequence boundary.
+5. **Old / reference log-probs**: forward-only fused kernel (``token_logprobs``).
+6. **Update**: policy forward → fused clipped-ratio loss (``policy_loss``, logits never
+   materialised, vocab-parallel over TP) → backward → DP all-reduce → clip → finite check →
+   AdamW.  A step with non-finite loss or gradients is skipped and counted.
+7. **Sync** the engine's weights (a no-op for the embedded engine, which samples from the
+   policy module itself).
+
+Importance corrections: truncated IS ``min(exp(old - engine), tis_cap)`` multiplies every
+token's weight (engine vs trainer numerics, top-p truncation).  With ``routing="token"`` the
+forced routing token was drawn from the forcing distribution (1/2 per mode), not from the
+policy; its weight is multiplied by ``pi_old(token) / 0.5`` (≤ 2), which makes its gradient an
+unbiased estimate of the auto-mode objective's routing gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import r4b_kernels as K
+
+from ..log import get_logger
+from ..batching import PackedMicroBatch, forward_rows, pack, plan
+from ..rewards import verify
+from ..rollout.engine import RolloutRequest
+from ..rollout.sampling import SamplingParams
+from ..runtime import Runtime, all_gather_objects, all_reduce_grads, all_true, clip_grads
+from .config import RLConfig
+
+log = get_logger(__name__)
+
+MODE_ID = {"no_think": 0, "think": 1, "auto": 2}
+MODE_NAME = {v: k for k, v in MODE_ID.items()}
+
+
+@dataclass
+class Seq:
+    """One rollout as the trainer sees it (plain data, gathered across ranks)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    engine_logprobs: list[float]
+    mode: int
+    """Requested mode id (0 no-think, 1 think, 2 auto)."""
+    chosen: str | None
+    """Mode the response is in ('think' / 'no_think' / None when malformed)."""
+    group: int
+    level: int | None
+    reward: float
+    finished: bool
+    forced: int = 0
+    """Forced tokens at the start of the response (token routing)."""
+    uid: str = ""
+    images: list = field(default_factory=list)
+
+
+def build_requests(items: Sequence[Any], template, cfg: RLConfig, group_base: int) -> list[RolloutRequest]:
+    """The step's rollout requests for ``items`` (one group per item)."""
+    reqs = []
+    for k, it in enumerate(items):
+        if cfg.algo == "bpo":
+            modes = ["think"] * cfg.group_size + ["no_think"] * cfg.group_size
+        else:
+            modes = ["auto"] * (2 * cfg.group_size)
+        auto_prompt = template.prompt_ids(it.question, it.n_images, "auto")
+        imgs = np.stack(it.images) if it.images else None
+        for m in modes:
+            if cfg.routing == "token" or m == "auto":
+                prompt, forced = auto_prompt, template.forced_ids(m)
+            else:
+                prompt, forced = template.prompt_ids(it.question, it.n_images, m), []
+            reqs.append(RolloutRequest(prompt_ids=prompt, mode=m, forced_ids=forced, images=imgs,
+                                       group_id=group_base + k, uid=(it.uid, it.level)))
+    return reqs
+
+
+def sampling_params(cfg: RLConfig) -> SamplingParams:
+    return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                          max_new_tokens_think=cfg.max_new_tokens_think,
+                          max_new_tokens_no_think=cfg.max_new_tokens_no_think,
+                          max_new_tokens_auto=cfg.max_new_tokens_auto)
+
+
+def score(rollouts, items_by_uid: dict, template) -> list[Seq]:
+    """Rewards (rule-based verifier; model output is never evaluated as code) → ``Seq``s."""
+    out = []
+    for r in rollouts:
+        req = r.request
+        uid, level = req.uid
+        item = items_by_uid[uid]
+        prompt_mode = template.prompt_mode_of(req.prompt_ids) or "auto"
+        text = template.assistant_text_of(r.response_ids, prompt_mode)
+        reward = verify(text, item.answer) if r.finished else 0.0
+        out.append(Seq(prompt_ids=list(req.prompt_ids), response_ids=list(r.response_ids),
+                       engine_logprobs=list(r.logprobs), mode=MODE_ID[req.mode],
+                       chosen=r.mode_chosen, group=req.group_id, level=level, reward=float(reward),
+                       finished=r.finished, forced=len(req.forced_ids), uid=uid,
+                       images=list(item.images)))
+    return out
+
+
+@dataclass
+class MicroBatch:
+    """One packed micro-batch on this rank, with what the update needs per scored row."""
+
+    pk: PackedMicroBatch
+    targets: torch.Tensor
+    advantages: torch.Tensor
+    weights: torch.Tensor
+    engine_lp: torch.Tensor
+    routing_rows: torch.Tensor
+    """Bool per scored row: the forced routing token of a forced-mode rollout."""
+    modes: torch.Tensor
+    old_lp: torch.Tensor | None = None
+    ref_lp: torch.Tensor | None = None
+
+
+def frozen_copy(model):
+    """A frozen reference copy of ``model`` (same config, same TP shards, no gradients)."""
+    from ..models import build_model
+
+    ref = build_model(model.cfg, init_weights=False)
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+class BPOTrainer:
+    """Runs BPO / GRPO steps on a policy (and optional frozen reference) with an engine."""
+
+    def __init__(self, cfg: RLConfig, *, policy, engine, template, rt: Runtime, ref_model=None,
+                 optimizer: torch.optim.Optimizer | None = None):
+        self.cfg = cfg
+        self.policy = policy
+        self.ref = ref_model
+        self.engine = engine
+        self.template = template
+        self.rt = rt
+        self.opt = optimizer or torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
+                                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.skipped_steps = 0
+        if cfg.kl_coef > 0 and ref_model is None:
+            raise ValueError(f"rl.kl_coef = {cfg.kl_coef} needs a reference model, got none")
+
+    # ------------------------------------------------------------ 1-2. rollouts and rewards
+    def rollout(self, items: Sequence[Any], step: int, generator: torch.Generator) -> list[Seq]:
+        """Generate and score this rank's share of ``items``; return the global batch."""
+        rt, cfg = self.rt, self.cfg
+        share = items[rt.dp_rank::rt.dp_size]
+        group_base = step * 1_000_000 + rt.dp_rank * 10_000
+        reqs = build_requests(share, self.template, cfg, group_base)
+        rollouts = self.engine.generate(reqs, sampling_params(cfg), generator)
+        local = score(rollouts, {it.uid: it for it in share}, self.template)
+        batch = [s for part in all_gather_objects(local, rt) for s in part]
+        return batch
+
+    # ------------------------------------------------------------ 3. advantages and weights
+    def advantages(self, batch: list[Seq]):
+        cfg = self.cfg
+        rewards = torch.tensor([s.reward for s in batch], dtype=torch.float32)
+        groups = torch.tensor([s.group for s in batch], dtype=torch.int64)
+        modes = torch.tensor([s.mode for s in batch], dtype=torch.int8)
+        ga = K.grouped_advantage(rewards, groups, modes, baseline=cfg.baseline, scale=cfg.scale)
+        keep = torch.ones(len(batch), dtype=torch.bool)
+        if cfg.filter_zero_variance:
+            keep = ~ga.zero_variance[ga.inverse]
+        return ga, keep
+
+    def loss_weights(self, batch: list[Seq], keep: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        idx = keep.nonzero()[:, 0]
+        lens = torch.tensor([len(batch[i].response_ids) for i in idx.tolist()], dtype=torch.int64)
+        groups = torch.tensor([batch[i].group for i in idx.tolist()], dtype=torch.int64)
+        modes = torch.tensor([self._loss_mode(batch[i]) for i in idx.tolist()], dtype=torch.int8)
+        w = torch.zeros(len(batch), dtype=torch.float32)
+        if len(idx):
+            w[idx] = K.sequence_loss_weights(
+                lens, groups, modes, aggregation=cfg.loss_aggregation,
+                max_response_len=max(cfg.max_new_tokens_think, cfg.max_new_tokens_auto) + 2)
+        return w
+
+    @staticmethod
+    def _loss_mode(s: Seq) -> int:
+        """Mode used for mode-balanced weighting: requested for forced rollouts, chosen for auto."""
+        if s.mode != MODE_ID["auto"]:
+            return s.mode
+        return MODE_ID.get(s.chosen or "think", 1)
+
+    # ------------------------------------------------------------ 4. packing
+    def microbatches(self, batch: list[Seq], adv: torch.Tensor, weights: torch.Tensor,
+                     keep: torch.Tensor) -> tuple[list[MicroBatch], dict]:
+        rt, cfg = self.rt, self.cfg
+        idx = keep.nonzero()[:, 0].tolist()
+        kept = [batch[i] for i in idx]
+        tokens = [s.prompt_ids + s.response_ids for s in kept]
+        plens = [len(s.prompt_ids) for s in kept]
+        mine, imbalance = plan([len(t) for t in tokens], dp_rank=rt.dp_rank, dp_size=rt.dp_size,
+                               tokens_per_microbatch=cfg.tokens_per_microbatch,
+                               group_ids=[s.group for s in kept], modes=[s.mode for s in kept])
+        adv_k = adv[idx].float()
+        w_k = weights[idx].float()
+        modes_k = torch.tensor([s.mode for s in kept], dtype=torch.int8)
+        out = []
+        for seqs in mine:
+            pk = pack(tokens, plens, [s.images for s in kept], seqs)
+            sel = torch.as_tensor(seqs, dtype=torch.long)
+            tok_adv, tok_w = K.token_advantage_weights(
+                pk.cu_seqlens, torch.as_tensor(plens, dtype=torch.long)[sel], adv_k[sel], w_k[sel],
+                total_tokens=pk.input_ids.shape[0])
+            eng = torch.tensor([kept[seqs[j]].engine_logprobs[k]
+                                for j, k in zip(pk.row_seq.tolist(), pk.row_token.tolist())],
+                               dtype=torch.float32)
+            forced = torch.tensor([kept[j].forced > 0 and kept[j].mode != MODE_ID["auto"]
+                                   for j in seqs], dtype=torch.bool)
+            out.append(MicroBatch(pk=pk, targets=pk.targets, advantages=tok_adv[pk.rows],
+                                  weights=tok_w[pk.rows], engine_lp=eng,
+                                  routing_rows=(pk.row_token == 0) & forced[pk.row_seq],
+                                  modes=modes_k[sel][pk.row_seq]))
+        return out, {"imbalance": imbalance}
+
+    # ------------------------------------------------------------ 5. old / ref log-probs
+    @torch.no_grad()
+    def score_old_and_ref(self, mbs: list[MicroBatch]) -> tuple[float, float]:
+        t_old = t_ref = 0.0
+        for mb in mbs:
+            t0 = time.perf_counter()
+            mb.old_lp = self._logprobs(self.policy, mb)
+            t_old += time.perf_counter() - t0
+            if self.cfg.kl_coef > 0:
+                t0 = time.perf_counter()
+                mb.ref_lp = self._logprobs(self.ref, mb)
+                t_ref += time.perf_counter() - t0
+        return t_old, t_ref
+
+    def _logprobs(self, model, mb: MicroBatch) -> torch.Tensor:
+        h = forward_rows(model, mb.pk)
+        lp = K.token_logprobs(h, model.lm_head_weight(), mb.targets, temperature=self.cfg.temperature,
+                              tp_group=self.rt.tp_group if self.rt.tp_size > 1 else None,
+                              vocab_start=model.vocab_start)
+        return lp[0] if isinstance(lp, tuple) else lp
+
+    # ------------------------------------------------------------ 6. update
+    def update(self, mbs: list[MicroBatch]) -> dict:
+        cfg, rt = self.cfg, self.rt
+        stats = {m: {"clip": 0.0, "kl": 0.0, "ent": 0.0, "w": 0.0, "n": 0} for m in MODE_ID}
+        losses, norms, skipped = [], [], 0
+        for _epoch in range(cfg.inner_epochs):
+            for part in np.array_split(np.arange(len(mbs)), cfg.minibatches):
+                self.opt.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for i in part.tolist():
+                    mb = mbs[i]
+                    w = mb.weights.clone()
+                    if cfg.tis_cap is not None:
+                        w *= torch.exp(mb.old_lp - mb.engine_lp).clamp(max=cfg.tis_cap)
+                    if mb.routing_rows.any():
+                        w[mb.routing_rows] *= torch.exp(mb.old_lp[mb.routing_rows] - math.log(0.5))
+                    h = forward_rows(self.policy, mb.pk)
+                    if not bool(torch.isfinite(h).all()):
+                        # Non-finite activations: the whole optimizer step is skipped below.
+                        loss_sum = float("nan")
+                        continue
+                    out = K.policy_loss(
+                        h, self.policy.lm_head_weight(), mb.targets, mb.old_lp, mb.advantages,
+                        token_weights=w * cfg.minibatches, ref_logprobs=mb.ref_lp,
+                        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, eps_low=cfg.eps_low,
+                        eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
+                        entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
+                        tp_group=rt.tp_group if rt.tp_size > 1 else None,
+                        vocab_start=self.policy.vocab_start, return_entropy=True)
+                    out.loss.backward()
+                    loss_sum += float(out.loss)
+                    self._accumulate(stats, mb, out)
+                all_reduce_grads(self.policy, rt)
+                norm = clip_grads(self.policy, cfg.grad_clip, rt)
+                ok = all_true(math.isfinite(loss_sum) and math.isfinite(norm), rt)
+                if ok:
+                    self.opt.step()
+                else:
+                    skipped += 1
+                    self.skipped_steps += 1
+                    log.warning("non-finite loss (%s) or grad norm (%s): optimizer step skipped "
+                                "(%d skipped so far)", loss_sum, norm, self.skipped_steps)
+                self.opt.zero_grad(set_to_none=True)
+                losses.append(loss_sum)
+                norms.append(norm)
+        m = {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
+             "skipped_steps": skipped, "skipped_steps_total": self.skipped_steps}
+        for mode, st in stats.items():
+            if st["n"]:
+                m[f"{mode}/clip_frac"] = st["clip"] / st["n"]
+                m[f"{mode}/entropy"] = st["ent"] / st["n"]
+                if cfg.kl_coef > 0:
+                    m[f"{mode}/kl"] = st["kl"] / st["n"]
+        return m
+
+    def _accumulate(self, stats: dict, mb: MicroBatch, out) -> None:
+        ratio = out.ratio.detach()
+        adv = mb.advantages
+        clipped = ((adv > 0) & (ratio > 1 + self.cfg.eps_high)) | ((adv < 0) & (ratio < 1 - self.cfg.eps_low))
+        for name, mid in MODE_ID.items():
+            sel = mb.modes == mid
+            n = int(sel.sum())
+            if not n:
+                continue
+            st = stats[name]
+            st["n"] += n
+            st["clip"] += float(clipped[sel].sum())
+            if out.entropy is not None:
+                st["ent"] += float(out.entropy[sel].sum())
+            if mb.ref_lp is not None:
+                d = mb.ref_lp[sel] - out.logprobs[sel]
+                st["kl"] += float((torch.exp(d) - d - 1).sum())
+
+    # ------------------------------------------------------------ the whole step
+    def step(self, items: Sequence[Any], step: int, generator: torch.Generator) -> dict:
+        """One BPO/GRPO step on ``items`` (the global prompt batch); returns metrics."""
+        t0 = time.perf_counter()
+        batch = self.rollout(items, step, generator)
+        t_gen = time.perf_counter() - t0
+        ga, keep = self.advantages(batch)
+        weights = self.loss_weights(batch, keep)
+        mbs, pack_stats = self.microbatches(batch, ga.advantages, weights, keep)
+        t_old, t_ref = self.score_old_and_ref(mbs)
+        t1 = time.perf_counter()
+        upd = self.update(mbs) if mbs else {"loss": 0.0, "grad_norm": 0.0, "skipped_steps": 0}
+        t_upd = time.perf_counter() - t1
+        t_sync = self.engine.sync_weights(self.policy)
+        metrics = rollout_metrics(batch, ga, keep)
+        metrics.update(upd)
+        metrics.update(pack_stats)
+        mism = [float((mb.old_lp - mb.engine_lp).abs().max()) for mb in mbs if mb.targets.numel()]
+        metrics["old_vs_engine_logprob_maxabs"] = max(mism, default=0.0)
+        n_tok = sum(len(s.response_ids) for s in batch)
+        total = time.perf_counter() - t0
+        metrics.update({"time/generate": t_gen, "time/old_logprob": t_old, "time/reference": t_ref,
+                        "time/update": t_upd, "time/sync": t_sync, "time/step": total,
+                        "tokens_per_s": n_tok / max(total, 1e-9)})
+        return metrics
+
+
+def rollout_metrics(batch: list[Seq], ga, keep: torch.Tensor) -> dict:
+    """Per-mode reward / length / think rate and group statistics of one rollout batch."""
+    m: dict[str, float] = {}
+    for name, mid in MODE_ID.items():
+        sel = [s for s in batch if s.mode == mid]
+        if not sel:
+            continue
+        m[f"{name}/reward"] = float(np.mean([s.reward for s in sel]))
+        m[f"{name}/response_len"] = float(np.mean([len(s.response_ids) for s in sel]))
+        m[f"{name}/well_formed"] = float(np.mean([s.chosen is not None for s in sel]))
+        if name == "auto":
+            m["auto/think_rate"] = float(np.mean([s.chosen == "think" for s in sel]))
+    m["reward"] = float(np.mean([s.reward for s in batch]))
+    m["groups"] = int(ga.group_size.numel()) if hasattr(ga, "group_size") else 0
+    m["zero_variance_groups"] = int(ga.zero_variance.sum())
+    m["kept_rollouts"] = int(keep.sum())
+    return m

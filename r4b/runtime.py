@@ -1,0 +1,137 @@
+"""Process layout of a training job: data-parallel × tensor-parallel ranks, and the collective
+helpers the trainers use (gradient all-reduce, TP-aware grad norm, global finiteness).
+
+Launch with ``torchrun --nproc-per-node N``; ``N`` must be a multiple of ``tp_size``.  On CPU the
+backend is gloo, on GPU nccl with one device per local rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .log import get_logger
+from .models.parallel import _parallel_state, init_model_parallel
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Runtime:
+    """This rank's place in the job."""
+
+    rank: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    tp_rank: int
+    tp_size: int
+    device: torch.device
+    dp_group: Any = None
+    tp_group: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(tp_size: int = 1, *, device: str = "auto") -> Runtime:
+    """Initialise torch.distributed and megatron's model-parallel groups (TP only; PP runs
+    through megatron's schedules on GPU) and return this rank's :class:`Runtime`."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    init_model_parallel(tp_size, 1, backend="nccl" if device == "cuda" else "gloo")
+    ps = _parallel_state()
+    dev = torch.device(device, int(os.environ.get("LOCAL_RANK", "0"))) if device == "cuda" \
+        else torch.device("cpu")
+    rt = Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                 dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                 tp_rank=ps.get_tensor_model_parallel_rank(),
+                 tp_size=ps.get_tensor_model_parallel_world_size(), device=dev,
+                 dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group())
+    log.info("runtime: world=%d dp=%d tp=%d device=%s", rt.world_size, rt.dp_size, rt.tp_size, dev)
+    return rt
+
+
+def all_reduce_grads(model: torch.nn.Module, rt: Runtime) -> None:
+    """Sum gradients over the data-parallel group (losses are globally normalised, so the sum
+    is the gradient of the global loss).  One flat buffer per dtype keeps it to few calls."""
+    if rt.dp_size == 1:
+        return
+    # Every rank must reduce the same tensors: a rank with no micro-batch (or one whose step
+    # is being skipped) contributes zeros.
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for gs in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        dist.all_reduce(flat, group=rt.dp_group)
+        off = 0
+        for g in gs:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+
+
+def grad_norm(model: torch.nn.Module, rt: Runtime) -> float:
+    """Global L2 norm of the gradients: TP-sharded parameters (megatron's
+    ``tensor_model_parallel`` attribute) are summed across TP ranks, replicated ones counted once."""
+    sharded = torch.zeros((), dtype=torch.float64, device=rt.device)
+    replicated = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum()
+        if getattr(p, "tensor_model_parallel", False):
+            sharded += sq
+        else:
+            replicated += sq
+    if rt.tp_size > 1:
+        dist.all_reduce(sharded, group=rt.tp_group)
+    return math.sqrt(float(sharded + replicated))
+
+
+def clip_grads(model: torch.nn.Module, max_norm: float, rt: Runtime) -> float:
+    """Clip gradients to global norm ``max_norm`` (0 = no clipping); returns the norm before."""
+    norm = grad_norm(model, rt)
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def all_true(flag: bool, rt: Runtime) -> bool:
+    """True on every rank iff ``flag`` is True on every rank."""
+    if rt.world_size == 1:
+        return flag
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=rt.device)
+    dist.all_reduce(t)
+    return int(t) == 0
+
+
+def all_gather_objects(obj: Any, rt: Runtime, group=None) -> list[Any]:
+    """Every DP rank's ``obj`` in DP-rank order (pickle-free callers pass plain data)."""
+    if rt.dp_size == 1 and group is None:
+        return [obj]
+    out: list[Any] = [None] * (dist.get_world_size(group or rt.dp_group))
+    dist.all_gather_object(out, obj, group=group or rt.dp_group)
+    return out
+
+
+def broadcast_object(obj: Any, rt: Runtime, src: int = 0) -> Any:
+    """``obj`` from global rank ``src`` on every rank."""
+    if rt.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

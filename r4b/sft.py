@@ -1,0 +1,142 @@
+"""Supervised fine-tuning on packed sequences (the annealing stage's optimiser loop).
+
+Loss: token-level cross-entropy on response tokens (``sft_loss_mask``), summed over the whole
+global batch and divided by its global number of target tokens, so micro-batching and data
+parallelism leave the objective unchanged.  Cross-entropy is vocab-parallel over TP
+(megatron-core's ``vocab_parallel_cross_entropy`` on this rank's logit shard).  AdamW with
+linear warm-up and cosine decay; non-finite steps are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .batching import forward_rows, pack, plan
+from .config import require_range
+from .log import get_logger
+from .runtime import Runtime, all_reduce_grads, all_true, clip_grads
+
+log = get_logger(__name__)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = 2e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine floor)."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+    def __post_init__(self):
+        require_range("optim.lr", self.lr, 0.0, lo_open=True)
+        require_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        require_range("optim.warmup_steps", self.warmup_steps, 0)
+        require_range("optim.weight_decay", self.weight_decay, 0.0)
+        require_range("optim.grad_clip", self.grad_clip, 0.0)
+
+
+def cosine_lr(step: int, total: int, cfg: OptimConfig) -> float:
+    """Learning rate at optimizer step ``step`` (0-based) of ``total``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+
+@dataclass
+class Example:
+    """One SFT sequence: token ids, where the loss starts, and its images."""
+
+    ids: list[int]
+    prompt_len: int
+    images: list
+    mode: int = 0
+
+
+def sft_step(model, optimizer, examples: Sequence[Example], rt: Runtime, *, lr: float,
+             grad_clip: float, tokens_per_microbatch: int) -> dict:
+    """One optimizer step on ``examples`` (the *global* batch; every rank passes the same list)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    tokens = [e.ids for e in examples]
+    plens = [e.prompt_len for e in examples]
+    n_target = sum(len(t) - p for t, p in zip(tokens, plens))
+    mine, _ = plan([len(t) for t in tokens], dp_rank=rt.dp_rank, dp_size=rt.dp_size,
+                   tokens_per_microbatch=tokens_per_microbatch, modes=[e.mode for e in examples])
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, correct = 0.0, 0
+    for seqs in mine:
+        mb = pack(tokens, plens, [e.images for e in examples], seqs)
+        logits = forward_rows(model, mb, return_hidden=False, gather_logits=False).float()
+        ce = vocab_parallel_cross_entropy(logits, mb.targets)
+        loss = ce.sum() / n_target
+        loss.backward()
+        loss_sum += float(loss.detach())
+        if rt.tp_size == 1:
+            correct += int((logits.argmax(-1) == mb.targets).sum())
+    all_reduce_grads(model, rt)
+    norm = clip_grads(model, grad_clip, rt)
+    t = torch.tensor([loss_sum, float(correct)], dtype=torch.float64)
+    if rt.dp_size > 1:
+        torch.distributed.all_reduce(t, group=rt.dp_group)
+    ok = all_true(math.isfinite(float(t[0])) and math.isfinite(norm), rt)
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    out = {"loss": float(t[0]), "grad_norm": norm, "lr": lr, "skipped": int(not ok),
+           "target_tokens": n_target}
+    if rt.tp_size == 1:
+        out["token_acc"] = float(t[1]) / max(1, n_target)
+    return out
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Deterministic batch ``step`` of an epoch-wise shuffled order over ``n`` examples."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+def train_sft(model, optimizer, examples: Sequence[Example], rt: Runtime, *, steps: int,
+              start_step: int, batch_size: int, optim: OptimConfig, seed: int,
+              tokens_per_microbatch: int, on_step: Callable[[int, dict], None] | None = None,
+              progress_desc: str = "sft") -> None:
+    """Run SFT steps ``start_step .. steps-1`` (resumable: batches depend only on the step)."""
+    from .log import progress
+
+    bar = progress(total=steps, initial=start_step, desc=progress_desc)
+    for step in range(start_step, steps):
+        t0 = time.perf_counter()
+        batch = [examples[i] for i in batch_indices(len(examples), batch_size, step, seed)]
+        m = sft_step(model, optimizer, batch, rt, lr=cosine_lr(step, steps, optim),
+                     grad_clip=optim.grad_clip, tokens_per_microbatch=tokens_per_microbatch)
+        m["time/step"] = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}")
+        if on_step is not None:
+            on_step(step + 1, m)
+    bar.close()

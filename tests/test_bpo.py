@@ -1,0 +1,173 @@
+"""BPO trainer: invariants of the first inner step, NaN handling, exact resume, and a short
+end-to-end run of the main job under torchrun (2 processes, gloo)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from r4b.anneal import AnnealConfig, build_engine
+from r4b.data import TaskConfig
+from r4b.embedded import Setup, make_template, make_tokenizer, model_config
+from r4b.evaluate import EvalConfig
+from r4b.log import read_metrics
+from r4b.models import build_model
+from r4b.pretrain_bpo import BPOJob, run_bpo
+from r4b.rl.bpo import BPOTrainer, frozen_copy
+from r4b.rl.config import RLConfig
+from r4b.runtime import init_runtime
+from r4b.sft import OptimConfig
+
+import r4b_kernels as K
+
+TEXT_TASK = TaskConfig(vision=False)
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return init_runtime(1)
+
+
+def _parts(task=TEXT_TASK, seed=0, **rl):
+    setup = Setup(task=task, seed=seed)
+    tok = make_tokenizer(setup.model)
+    cfg = model_config(setup.model, tok, task)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    tmpl = make_template(tok, cfg)
+    items = task.make(seed, 4, split="train")
+    rlcfg = RLConfig(group_size=2, prompts_per_step=4, max_new_tokens_think=24,
+                     max_new_tokens_no_think=8, max_new_tokens_auto=24, **rl)
+    return model, tmpl, tok, items, rlcfg
+
+
+def _prepare(trainer, items, step=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch = trainer.rollout(items, step, gen)
+    ga, keep = trainer.advantages(batch)
+    weights = trainer.loss_weights(batch, keep)
+    mbs, _ = trainer.microbatches(batch, ga.advantages, weights, keep)
+    trainer.score_old_and_ref(mbs)
+    return batch, ga, mbs
+
+
+@pytest.mark.parametrize("routing", ["prompt", "token"])
+@pytest.mark.parametrize("task", [TEXT_TASK, TaskConfig(image_size=18)], ids=["text", "image"])
+def test_first_inner_step_ratio_one_kl_zero_and_engine_logprobs(rt, routing, task):
+    model, tmpl, tok, items, cfg = _parts(task=task, routing=routing, kl_coef=0.1)
+    ref = frozen_copy(model)
+    trainer = BPOTrainer(cfg, policy=model, engine=build_engine(model, tmpl, tok), template=tmpl,
+                         rt=rt, ref_model=ref)
+    batch, ga, mbs = _prepare(trainer, items)
+    assert len(batch) == 4 * 2 * cfg.group_size
+    assert {s.mode for s in batch} == {0, 1}
+    n_rows = sum(mb.targets.numel() for mb in mbs)
+    assert n_rows == sum(len(s.response_ids) for s in batch)
+    for mb in mbs:
+        # Recomputed old log-probs match the engine's sampling log-probs (KV-cache decode vs
+        # packed forward: same fp32 math in a different order).
+        torch.testing.assert_close(mb.old_lp, mb.engine_lp, atol=2e-5, rtol=0)
+        from r4b.batching import forward_rows
+        h = forward_rows(model, mb.pk)
+        out = K.policy_loss(h, model.lm_head_weight(), mb.targets, mb.old_lp, mb.advantages,
+                            token_weights=mb.weights, ref_logprobs=mb.ref_lp, kl_coef=0.1)
+        assert torch.equal(out.ratio, torch.ones_like(out.ratio))
+        assert torch.equal(out.kl, torch.zeros_like(out.kl))
+    total_w = sum(float(mb.weights.sum()) for mb in mbs)
+    assert total_w == pytest.approx(1.0, abs=1e-5)  # mode_balanced weights sum to 1 globally
+    if routing == "token":
+        assert sum(int(mb.routing_rows.sum()) for mb in mbs) == len(batch)
+
+
+def test_update_changes_weights_and_nan_step_is_skipped(rt):
+    model, tmpl, tok, items, cfg = _parts()
+    trainer = BPOTrainer(cfg, policy=model, engine=build_engine(model, tmpl, tok), template=tmpl, rt=rt)
+    _, _, mbs = _prepare(trainer, items)
+    before = [p.detach().clone() for p in model.parameters()]
+    # Make every rollout's advantage non-zero so the step must move the weights.
+    for mb in mbs:
+        mb.advantages = torch.where(mb.advantages == 0, torch.ones_like(mb.advantages), mb.advantages)
+    m = trainer.update(mbs)
+    assert m["skipped_steps"] == 0 and torch.isfinite(torch.tensor(m["loss"]))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    after = [p.detach().clone() for p in model.parameters()]
+    for mb in mbs:
+        mb.advantages = mb.advantages.clone()
+        mb.advantages[0] = float("nan")
+    with pytest.raises(ValueError, match="advantages"):
+        trainer.update(mbs)  # non-finite inputs are rejected by the kernel, never trained on
+    for mb in mbs:
+        mb.advantages = torch.ones_like(mb.advantages)
+    with torch.no_grad():
+        model.lm_head_weight().view(-1)[0] = float("inf")  # poisons activations and the loss
+    saved = [p.detach().clone() for p in model.parameters()]
+    m = trainer.update(mbs)
+    assert m["skipped_steps"] == 1 and trainer.skipped_steps == 1
+    for a, b in zip(saved, model.parameters()):
+        assert torch.equal(a, b.detach()), "a skipped step must not touch the weights"
+    del after
+
+
+def _tiny_job(tmp_path, **kw):
+    anneal = AnnealConfig(n_train_items=64, warmup_steps=4, anneal_steps=4, batch_size=16,
+                          curate_items=16, curation_samples=2, ckpt_every=2,
+                          optim=OptimConfig(warmup_steps=1))
+    rl = RLConfig(group_size=2, prompts_per_step=4, max_new_tokens_think=24,
+                  max_new_tokens_no_think=8, max_new_tokens_auto=24)
+    return BPOJob(setup=Setup(task=TEXT_TASK), anneal=anneal, rl=rl,
+                  eval=EvalConfig(n_items=8, max_new_tokens_think=24, max_new_tokens_auto=24,
+                                  max_new_tokens_no_think=8),
+                  steps=4, eval_every=2, eval_items_during=4, ckpt_every=2, out_dir=str(tmp_path),
+                  tensorboard=False, **kw)
+
+
+def test_exact_resume_reproduces_uninterrupted_metrics(rt, tmp_path):
+    full = _tiny_job(tmp_path / "full")
+    run_bpo(full, rt)
+    half = dataclasses.replace(_tiny_job(tmp_path / "half"), steps=2)
+    run_bpo(half, rt)
+    resumed = _tiny_job(tmp_path / "half")  # same run dir, 4 steps: resumes at step 2
+    run_bpo(resumed, rt)
+    keys = ("reward", "loss", "think/response_len", "no_think/response_len")
+    a = [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    b = [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "half" / "metrics.jsonl")]
+    assert [r["step"] for r in read_metrics(tmp_path / "half" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert a == b
+    rep = json.loads((tmp_path / "full" / "report" / "report.json").read_text())
+    assert set(rep) == {"auto", "think", "no_think"}
+    for mode in rep.values():
+        for m in mode.values():
+            assert set(m) >= {"accuracy", "mean_tokens", "think_rate"}
+    assert (tmp_path / "full" / "report" / "think_rate.png").exists()
+
+
+def test_main_job_under_torchrun_two_processes(tmp_path):
+    """A short BPO run end to end: torchrun, 2 data-parallel ranks on gloo, annealing first."""
+    args = ["--setup.task.vision", "False", "--anneal.n_train_items", "64",
+            "--anneal.warmup_steps", "4", "--anneal.anneal_steps", "4", "--anneal.batch_size", "16",
+            "--anneal.curate_items", "16", "--anneal.curation_samples", "2",
+            "--rl.group_size", "2", "--rl.prompts_per_step", "4", "--rl.max_new_tokens_think", "24",
+            "--rl.max_new_tokens_auto", "24", "--rl.max_new_tokens_no_think", "8",
+            "--eval.n_items", "8", "--eval.max_new_tokens_think", "24",
+            "--eval.max_new_tokens_auto", "24", "--eval.max_new_tokens_no_think", "8",
+            "--steps", "3", "--eval_every", "3", "--eval_items_during", "4",
+            "--out_dir", str(tmp_path / "run"), "--tensorboard", "False"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", R4B_NO_PROGRESS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_port()), "-m", "r4b.pretrain_bpo", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(r["skipped_steps"] == 0 for r in recs)
+    assert (tmp_path / "run" / "report" / "report.json").exists()
+
+
+def _port():
+    from r4b.models.parallel import free_port
+    return free_port()
