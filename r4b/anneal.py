@@ -3,8 +3,14 @@
 With no arguments it runs the embedded default end to end:
 
 1. generate the visual-arithmetic task (train and eval splits, disjoint by content);
-2. **warm up** the tiny model on direct (non-thinking) answers, so it can act as the
-   curation model;
+1b. **align the vision tower** (embedded task only): tower and projector learn to put the
+   digit of each image cell into its image token, read through the language model's frozen
+   output embedding — a stand-in for the pretrained, LLaVA-aligned SigLIP that R-4B starts
+   from (trained from scratch through the language model alone, the tiny tower does not learn
+   to read in the time budget);
+2. **warm up** the tiny model on both answer forms of every item, each under its forced
+   prefix (a stand-in for the pretrained base model the paper starts from: it learns to read
+   the digits and both forms, but not yet which mode to pick);
 3. **curate** with the paper's heuristics: for each verifiable item sample N (default 8)
    direct answers with the rollout engine — if all N are wrong the item becomes a *thinking*
    sample, else a *non-thinking* one; open-ended items go through a pluggable judge;
@@ -24,13 +30,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import parse_cli, require_range
+from .config import parse_cli, require_choice, require_range
 from .data import Sample, read_samples
 from .embedded import Setup, make_template, make_tokenizer, model_config
 from .evaluate import EvalConfig, evaluate, log_report
@@ -64,8 +70,14 @@ class AnnealConfig:
 
     n_train_items: int = 4000
     """Training items generated from the embedded task (ignored with ``data``)."""
-    warmup_steps: int = 200
-    """SFT steps on direct answers before curation (0 skips the warm-up)."""
+    vision_align_steps: int = 200
+    """Steps aligning the vision tower + projector to the digit tokens (embedded task with
+    images only; 0 skips it)."""
+    warmup_steps: int = 300
+    """SFT steps of the warm-up before curation (0 skips the warm-up)."""
+    warmup_forms: Literal["both", "direct"] = "both"
+    """Warm-up data: every item in both forms under their forced prefixes ('both'), or direct
+    answers only ('direct')."""
     anneal_steps: int = 500
     """SFT steps on the curated bi-mode mix."""
     batch_size: int = 64
@@ -88,7 +100,9 @@ class AnnealConfig:
 
     def __post_init__(self):
         require_range("anneal.n_train_items", self.n_train_items, 1)
+        require_range("anneal.vision_align_steps", self.vision_align_steps, 0)
         require_range("anneal.warmup_steps", self.warmup_steps, 0)
+        require_choice("anneal.warmup_forms", self.warmup_forms, ("both", "direct"))
         require_range("anneal.anneal_steps", self.anneal_steps, 1)
         require_range("anneal.batch_size", self.batch_size, 1)
         require_range("anneal.curate_items", self.curate_items, 1)
@@ -114,6 +128,46 @@ class AnnealJob:
     verifiable?}`` rows; None uses the embedded task."""
     out_dir: str = "runs/anneal"
     """Run directory: checkpoints, curated set, metrics, report."""
+
+
+# ---------------------------------------------------------------- vision alignment
+def cell_token_labels(items: Sequence[Sample], tokenizer, tokens_per_image: int) -> torch.Tensor | None:
+    """Token id of the digit each image token shows ``[N, tokens_per_image]``, for embedded-task
+    items whose tiles have one patch per digit cell; None when that layout does not hold."""
+    digits = [it.meta.get("digits") for it in items]
+    if not items or any(d is None or len(d) != tokens_per_image or not it.images
+                        for d, it in zip(digits, items)):
+        return None
+    ids = [tokenizer.encode(str(d)) for d in range(10)]
+    if any(len(i) != 1 for i in ids):
+        return None
+    table = torch.tensor([i[0] for i in ids])
+    return table[torch.tensor(digits)]
+
+
+def align_vision(model, items: Sequence[Sample], labels: torch.Tensor, *, steps: int,
+                 batch_size: int, lr: float, seed: int) -> float:
+    """Train tower + projector so that ``lm_head(projector(tower(image)))`` names each cell's
+    digit (the LM head is frozen).  Deterministic; every rank runs the same steps, so no
+    communication is needed.  Returns the last loss."""
+    params = list(model.vision_tower.parameters()) + list(model.projector.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    images = torch.as_tensor(np.stack([it.images[0] for it in items]))
+    head = model.lm_head_weight().detach()
+    gen = torch.Generator().manual_seed(seed)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        idx = torch.randint(0, len(items), (batch_size,), generator=gen)
+        feats = model.projector(model.vision_tower(images[idx]))
+        logits = (feats @ head.T).float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels[idx].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for p in params:
+        p.grad = None
+    return float(loss.detach())
 
 
 # ---------------------------------------------------------------- curation
@@ -176,12 +230,18 @@ def annealing_examples(items: Sequence[Sample], needs: Sequence[bool], template,
     return out
 
 
-def direct_examples(items: Sequence[Sample], template) -> list[Example]:
-    """Warm-up set: direct answers under the forced non-thinking prompt."""
+def direct_examples(items: Sequence[Sample], template, *, both_forms: bool = False) -> list[Example]:
+    """Warm-up set: direct answers under the forced non-thinking prompt, and with
+    ``both_forms`` also thinking answers under the forced thinking prompt (items with a
+    reference reasoning).  Forced prompts keep the routing token out of the loss."""
     out = []
     for it in items:
         ex = template.sft_example(it.question, it.answer, None, it.n_images, prompt_mode="no_think")
         out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), 0))
+        if both_forms and it.reasoning and it.reasoning.strip():
+            ex = template.sft_example(it.question, it.answer, it.reasoning, it.n_images,
+                                      prompt_mode="think")
+            out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), 1))
     return out
 
 
@@ -246,11 +306,21 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
                                 state={"anneal": {"phase": phase, "step": step}})
         return on_step
 
-    # 1. warm-up on direct answers
+    # 1. vision alignment (before the first SFT step only) and warm-up
+    if state["phase"] == "warmup" and state["step"] == 0 and cfg.vision_align_steps and \
+            getattr(model, "has_vision", False):
+        labels = cell_token_labels(train, tok, mcfg.tokens_per_image)
+        if labels is None:
+            log.info("vision alignment skipped: items carry no per-cell digit labels")
+        else:
+            loss = align_vision(model, train, labels, steps=cfg.vision_align_steps,
+                                batch_size=cfg.batch_size, lr=cfg.optim.lr, seed=setup.seed + 3)
+            log.info("vision alignment: %d steps, final loss %.4f", cfg.vision_align_steps, loss)
     if state["phase"] == "warmup":
         if cfg.warmup_steps:
-            log.info("warm-up: %d SFT steps on direct answers", cfg.warmup_steps)
-            train_sft(model, optimizer, direct_examples(train, template), rt, steps=cfg.warmup_steps,
+            log.info("warm-up: %d SFT steps (%s forms)", cfg.warmup_steps, cfg.warmup_forms)
+            warm = direct_examples(train, template, both_forms=cfg.warmup_forms == "both")
+            train_sft(model, optimizer, warm, rt, steps=cfg.warmup_steps,
                       start_step=state["step"], batch_size=cfg.batch_size, optim=cfg.optim,
                       seed=setup.seed, tokens_per_microbatch=cfg.tokens_per_microbatch,
                       on_step=saver("warmup"), progress_desc="warm-up")

@@ -59,8 +59,9 @@ class RLConfig:
     """Optimizer steps per pass over the rollout batch."""
     tokens_per_microbatch: int = 4096
     """Token budget of one packed micro-batch (the packer's budget)."""
-    lr: float = 5e-4
-    """AdamW learning rate of the policy."""
+    lr: float = 1e-4
+    """AdamW learning rate of the policy (5e-4 destabilised the tiny model on the embedded
+    task: forced-thinking accuracy on level 4 fell from 0.76 to 0.12 in 60 steps)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
