@@ -109,6 +109,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=5",
+            "pybind11>=2.12",  # the extension-build tests configure CMake against it
             "hypothesis>=6.100",
             "transformers>=4.51",
             "pyarrow>=15",

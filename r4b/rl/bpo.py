@@ -292,7 +292,7 @@ class BPOTrainer:
                         tp_group=rt.tp_group if rt.tp_size > 1 else None,
                         vocab_start=self.policy.vocab_start, return_entropy=True)
                     out.loss.backward()
-                    loss_sum += float(out.loss)
+                    loss_sum += float(out.loss.detach())
                     self._accumulate(stats, mb, out)
                 all_reduce_grads(self.policy, rt)
                 norm = clip_grads(self.policy, cfg.grad_clip, rt)
