@@ -14,7 +14,7 @@ class RLConfig:
 
     Defaults follow the paper where it is explicit (merged-group baseline, std scaling,
     forced prefix as prompt) and the project's own runs on the embedded task elsewhere
-    (see README "BPO defaults").
+    (see README, "Results on the embedded default").
     """
 
     algo: Literal["bpo", "grpo"] = "bpo"
