@@ -18,7 +18,7 @@ import sys
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Iterable, Sequence, TypeVar
 
 T = TypeVar("T")
 

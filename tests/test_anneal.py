@@ -2,12 +2,11 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 import r4b.anneal as anneal_mod
-from r4b.anneal import (AnnealConfig, AnnealJob, annealing_examples, build_engine, curate,
+from r4b.anneal import (AnnealConfig, AnnealJob, annealing_examples, curate,
                         direct_examples, run_anneal)
 from r4b.data import Sample, TaskConfig
 from r4b.embedded import Setup, make_template, make_tokenizer, model_config

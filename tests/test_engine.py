@@ -185,7 +185,7 @@ def test_forced_tokens_scored_never_sampled_and_budgets(text):
 
 
 def test_auto_mode_choice_reported(text):
-    tok, tpl = text.tok, text.tpl
+    tpl = text.tpl
     bias = torch.zeros(text.model.vocab_size)
     r_think, r_no = tpl.routing_ids["think"], tpl.routing_ids["no_think"]
     bias[[r_think, r_no]] = 8.0     # the first auto token is one of the two routing tokens

@@ -9,7 +9,6 @@ import datetime
 import importlib
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

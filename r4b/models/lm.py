@@ -246,7 +246,7 @@ class Qwen3LM(nn.Module):
 
     # ------------------------------------------------------------ HF weights
     def _hf_table(self) -> list[HFEntry]:
-        c, tp = self.cfg, self.tp_size
+        c = self.cfg
         h, d = c.hidden_size, c.head_dim
         out: list[HFEntry] = []
         if self.pre_process:
