@@ -226,6 +226,7 @@ class BPOTrainer:
         out = []
         for seqs in mine:
             pk = pack(tokens, plens, [s.images for s in kept], seqs)
+            seqs = pk.seqs  # packed order: cu_seqlens and row_seq refer to it
             sel = torch.as_tensor(seqs, dtype=torch.long)
             tok_adv, tok_w = K.token_advantage_weights(
                 pk.cu_seqlens, torch.as_tensor(plens, dtype=torch.long)[sel], adv_k[sel], w_k[sel],
