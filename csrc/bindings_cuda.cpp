@@ -29,13 +29,18 @@ void check(const char* err, const char* what) {
   if (err) throw std::runtime_error(std::string(what) + " launch failed: " + err);
 }
 
-void gather_rows(uintptr_t dst, uintptr_t src, uintptr_t index, int64_t n_rows,
-                 int64_t row_bytes, uintptr_t stream) {
+void check_row_copy(uintptr_t dst, uintptr_t src, uintptr_t index, int64_t n_rows,
+                    int64_t row_bytes) {
   need_nonneg(n_rows, "n_rows");
   if (row_bytes < 1) bad("row_bytes must be >= 1, got " + std::to_string(row_bytes));
   need_ptr(dst, "dst", n_rows > 0);
   need_ptr(src, "src", n_rows > 0);
   need_ptr(index, "index", n_rows > 0);
+}
+
+void gather_rows(uintptr_t dst, uintptr_t src, uintptr_t index, int64_t n_rows,
+                 int64_t row_bytes, uintptr_t stream) {
+  check_row_copy(dst, src, index, n_rows, row_bytes);
   check(r4b_cuda::gather_rows(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
                               reinterpret_cast<const int64_t*>(index), n_rows, row_bytes, stream),
         "gather_rows");
@@ -43,11 +48,7 @@ void gather_rows(uintptr_t dst, uintptr_t src, uintptr_t index, int64_t n_rows,
 
 void scatter_rows(uintptr_t dst, uintptr_t src, uintptr_t index, int64_t n_rows,
                   int64_t row_bytes, uintptr_t stream) {
-  need_nonneg(n_rows, "n_rows");
-  if (row_bytes < 1) bad("row_bytes must be >= 1, got " + std::to_string(row_bytes));
-  need_ptr(dst, "dst", n_rows > 0);
-  need_ptr(src, "src", n_rows > 0);
-  need_ptr(index, "index", n_rows > 0);
+  check_row_copy(dst, src, index, n_rows, row_bytes);
   check(r4b_cuda::scatter_rows(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
                                reinterpret_cast<const int64_t*>(index), n_rows, row_bytes,
                                stream),
