@@ -365,7 +365,7 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
     metrics.close()
 
     # 4. evaluation per mode and level
-    report = evaluate(engine, template, evals, job.eval, seed=setup.seed)
+    report = evaluate(engine, template, evals, job.eval, seed=setup.seed, rt=rt)
     if rt.is_main:
         write_report(report, out / "report", title="r4b annealing")
         (out / "curation_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
@@ -390,8 +390,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     job = parse_cli(AnnealJob, argv, prog="python -m r4b.anneal",
                     description="Bi-mode annealing (R-4B stage one).")
-    torch.set_num_threads(max(1, torch.get_num_threads() // int(__import__("os").environ.get(
-        "LOCAL_WORLD_SIZE", "1"))))
     rt = init_runtime(job.setup.tp_size)
     res = run_anneal(job, rt)
     log.info("annealing done in %.1f s", res.seconds)

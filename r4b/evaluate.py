@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .config import parse_cli, require_range
@@ -68,8 +69,7 @@ def eval_records(engine: EmbeddedEngine, template, items: Sequence, cfg: EvalCon
                  seed: int = 0) -> list[dict]:
     """One record per (item, mode): ``{mode, level, correct, tokens, thought, well_formed}``."""
     reqs = [RolloutRequest(prompt_ids=template.prompt_ids(it.question, it.n_images, m), mode=m,
-                           images=(torch.as_tensor(__import__("numpy").stack(it.images))
-                                   if it.images else None), uid=k)
+                           images=np.stack(it.images) if it.images else None, uid=k)
             for m in cfg.modes for k, it in enumerate(items)]
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -87,9 +87,19 @@ def eval_records(engine: EmbeddedEngine, template, items: Sequence, cfg: EvalCon
     return out
 
 
-def evaluate(engine: EmbeddedEngine, template, items: Sequence, cfg: EvalConfig, *, seed: int = 0) -> dict:
-    """The report structure (see :func:`r4b.report.summarize`) for ``items``."""
-    return summarize(eval_records(engine, template, items, cfg, seed=seed))
+def evaluate(engine: EmbeddedEngine, template, items: Sequence, cfg: EvalConfig, *, seed: int = 0,
+             rt=None) -> dict:
+    """The report structure (see :func:`r4b.report.summarize`) for ``items``.
+
+    With a :class:`r4b.runtime.Runtime` the items are split across data-parallel ranks and
+    the records gathered, so every rank returns the same report (greedy decoding makes the
+    split invisible in the numbers)."""
+    if rt is None or rt.dp_size == 1:
+        return summarize(eval_records(engine, template, items, cfg, seed=seed))
+    from .runtime import all_gather_objects
+
+    mine = eval_records(engine, template, items[rt.dp_rank::rt.dp_size], cfg, seed=seed)
+    return summarize([r for part in all_gather_objects(mine, rt) for r in part])
 
 
 def log_report(report: dict, title: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -121,7 +120,8 @@ def run_bpo(job: BPOJob, rt: Runtime) -> dict:
     metrics = MetricsWriter(out / "metrics.jsonl", tensorboard_dir=tb, truncate_after_step=start)
     during = dataclasses.replace(job.eval, n_items=min(job.eval_items_during, len(evals)))
     if start == 0 and not history:
-        history.append({"step": 0, "report": evaluate(engine, template, evals[:during.n_items], during,
+        history.append({"step": 0, "report": evaluate(engine, template, evals[:during.n_items],
+                                                      during, rt=rt,
                                                       seed=setup.seed)})
     bar = progress(total=job.steps, initial=start, desc=f"{cfg.algo}")
     for step in range(start, job.steps):
@@ -130,7 +130,7 @@ def run_bpo(job: BPOJob, rt: Runtime) -> dict:
         m = trainer.step(items, step, gen)
         done = step + 1
         if done % job.eval_every == 0 or done == job.steps:
-            rep = evaluate(engine, template, evals[:during.n_items], during, seed=setup.seed)
+            rep = evaluate(engine, template, evals[:during.n_items], during, seed=setup.seed, rt=rt)
             history.append({"step": done, "report": rep})
             for lv, v in rep.get("auto", {}).items():
                 m[f"eval/auto/L{lv}/think_rate"] = v["think_rate"]
@@ -144,7 +144,7 @@ def run_bpo(job: BPOJob, rt: Runtime) -> dict:
                             state={"history": history, "skipped_steps": trainer.skipped_steps})
     bar.close()
     metrics.close()
-    report = evaluate(engine, template, evals, job.eval, seed=setup.seed)
+    report = evaluate(engine, template, evals, job.eval, seed=setup.seed, rt=rt)
     if rt.is_main:
         write_report(report, out / "report", history=history, title=f"r4b {cfg.algo} evaluation")
         (out / "history.json").write_text(json.dumps(history) + "\n")
@@ -176,8 +176,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     job = parse_cli(BPOJob, argv, prog="torchrun --nproc-per-node N -m r4b.pretrain_bpo",
                     description="R-4B stage two: Bi-mode Policy Optimization (with annealing first "
                                 "when no annealed checkpoint exists), then the evaluation report.")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     rt = init_runtime(job.setup.tp_size)
     run_bpo(job, rt)
     if torch.distributed.is_initialized():

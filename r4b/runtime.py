@@ -42,9 +42,13 @@ class Runtime:
 
 def init_runtime(tp_size: int = 1, *, device: str = "auto") -> Runtime:
     """Initialise torch.distributed and megatron's model-parallel groups (TP only; PP runs
-    through megatron's schedules on GPU) and return this rank's :class:`Runtime`."""
+    through megatron's schedules on GPU) and return this rank's :class:`Runtime`.  On CPU the
+    node's cores are split evenly among its processes."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # share the machine's cores among the processes of this node
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     init_model_parallel(tp_size, 1, backend="nccl" if device == "cuda" else "gloo")
     ps = _parallel_state()
     dev = torch.device(device, int(os.environ.get("LOCAL_RANK", "0"))) if device == "cuda" \
