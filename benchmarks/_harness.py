@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -59,6 +60,17 @@ def matmul_tflops(m: int, n: int, k: int, dtype=torch.bfloat16, device="cuda") -
     return 2 * m * n * k / t / 1e12
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """Device name, date and versions, to stamp every recorded result."""
     import importlib.metadata as md
@@ -71,7 +83,8 @@ def environment() -> dict:
 
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpu": _cpu_name(), "cpu_threads": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "triton": ver("triton"), "cuda": torch.version.cuda,
         "liger_kernel": ver("liger-kernel"), "python": platform.python_version(),
     }

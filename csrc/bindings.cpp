@@ -17,7 +17,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 
@@ -85,7 +85,7 @@ py::dict plan(const py::array& seq_lens, int64_t num_ranks, int64_t tokens_per_m
 py::dict pack(const py::array& token_ids, const py::array& offsets, const py::array& prompt_lens,
               const py::array& seq_indices, std::optional<py::array> modes,
               std::optional<py::array> advantages, int64_t pad_to_multiple,
-              int64_t pad_token_id) {
+              int64_t pad_token_id, std::optional<py::array> bounds) {
   r4b::PackArgs a;
   if (token_ids.dtype().is(py::dtype::of<int32_t>())) {
     a.token_ids = vec<int32_t>(token_ids, "token_ids");
@@ -108,6 +108,11 @@ py::dict pack(const py::array& token_ids, const py::array& offsets, const py::ar
   if (advantages) a.advantages = vec<float>(*advantages, "advantages", a.n);
   a.pad_to_multiple = pad_to_multiple;
   a.pad_token_id = pad_token_id;
+  if (bounds) {
+    if (bounds->ndim() == 1 && bounds->shape(0) < 1) bad("bounds must have at least 1 entry, got 0");
+    a.bounds = vec<int64_t>(*bounds, "bounds");
+    a.num_batches = bounds->shape(0) - 1;
+  }
   r4b::PackSizes z;
   {
     py::gil_scoped_release nogil;
@@ -118,7 +123,8 @@ py::dict pack(const py::array& token_ids, const py::array& offsets, const py::ar
   auto mode = empty<int8_t>(z.rows);
   auto adv = empty<float>(z.rows);
   auto seg = empty<int32_t>(z.rows);
-  auto cu = empty<int32_t>(a.k + 1);
+  const int64_t B = int64_t(z.batch_rows.size());
+  auto cu = empty<int32_t>(a.k + B);
   auto rr = empty<int64_t>(z.response_rows);
   r4b::PackOut o;
   o.input_ids = ids.mutable_data();
@@ -132,7 +138,7 @@ py::dict pack(const py::array& token_ids, const py::array& offsets, const py::ar
   o.response_rows = rr.mutable_data();
   {
     py::gil_scoped_release nogil;
-    r4b::pack_fill(a, o);
+    r4b::pack_fill(a, z, o);
   }
   py::dict d;
   d["input_ids"] = ids;
@@ -144,7 +150,14 @@ py::dict pack(const py::array& token_ids, const py::array& offsets, const py::ar
   d["seq_index"] = seg;
   d["cu_seqlens"] = cu;
   d["response_rows"] = rr;
-  d["max_seqlen"] = z.max_seqlen;
+  auto as_array = [](const std::vector<int64_t>& v) {
+    auto arr = empty<int64_t>(int64_t(v.size()));
+    std::copy(v.begin(), v.end(), arr.mutable_data());
+    return arr;
+  };
+  d["batch_rows"] = as_array(z.batch_rows);
+  d["batch_response_rows"] = as_array(z.batch_response_rows);
+  d["batch_max_seqlen"] = as_array(z.batch_max_seqlen);
   return d;
 }
 
@@ -181,8 +194,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("pack", &pack, py::arg("token_ids"), py::arg("offsets"), py::arg("prompt_lens"),
         py::arg("seq_indices"), py::arg("modes") = py::none(),
         py::arg("advantages") = py::none(), py::arg("pad_to_multiple") = 1,
-        py::arg("pad_token_id") = 0,
-        "Pack sequences seq_indices into one THD micro-batch; see r4b/_packing_ref.py:pack.");
+        py::arg("pad_token_id") = 0, py::arg("bounds") = py::none(),
+        "Pack sequences seq_indices into THD micro-batches (one, or one per bounds interval), "
+        "outputs back to back; see r4b/_packing_ref.py:pack.");
   m.def("unpack_rows", &unpack_rows, py::arg("values"), py::arg("cu_seqlens"),
         py::arg("seq_lens"),
         "Unpadded rows of each packed sequence, concatenated in order.");

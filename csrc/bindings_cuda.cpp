@@ -13,7 +13,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 

@@ -241,6 +241,17 @@ PackSizes pack_sizes(const PackArgs& a) {
            " (seq_len ", len, ")");
   }
   if (a.modes) check_modes(a.modes, n);
+  const int64_t B = a.bounds ? a.num_batches : 1;
+  if (a.bounds) {
+    if (B < 0) fail("bounds must have at least 1 entry, got ", B + 1);
+    if (a.bounds[0] != 0) fail("bounds must start at 0, got ", a.bounds[0], " at index 0");
+    for (int64_t b = 0; b < B; ++b)
+      if (a.bounds[b + 1] < a.bounds[b])
+        fail("bounds must be non-decreasing, got ", a.bounds[b + 1], " at index ", b + 1,
+             " after ", a.bounds[b]);
+    if (a.bounds[B] != a.k)
+      fail("bounds must end at len(seq_indices) = ", a.k, ", got ", a.bounds[B], " at index ", B);
+  }
   for (int64_t j = 0; j < a.k; ++j) {
     const int64_t s = a.seq_indices[j];
     if (s < 0 || s >= n) fail("seq_indices must be in [0, ", n, "), got ", s, " at index ", j);
@@ -261,62 +272,93 @@ PackSizes pack_sizes(const PackArgs& a) {
         fail("advantages must be finite, got ", a.advantages[s], " at index ", s);
     }
   PackSizes z;
-  for (int64_t j = 0; j < a.k; ++j) {
-    const int64_t s = a.seq_indices[j], len = off[s + 1] - off[s];
-    const int64_t p = padded(len, m);
-    z.rows += p;
-    z.response_rows += len - a.prompt_lens[s];
-    z.max_seqlen = std::max(z.max_seqlen, p);
+  z.batch_rows.assign(size_t(B), 0);
+  z.batch_response_rows.assign(size_t(B), 0);
+  z.batch_max_seqlen.assign(size_t(B), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lo = a.bounds ? a.bounds[b] : 0, hi = a.bounds ? a.bounds[b + 1] : a.k;
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t s = a.seq_indices[j], len = off[s + 1] - off[s];
+      const int64_t p = padded(len, m);
+      z.batch_rows[b] += p;
+      z.batch_response_rows[b] += len - a.prompt_lens[s];
+      z.batch_max_seqlen[b] = std::max(z.batch_max_seqlen[b], p);
+    }
+    if (z.batch_rows[b] > int64_t(std::numeric_limits<int32_t>::max()))
+      fail("the micro-batch holds ", z.batch_rows[b], " rows; cu_seqlens is int32, so at most ",
+           std::numeric_limits<int32_t>::max());
+    z.rows += z.batch_rows[b];
+    z.response_rows += z.batch_response_rows[b];
   }
-  if (z.rows > int64_t(std::numeric_limits<int32_t>::max()))
-    fail("the micro-batch holds ", z.rows, " rows; cu_seqlens is int32, so at most ",
-         std::numeric_limits<int32_t>::max());
   return z;
 }
 
 namespace {
+// Packs sequences seq_indices[lo, hi) as one micro-batch whose outputs start at `o`.
 template <class Tok>
-void fill_rows(const PackArgs& a, const PackOut& o) {
+void fill_batch(const PackArgs& a, int64_t lo, int64_t hi, const PackOut& o) {
   const Tok* tok = static_cast<const Tok*>(a.token_ids);
   int64_t row = 0, rr = 0;
   o.cu_seqlens[0] = 0;
-  for (int64_t j = 0; j < a.k; ++j) {
-    const int64_t s = a.seq_indices[j], start = a.offsets[s];
+  for (int64_t j = 0; j < hi - lo; ++j) {
+    const int64_t s = a.seq_indices[lo + j], start = a.offsets[s];
     const int64_t L = a.offsets[s + 1] - start, P = a.prompt_lens[s];
     const int64_t Lp = padded(L, a.pad_to_multiple);
     const int8_t md = a.modes ? a.modes[s] : int8_t(0);
     const float adv = a.advantages ? a.advantages[s] : 0.0f;
     const Tok* t = tok + start;
-    int64_t* ids = o.input_ids + row;
-    int64_t* pos = o.position_ids + row;
-    int64_t* lab = o.labels + row;
-    uint8_t* msk = o.loss_mask + row;
-    float* av = o.advantage + row;
+    // Distinct outputs never alias: restrict lets each loop below compile to plain vector
+    // stores (this loop is bound by memory writes, about 42 bytes per row).
+    int64_t* __restrict ids = o.input_ids + row;
+    int64_t* __restrict pos = o.position_ids + row;
+    int64_t* __restrict lab = o.labels + row;
+    uint8_t* __restrict msk = o.loss_mask + row;
+    float* __restrict av = o.advantage + row;
+    int32_t* __restrict sid = o.seq_index + row;
+    int64_t* __restrict resp = o.response_rows + rr;
     for (int64_t p = 0; p < L; ++p) ids[p] = int64_t(t[p]);
     for (int64_t p = L; p < Lp; ++p) ids[p] = a.pad_token_id;
     for (int64_t p = 0; p < Lp; ++p) pos[p] = p;
     // Row p is scored iff P-1 <= p < L-1; its label is the next token of the same sequence.
-    for (int64_t p = 0; p < P - 1; ++p) lab[p] = kIgnoreIndex, msk[p] = 0, av[p] = 0.0f;
-    for (int64_t p = P - 1; p < L - 1; ++p) {
-      lab[p] = int64_t(t[p + 1]);
-      msk[p] = 1;
-      av[p] = adv;
-      o.response_rows[rr++] = row + p;
-    }
-    for (int64_t p = L - 1; p < Lp; ++p) lab[p] = kIgnoreIndex, msk[p] = 0, av[p] = 0.0f;
+    const int64_t s0 = P - 1, s1 = L - 1;
+    for (int64_t p = 0; p < s0; ++p) lab[p] = kIgnoreIndex;
+    for (int64_t p = s0; p < s1; ++p) lab[p] = int64_t(t[p + 1]);
+    for (int64_t p = s1; p < Lp; ++p) lab[p] = kIgnoreIndex;
+    std::memset(msk, 0, size_t(s0));
+    std::memset(msk + s0, 1, size_t(s1 - s0));
+    std::memset(msk + s1, 0, size_t(Lp - s1));
+    for (int64_t p = 0; p < s0; ++p) av[p] = 0.0f;
+    for (int64_t p = s0; p < s1; ++p) av[p] = adv;
+    for (int64_t p = s1; p < Lp; ++p) av[p] = 0.0f;
+    for (int64_t p = s0; p < s1; ++p) resp[p - s0] = row + p;
+    rr += s1 - s0;
     std::memset(o.mode + row, md, size_t(Lp));
-    for (int64_t p = 0; p < Lp; ++p) o.seq_index[row + p] = int32_t(j);
+    for (int64_t p = 0; p < Lp; ++p) sid[p] = int32_t(j);
     row += Lp;
     o.cu_seqlens[j + 1] = int32_t(row);
   }
 }
+
+template <class Tok>
+void fill_all(const PackArgs& a, const PackSizes& z, PackOut o) {
+  const int64_t B = int64_t(z.batch_rows.size());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lo = a.bounds ? a.bounds[b] : 0, hi = a.bounds ? a.bounds[b + 1] : a.k;
+    fill_batch<Tok>(a, lo, hi, o);
+    const int64_t rows = z.batch_rows[b];
+    o.input_ids += rows, o.position_ids += rows, o.labels += rows, o.loss_mask += rows;
+    o.mode += rows, o.advantage += rows, o.seq_index += rows;
+    o.cu_seqlens += hi - lo + 1;
+    o.response_rows += z.batch_response_rows[b];
+  }
+}
 }  // namespace
 
-void pack_fill(const PackArgs& a, const PackOut& o) {
+void pack_fill(const PackArgs& a, const PackSizes& z, const PackOut& o) {
   if (a.token_itemsize == 4)
-    fill_rows<int32_t>(a, o);
+    fill_all<int32_t>(a, z, o);
   else
-    fill_rows<int64_t>(a, o);
+    fill_all<int64_t>(a, z, o);
 }
 
 int64_t unpack_check(int64_t rows, const int32_t* cu, int64_t cu_len, const int64_t* seq_lens,

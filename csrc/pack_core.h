@@ -1,11 +1,12 @@
 // Torch-free core of the r4b ragged packer: plan (rank balancing + micro-batch filling),
-// THD pack of one micro-batch, and unpack.  Plain pointers and sizes; errors are thrown as
+// THD pack of one or many micro-batches, and unpack.  Plain pointers and sizes; errors are thrown as
 // std::invalid_argument with a message naming the argument, the index and the constraint.
 // The algorithm and its tie-breaking mirror r4b/_packing_ref.py exactly (tests compare them).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace r4b {
 
@@ -46,8 +47,12 @@ struct PackArgs {
   const int64_t* offsets = nullptr;      // [n + 1]
   const int64_t* prompt_lens = nullptr;  // [n]
   int64_t n = 0;
-  const int64_t* seq_indices = nullptr;  // [k]
+  const int64_t* seq_indices = nullptr;  // [k]: the micro-batches' sequences, back to back
   int64_t k = 0;
+  // [num_batches + 1]: micro-batch b packs seq_indices[bounds[b] .. bounds[b+1]); null means
+  // one micro-batch of all k sequences.  No sequence may appear twice in the whole call.
+  const int64_t* bounds = nullptr;
+  int64_t num_batches = 1;
   const int8_t* modes = nullptr;       // [n] or null
   const float* advantages = nullptr;   // [n] or null
   int64_t pad_to_multiple = 1;
@@ -55,14 +60,19 @@ struct PackArgs {
 };
 
 struct PackSizes {
-  int64_t rows = 0;           // packed rows (padded lengths summed)
-  int64_t response_rows = 0;  // rows with a label
-  int64_t max_seqlen = 0;     // longest padded sequence
+  int64_t rows = 0;           // packed rows of all micro-batches (padded lengths summed)
+  int64_t response_rows = 0;  // rows with a label, all micro-batches
+  std::vector<int64_t> batch_rows;           // [num_batches]: rows per micro-batch
+  std::vector<int64_t> batch_response_rows;  // [num_batches]: scored rows per micro-batch
+  std::vector<int64_t> batch_max_seqlen;     // [num_batches]: longest padded sequence (0 if empty)
 };
 
-// Validates `a` and returns the output sizes.
+// Validates `a` (every sequence once; micro-batch bounds) and returns the output sizes.
 PackSizes pack_sizes(const PackArgs& a);
 
+// Outputs of all micro-batches back to back: rows of batch b follow those of batch b-1.  Within
+// a batch, cu_seqlens restart at 0, seq_index counts its own sequences and response_rows are
+// its own row numbers.
 struct PackOut {
   int64_t* input_ids = nullptr;     // [rows]
   int64_t* position_ids = nullptr;  // [rows]
@@ -71,12 +81,12 @@ struct PackOut {
   int8_t* mode = nullptr;           // [rows]
   float* advantage = nullptr;       // [rows]
   int32_t* seq_index = nullptr;     // [rows]
-  int32_t* cu_seqlens = nullptr;    // [k + 1]
+  int32_t* cu_seqlens = nullptr;    // [k + num_batches]: k_b + 1 entries per batch
   int64_t* response_rows = nullptr; // [response_rows]
 };
 
-// Fills `out`; call pack_sizes first (it validates; this does not).
-void pack_fill(const PackArgs& a, const PackOut& out);
+// Fills `out` (sized by `z`); call pack_sizes first (it validates; this does not).
+void pack_fill(const PackArgs& a, const PackSizes& z, const PackOut& out);
 
 // Validates an unpack request: `rows` packed rows, cu_seqlens [k+1], seq_lens [k].
 // Returns the number of unpadded rows (sum of seq_lens).

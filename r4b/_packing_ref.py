@@ -1,8 +1,9 @@
-"""Pure-Python/NumPy reference of the ragged packer (the fallback when ``r4b._C`` is missing).
+"""Vectorised NumPy implementation of the ragged packer (``impl="numpy"``, the fallback when
+``r4b._C`` is missing).
 
-Every function here has a C++ twin in ``csrc/pack_core.cpp`` with the same validation, the same
-algorithm and the same tie-breaking, so the two produce identical outputs; the tests compare
-them on random inputs.  Inputs are NumPy arrays already converted by ``r4b.packing`` (int64
+Every function here has a C++ twin in ``csrc/pack_core.cpp`` and a pure-Python twin in
+``r4b/_packing_py.py`` with the same validation, the same algorithm and the same tie-breaking,
+so all three produce identical outputs; the tests compare them on random inputs.  Inputs are NumPy arrays already converted by ``r4b.packing`` (int64
 lengths/offsets/indices, int8 modes, float32 advantages); outputs are NumPy arrays.
 
 Plan (see ``plan``):
@@ -228,8 +229,29 @@ def plan(seq_lens: np.ndarray, num_ranks: int, tokens_per_microbatch: int,
 
 
 # ---------------------------------------------------------------- pack
+def check_bounds(bounds: np.ndarray | None, k: int) -> np.ndarray:
+    """Micro-batch boundaries in ``seq_indices`` (``[0, k]`` when ``bounds`` is None)."""
+    if bounds is None:
+        return np.array([0, k], dtype=np.int64)
+    B = bounds.shape[0] - 1
+    if B < 0:
+        raise ValueError("bounds must have at least 1 entry, got 0")
+    if bounds[0] != 0:
+        raise ValueError(f"bounds must start at 0, got {int(bounds[0])} at index 0")
+    bad = np.diff(bounds) < 0
+    if bad.any():
+        i = _first_bad(bad) + 1
+        raise ValueError(f"bounds must be non-decreasing, got {int(bounds[i])} at index {i} "
+                         f"after {int(bounds[i - 1])}")
+    if bounds[B] != k:
+        raise ValueError(f"bounds must end at len(seq_indices) = {k}, got {int(bounds[B])} at "
+                         f"index {B}")
+    return bounds
+
+
 def _check_pack(token_count, offsets, prompt_lens, seq_indices, modes, advantages,
-                pad_to_multiple) -> None:
+                pad_to_multiple, bounds=None) -> np.ndarray:
+    """Validates a pack request; returns the micro-batch bounds (see :func:`check_bounds`)."""
     n = prompt_lens.shape[0]
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
@@ -255,6 +277,7 @@ def _check_pack(token_count, offsets, prompt_lens, seq_indices, modes, advantage
                          f"at index {i} (seq_len {int(lens[i])})")
     if modes is not None:
         check_modes(modes, n)
+    bnd = check_bounds(bounds, seq_indices.shape[0])
     if advantages is not None:
         if advantages.shape[0] != n:
             raise ValueError(f"advantages must have one entry per sequence ({n}), got {advantages.shape[0]}")
@@ -276,25 +299,35 @@ def _check_pack(token_count, offsets, prompt_lens, seq_indices, modes, advantage
         if bad.any():
             j = int(seq_indices[_first_bad(bad)])
             raise ValueError(f"advantages must be finite, got {float(advantages[j])} at index {j}")
-    plen = padded_lengths(lens[seq_indices], pad_to_multiple)
-    if int(plen.sum()) > INT32_MAX:
-        raise ValueError(f"the micro-batch holds {int(plen.sum())} rows; cu_seqlens is int32, "
-                         f"so at most {INT32_MAX}")
+    plen = np.concatenate([[0], np.cumsum(padded_lengths(lens[seq_indices], pad_to_multiple))])
+    rows = plen[bnd[1:]] - plen[bnd[:-1]]
+    over = rows > INT32_MAX
+    if over.any():
+        raise ValueError(f"the micro-batch holds {int(rows[_first_bad(over)])} rows; cu_seqlens "
+                         f"is int32, so at most {INT32_MAX}")
+    return bnd
 
 
 def pack(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
          seq_indices: np.ndarray, modes: np.ndarray | None = None,
          advantages: np.ndarray | None = None, pad_to_multiple: int = 1,
-         pad_token_id: int = 0) -> dict:
-    """Pack sequences ``seq_indices`` into one THD micro-batch (see ``r4b.packing.PackedBatch``)."""
-    _check_pack(token_ids.shape[0], offsets, prompt_lens, seq_indices, modes, advantages,
-                pad_to_multiple)
-    k = seq_indices.size
+         pad_token_id: int = 0, bounds: np.ndarray | None = None) -> dict:
+    """Pack sequences ``seq_indices`` into THD micro-batches (see ``r4b.packing.PackedBatch``).
+
+    ``bounds`` ([B + 1], default ``[0, k]``) splits ``seq_indices`` into B micro-batches, packed
+    back to back: each output array holds batch 0's entries, then batch 1's, ...; within a
+    batch ``cu_seqlens`` ([k_b + 1] each) restarts at 0, ``seq_index`` counts its own sequences
+    and ``response_rows`` are its own row numbers.  ``batch_rows``, ``batch_response_rows`` and
+    ``batch_max_seqlen`` ([B] each) give every batch's share.
+    """
+    bnd = _check_pack(token_ids.shape[0], offsets, prompt_lens, seq_indices, modes, advantages,
+                      pad_to_multiple, bounds)
+    k, B = seq_indices.size, bnd.size - 1
     start = offsets[seq_indices]
     lens = offsets[seq_indices + 1] - start
     plens = prompt_lens[seq_indices]
     padded = padded_lengths(lens, pad_to_multiple)
-    cu = np.zeros(k + 1, dtype=np.int64)
+    cu = np.zeros(k + 1, dtype=np.int64)              # over all batches
     np.cumsum(padded, out=cu[1:])
     T = int(cu[-1])
     seg = np.repeat(np.arange(k, dtype=np.int32), padded)
@@ -310,11 +343,25 @@ def pack(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
     advantage = np.zeros(T, dtype=np.float32)
     if advantages is not None:
         advantage[scored] = advantages[seq_indices][seg[scored]]
+    # Make every batch's numbering local.
+    kb = np.diff(bnd)
+    batch_of_seq = np.repeat(np.arange(B), kb)
+    row0 = cu[bnd]                                    # first row of each batch, [B + 1]
+    batch_of_row = batch_of_seq[seg]
+    seq_index = seg - bnd[:-1][batch_of_row].astype(np.int32)
+    response_rows = np.flatnonzero(scored)
+    response_rows -= row0[:-1][batch_of_row[response_rows]]
+    b_of_cu = np.repeat(np.arange(B), kb + 1)         # batch b owns k_b + 1 cu entries
+    cu_local = cu[np.arange(k + B) - b_of_cu] - row0[:-1][b_of_cu]
+    max_seqlen = np.zeros(B, dtype=np.int64)
+    np.maximum.at(max_seqlen, batch_of_seq, padded)
     return {"input_ids": input_ids.astype(np.int64, copy=False), "position_ids": pos,
             "labels": labels, "loss_mask": scored, "mode": mode.astype(np.int8, copy=False),
-            "advantage": advantage, "seq_index": seg, "cu_seqlens": cu.astype(np.int32),
-            "response_rows": np.flatnonzero(scored).astype(np.int64),
-            "max_seqlen": int(padded.max()) if k else 0}
+            "advantage": advantage, "seq_index": seq_index.astype(np.int32, copy=False),
+            "cu_seqlens": cu_local.astype(np.int32), "response_rows": response_rows.astype(np.int64),
+            "batch_rows": np.diff(row0),
+            "batch_response_rows": np.bincount(batch_of_row[scored], minlength=B).astype(np.int64),
+            "batch_max_seqlen": max_seqlen}
 
 
 # ---------------------------------------------------------------- unpack

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .packing import pack_microbatch, plan_microbatches
+from .packing import flatten_sequences, pack_microbatches, plan_microbatches
 
 
 @dataclass
@@ -56,14 +56,16 @@ def plan(lengths: Sequence[int], *, dp_rank: int, dp_size: int, tokens_per_micro
 
 
 def pack(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], images: Sequence[list],
-         seqs: list[int]) -> PackedMicroBatch:
-    """Pack sequences ``seqs`` (indices into the per-sequence lists) into one micro-batch."""
-    lens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
-    offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    flat = np.fromiter((x for t in token_ids for x in t), dtype=np.int64, count=int(offsets[-1]))
+         microbatches: Sequence[Sequence[int]]) -> list[PackedMicroBatch]:
+    """Pack this rank's micro-batches (lists of indices into the per-sequence lists) in one call."""
+    flat, offsets = flatten_sequences(token_ids)
     plens = np.asarray(prompt_lens, dtype=np.int64)
-    pk = pack_microbatch(flat, offsets, plens, np.asarray(seqs, dtype=np.int64))
+    packed = pack_microbatches(flat, offsets, plens,
+                               [np.asarray(mb, dtype=np.int64) for mb in microbatches])
+    return [_with_rows(pk, plens, images) for pk in packed]
+
+
+def _with_rows(pk, plens: np.ndarray, images: Sequence[list]) -> PackedMicroBatch:
     seqs = [int(j) for j in pk.seq_indices.tolist()]  # packed order
     rows = pk.response_rows.to(torch.long)
     row_seq = pk.seq_index.to(torch.long).index_select(0, rows)
@@ -73,7 +75,7 @@ def pack(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], images:
     imgs = [img for j in seqs for img in images[j]]
     return PackedMicroBatch(
         input_ids=pk.input_ids, position_ids=pk.position_ids, cu_seqlens=pk.cu_seqlens,
-        max_seqlen=int(pk.max_seqlen), labels=pk.labels.to(torch.long), rows=rows, seqs=list(seqs),
+        max_seqlen=int(pk.max_seqlen), labels=pk.labels.to(torch.long), rows=rows, seqs=seqs,
         row_seq=row_seq, row_token=row_token,
         images=[torch.as_tensor(np.stack(imgs))] if imgs else [])
 

@@ -11,15 +11,18 @@ non-thinking ones) and the 2g rollouts of a prompt arrive together.  This module
   ``position_ids`` restarting per sequence, ``cu_seqlens`` (int32), ``max_seqlen``, labels that
   never cross a sequence boundary, loss mask, per-token mode / advantage / sequence index, the
   scored (response) rows, optional padding of every sequence to a multiple (TP/CP);
+  :func:`pack_microbatches` packs all of a rank's micro-batches in one validated pass;
 * **unpacks** (:func:`unpack_rows`, :func:`unpack_response`): per-row or per-response-row
   values (e.g. log-probs) back to per-sequence tensors.
 
-Implementations: ``"cpp"`` (``r4b._C``, torch-free C++ on NumPy buffers), ``"python"``
-(``r4b._packing_ref``, the NumPy reference, identical output), ``"cuda"`` (``r4b._C_cuda``,
-gathers of device-resident tensors: :func:`pack_microbatch` with CUDA ``token_ids``,
-:func:`gather_rows`, :func:`scatter_rows`, :func:`unpack_rows`).  ``"auto"`` picks CUDA for
-device tensors when built, else C++, else Python.  Availability is decided once at import
-(``HAS_R4B_C``, ``HAS_R4B_CUDA``) and logged with its reason; tests may patch the flags.
+Implementations, all with identical output: ``"cpp"`` (``r4b._C``, torch-free C++ on NumPy
+buffers), ``"numpy"`` (``r4b._packing_ref``, vectorised NumPy, the fallback), ``"python"``
+(``r4b._packing_py``, the pure-Python row-by-row specification: slow, for reading and testing),
+``"cuda"`` (``r4b._C_cuda``, gathers of device-resident tensors: :func:`pack_microbatch` with
+CUDA ``token_ids``, :func:`gather_rows`, :func:`scatter_rows`, :func:`unpack_rows`).
+``"auto"`` picks CUDA for device tensors when built, else C++, else NumPy.  Availability is
+decided once at import (``HAS_R4B_C``, ``HAS_R4B_CUDA``) and logged with its reason; tests may
+patch the flags.
 
 Conventions (``P`` prompt length, ``L`` sequence length, ``Lp`` padded length):
 
@@ -45,13 +48,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import _packing_py as pyref
 from . import _packing_ref as ref
 from .log import get_logger
 
 log = get_logger(__name__)
 
 IGNORE_INDEX = ref.IGNORE_INDEX
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 COSTS = {"tokens": ref.COST_TOKENS, "flops": ref.COST_FLOPS}
 
 try:  # Optional: the C++ packer, built by setup.py / CMakeLists.txt.
@@ -66,7 +70,7 @@ except ImportError as e:
     _C = None
     HAS_R4B_C = False
     _C_WHY = f"r4b._C not importable ({e}); rebuild with `pip install -e . --no-build-isolation`"
-    log.warning("C++ packer unavailable, using the NumPy reference: %s", _C_WHY)
+    log.warning("C++ packer unavailable, using the NumPy fallback: %s", _C_WHY)
 
 try:  # Optional: the CUDA gathers (built only where nvcc was found).
     from . import _C_cuda
@@ -85,19 +89,19 @@ log.debug("packer: HAS_R4B_C=%s (%s); HAS_R4B_CUDA=%s (%s)", HAS_R4B_C, _C_WHY, 
 
 
 def resolve_impl(impl: str, *, device: torch.device | str = "cpu", cuda_ok: bool = False) -> str:
-    """Map ``impl`` to "cuda", "cpp" or "python" for data on ``device``.
+    """Map ``impl`` to "cuda", "cpp", "numpy" or "python" for data on ``device``.
 
     ``"auto"``: CUDA for device tensors when ``cuda_ok`` and ``r4b._C_cuda`` is built, else C++
-    when ``r4b._C`` is built, else Python.  Explicit choices raise if unavailable.
+    when ``r4b._C`` is built, else NumPy.  Explicit choices raise if unavailable.
     """
-    allowed = ("auto", "cpp", "python") + (("cuda",) if cuda_ok else ())
+    allowed = ("auto", "cpp", "numpy", "python") + (("cuda",) if cuda_ok else ())
     if impl not in allowed:
         raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
     dev = torch.device(device)
     if impl == "auto":
         if cuda_ok and dev.type == "cuda" and HAS_R4B_CUDA:
             return "cuda"
-        return "cpp" if HAS_R4B_C else "python"
+        return "cpp" if HAS_R4B_C else "numpy"
     if impl == "cpp" and not HAS_R4B_C:
         raise RuntimeError(f"impl='cpp' requested but {_C_WHY}")
     if impl == "cuda":
@@ -106,6 +110,11 @@ def resolve_impl(impl: str, *, device: torch.device | str = "cpu", cuda_ok: bool
         if dev.type != "cuda":
             raise ValueError(f"impl='cuda' needs CUDA tensors, got data on {dev}")
     return impl
+
+
+def _host_impl(impl: str):
+    """The module implementing ``plan`` / ``pack`` / ``unpack_rows`` for a host ``impl``."""
+    return {"cpp": _C, "numpy": ref, "python": pyref}[impl]
 
 
 # ---------------------------------------------------------------- input conversion
@@ -196,7 +205,7 @@ def plan_microbatches(seq_lens, *, num_ranks: int, tokens_per_microbatch: int, g
         keep_groups: keep every group on one rank (units are groups).
         pad_to_multiple: lengths are padded to this multiple for cost and budget (TP/CP).
         equal_microbatches: append empty micro-batches so every rank has the same count.
-        impl: "auto" | "cpp" | "python" (identical results).
+        impl: "auto" | "cpp" | "numpy" | "python" (identical results).
     """
     impl = resolve_impl(impl)
     if cost not in COSTS:
@@ -215,7 +224,7 @@ def plan_microbatches(seq_lens, *, num_ranks: int, tokens_per_microbatch: int, g
     else:
         if gids is not None and gids.shape[0] != n:
             raise ValueError(f"group_ids must have one entry per sequence ({n}), got {gids.shape[0]}")
-        out = ref.plan(lens, **args)
+        out = _host_impl(impl).plan(lens, **args)
     R = int(num_ranks)
     rank_of, mb_of = out["rank_of"], out["microbatch_of"]
     counts = out["microbatch_counts"]
@@ -313,15 +322,66 @@ def pack_microbatch(token_ids, offsets, prompt_lens, seq_indices, *, modes=None,
         pad_to_multiple: pad every sequence to a multiple of this (TP/CP); padding rows are
             described in the module docstring.
         pad_token_id: input id of padding rows.
-        impl: "auto" | "cpp" | "python" | "cuda".
+        impl: "auto" | "cpp" | "numpy" | "python" | "cuda".
     Returns:
         :class:`PackedBatch` on the device of ``token_ids``.
+
+    To pack several micro-batches of the same buffer (e.g. all of a rank's), call
+    :func:`pack_microbatches`: it validates the batch once and packs them in one pass.
     """
+    sel = _ints("seq_indices", seq_indices)
+    return _pack(token_ids, offsets, prompt_lens, sel, None, modes, advantages, pad_to_multiple,
+                 pad_token_id, impl)[0]
+
+
+def pack_microbatches(token_ids, offsets, prompt_lens, microbatches, *, modes=None,
+                      advantages=None, pad_to_multiple: int = 1, pad_token_id: int = 0,
+                      impl: str = "auto") -> list[PackedBatch]:
+    """Pack several micro-batches of one flat token buffer in one call.
+
+    Same arguments as :func:`pack_microbatch`, with ``microbatches`` a list of index arrays
+    (e.g. ``Plan.microbatches[rank]``) in place of ``seq_indices``.  No sequence may appear in
+    two micro-batches (an error names both places).  The inputs are validated once and, with
+    the C++ packer, every micro-batch is written in one pass into one buffer per field: the
+    returned batches' tensors are views of those buffers (``PackedBatch.to`` copies).
+
+    Returns:
+        one :class:`PackedBatch` per entry of ``microbatches`` (empty entries give empty
+        batches).
+    """
+    parts = [_ints(f"microbatches[{b}]", mb) for b, mb in enumerate(microbatches)]
+    sizes = np.fromiter((p.shape[0] for p in parts), dtype=np.int64, count=len(parts))
+    bounds = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=bounds[1:])
+    sel = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n = _ints("prompt_lens", prompt_lens).shape[0]
+
+    def where(j: int) -> str:  # position j of the concatenation as microbatches[b][i]
+        b = int(np.searchsorted(bounds, j, side="right")) - 1
+        return f"microbatches[{b}][{j - int(bounds[b])}]"
+
+    bad = (sel < 0) | (sel >= n)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where(j)} must be a sequence index in [0, {n}), got {int(sel[j])}")
+    if sel.size > 1:
+        order = np.argsort(sel, kind="stable")
+        dup = np.flatnonzero(sel[order[1:]] == sel[order[:-1]])
+        if dup.size:
+            x, y = int(order[dup[0]]), int(order[dup[0] + 1])
+            raise ValueError(f"every sequence must be in exactly one micro-batch, but sequence "
+                             f"{int(sel[x])} is at {where(x)} and {where(y)}")
+    return _pack(token_ids, offsets, prompt_lens, sel, bounds, modes, advantages,
+                 pad_to_multiple, pad_token_id, impl)
+
+
+def _pack(token_ids, offsets, prompt_lens, sel: np.ndarray, bounds: np.ndarray | None, modes,
+          advantages, pad_to_multiple, pad_token_id, impl: str) -> list[PackedBatch]:
+    """Shared body of :func:`pack_microbatch` (``bounds`` None) and :func:`pack_microbatches`."""
     dev = token_ids.device if isinstance(token_ids, torch.Tensor) else torch.device("cpu")
     impl = resolve_impl(impl, device=dev, cuda_ok=True)
     off = _ints("offsets", offsets)
     pl = _ints("prompt_lens", prompt_lens)
-    sel = _ints("seq_indices", seq_indices)
     n = pl.shape[0]
     md = _modes(modes, n)
     adv = None
@@ -331,37 +391,47 @@ def pack_microbatch(token_ids, offsets, prompt_lens, seq_indices, *, modes=None,
                np.ascontiguousarray(_to_numpy(advantages), dtype=np.float32))
         if adv.ndim != 1:
             raise ValueError(f"advantages must be 1-D, got shape {adv.shape}")
+    pad, pad_id = int(pad_to_multiple), int(pad_token_id)
     if impl == "cuda":
-        return _pack_cuda(token_ids, off, pl, sel, md, adv, int(pad_to_multiple),
-                          int(pad_token_id))
+        bnd = [0, sel.shape[0]] if bounds is None else bounds.tolist()
+        return [_pack_cuda(token_ids, off, pl, sel[lo:hi], md, adv, pad, pad_id)
+                for lo, hi in zip(bnd[:-1], bnd[1:])]
     tok = _to_numpy(token_ids)
     if tok.ndim != 1:
         raise ValueError(f"token_ids must be 1-D, got shape {tok.shape}")
     if tok.size and tok.dtype.kind not in "iu":
         raise TypeError(f"token_ids must hold integers, got dtype {tok.dtype}")
     tok = np.ascontiguousarray(tok, dtype=np.int32 if tok.dtype == np.int32 else np.int64)
-    args = dict(modes=md, advantages=adv, pad_to_multiple=int(pad_to_multiple),
-                pad_token_id=int(pad_token_id))
-    if impl == "cpp":
-        out = _C.pack(tok, off, pl, sel, **args)
-    else:
-        if off.shape[0] != n + 1:
-            raise ValueError(f"offsets must have len(prompt_lens) + 1 = {n + 1} entries, "
-                             f"got {off.shape[0]}")
-        out = ref.pack(tok, off, pl, sel, **args)
-    pb = _packed_from(out, off, pl, sel, int(pad_to_multiple))
-    return pb if dev.type == "cpu" else pb.to(dev)
+    if impl != "cpp" and off.shape[0] != n + 1:
+        raise ValueError(f"offsets must have len(prompt_lens) + 1 = {n + 1} entries, "
+                         f"got {off.shape[0]}")
+    out = _host_impl(impl).pack(tok, off, pl, sel, modes=md, advantages=adv, pad_to_multiple=pad,
+                                pad_token_id=pad_id, bounds=bounds)
+    pbs = _packed_from(out, off, pl, sel, bounds, pad)
+    return pbs if dev.type == "cpu" else [pb.to(dev) for pb in pbs]
 
 
-def _packed_from(out: dict, off, pl, sel, pad: int) -> PackedBatch:
-    t = {k: torch.from_numpy(v) for k, v in out.items() if isinstance(v, np.ndarray)}
-    return PackedBatch(
-        input_ids=t["input_ids"], position_ids=t["position_ids"], labels=t["labels"],
-        loss_mask=t["loss_mask"], mode=t["mode"], advantage=t["advantage"],
-        seq_index=t["seq_index"], cu_seqlens=t["cu_seqlens"], max_seqlen=int(out["max_seqlen"]),
-        response_rows=t["response_rows"], seq_indices=torch.from_numpy(sel.copy()),
-        seq_lens=torch.from_numpy(off[sel + 1] - off[sel]), prompt_lens=torch.from_numpy(pl[sel]),
-        pad_to_multiple=pad)
+def _packed_from(out: dict, off, pl, sel, bounds, pad: int) -> list[PackedBatch]:
+    """Split the implementations' back-to-back output into one PackedBatch per micro-batch."""
+    bnd = np.array([0, sel.shape[0]], dtype=np.int64) if bounds is None else bounds
+    kb = np.diff(bnd)
+    rows = out["batch_rows"].tolist()
+    cols = {f: torch.from_numpy(out[f]).split(rows) for f in (
+        "input_ids", "position_ids", "labels", "loss_mask", "mode", "advantage", "seq_index")}
+    cu = torch.from_numpy(out["cu_seqlens"]).split((kb + 1).tolist())
+    resp = torch.from_numpy(out["response_rows"]).split(out["batch_response_rows"].tolist())
+    split = kb.tolist()
+    seqs = torch.from_numpy(sel.copy()).split(split)
+    lens = torch.from_numpy(off[sel + 1] - off[sel]).split(split)
+    plens = torch.from_numpy(pl[sel]).split(split)
+    longest = out["batch_max_seqlen"].tolist()
+    return [PackedBatch(input_ids=cols["input_ids"][b], position_ids=cols["position_ids"][b],
+                        labels=cols["labels"][b], loss_mask=cols["loss_mask"][b],
+                        mode=cols["mode"][b], advantage=cols["advantage"][b],
+                        seq_index=cols["seq_index"][b], cu_seqlens=cu[b],
+                        max_seqlen=int(longest[b]), response_rows=resp[b], seq_indices=seqs[b],
+                        seq_lens=lens[b], prompt_lens=plens[b], pad_to_multiple=pad)
+            for b in range(len(rows))]
 
 
 def _pack_cuda(token_ids: torch.Tensor, off, pl, sel, md, adv, pad: int, pad_id: int) -> PackedBatch:
@@ -490,7 +560,7 @@ def unpack_rows(values: torch.Tensor, cu_seqlens, seq_lens, *, impl: str = "auto
         values: [T, ...] values per packed row (e.g. per-token log-probs).
         cu_seqlens: [k + 1] padded boundaries (``PackedBatch.cu_seqlens``).
         seq_lens: [k] unpadded lengths (``PackedBatch.seq_lens``).
-        impl: "auto" | "cpp" | "python" | "cuda".
+        impl: "auto" | "cpp" | "numpy" | "python" | "cuda".
     Returns:
         ``k`` tensors, sequence ``j`` of shape [seq_lens[j], ...] (views of one buffer).
     """
@@ -507,10 +577,7 @@ def unpack_rows(values: torch.Tensor, cu_seqlens, seq_lens, *, impl: str = "auto
     else:
         v = values.detach().contiguous().cpu()
         view = v.view(torch.int16) if v.dtype == torch.bfloat16 else v
-        if impl == "cpp":
-            out = _C.unpack_rows(view.numpy(), cu.astype(np.int32), lens)
-        else:
-            out = ref.unpack_rows(view.numpy(), cu.astype(np.int32), lens)
+        out = _host_impl(impl).unpack_rows(view.numpy(), cu.astype(np.int32), lens)
         flat = torch.from_numpy(out)
         if v.dtype == torch.bfloat16:
             flat = flat.view(torch.bfloat16)
@@ -554,5 +621,5 @@ def flatten_sequences(token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, n
 
 
 __all__ = ["HAS_R4B_C", "HAS_R4B_CUDA", "IGNORE_INDEX", "PackedBatch", "Plan", "flatten_sequences",
-           "gather_rows", "pack_microbatch", "plan_microbatches", "resolve_impl", "scatter_rows",
-           "unpack_response", "unpack_rows"]
+           "gather_rows", "pack_microbatch", "pack_microbatches", "plan_microbatches",
+           "resolve_impl", "scatter_rows", "unpack_response", "unpack_rows"]

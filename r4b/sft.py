@@ -88,8 +88,7 @@ def sft_step(model, optimizer, examples: Sequence[Example], rt: Runtime, *, lr: 
                    tokens_per_microbatch=tokens_per_microbatch, modes=[e.mode for e in examples])
     optimizer.zero_grad(set_to_none=True)
     loss_sum, correct = 0.0, 0
-    for seqs in mine:
-        mb = pack(tokens, plens, [e.images for e in examples], seqs)
+    for mb in pack(tokens, plens, [e.images for e in examples], mine):
         logits = forward_rows(model, mb, return_hidden=False, gather_logits=False).float()
         ce = vocab_parallel_cross_entropy(logits, mb.targets)
         loss = ce.sum() / n_target

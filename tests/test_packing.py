@@ -1,4 +1,5 @@
-"""Ragged packer: C++ (r4b._C) against the NumPy reference, invariants, balance, bad input, CUDA."""
+"""Ragged packer: C++ (r4b._C), NumPy and pure-Python implementations agree; invariants,
+balance, bad input, CUDA."""
 
 import os
 import subprocess
@@ -11,11 +12,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from r4b import _packing_py as pyref
 from r4b import _packing_ref as ref
 from r4b import packing as P
 
 needs_c = pytest.mark.skipif(not P.HAS_R4B_C, reason="r4b._C is not built")
-IMPLS = [pytest.param("cpp", marks=needs_c), "python"]
+IMPLS = [pytest.param("cpp", marks=needs_c), "numpy", "python"]
+FAST = "cpp" if P.HAS_R4B_C else "numpy"  # the implementation used where speed matters
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PACK_FIELDS = ("input_ids", "position_ids", "labels", "loss_mask", "mode", "advantage",
                "seq_index", "cu_seqlens", "response_rows", "seq_indices", "seq_lens",
@@ -107,51 +110,29 @@ def check_plan(p: P.Plan, a: dict) -> None:
     assert p.imbalance >= 1.0 - 1e-12
 
 
-def expected_rows(a: dict):
-    """Row-by-row expectation written as plainly as possible (independent of both impls)."""
-    tok, off, pl = a["token_ids"], a["offsets"], a["prompt_lens"]
-    m = a["pad_to_multiple"]
-    rows = []
-    for j, s in enumerate(a["seq_indices"].tolist()):
-        L, Pn = int(off[s + 1] - off[s]), int(pl[s])
-        Lp = -(-L // m) * m
-        for p in range(Lp):
-            scored = Pn - 1 <= p < L - 1
-            rows.append(dict(
-                input_ids=int(tok[off[s] + p]) if p < L else a["pad_token_id"], position_ids=p,
-                labels=int(tok[off[s] + p + 1]) if scored else -100, loss_mask=scored,
-                mode=int(a["modes"][s]), advantage=float(a["advantages"][s]) if scored else 0.0,
-                seq_index=j))
-    return rows
-
-
 # ---------------------------------------------------------------- property tests
-@needs_c
 @HYP
 @given(plan_inputs())
-def test_plan_cpp_equals_reference_and_invariants(a):
+def test_plan_implementations_agree_and_invariants(a):
     kw = dict(a)
     lens = kw.pop("seq_lens")
-    pc = P.plan_microbatches(lens, impl="cpp", **kw)
-    pp = P.plan_microbatches(lens, impl="python", **kw)
-    for f in ("rank_of", "microbatch_of", "rank_costs", "rank_tokens", "microbatch_counts"):
-        assert np.array_equal(getattr(pc, f), getattr(pp, f)), f
-    assert pc.lower_bound == pp.lower_bound
-    check_plan(pc, a)
+    plans = {impl: P.plan_microbatches(lens, impl=impl, **kw)
+             for impl in (["cpp"] if P.HAS_R4B_C else []) + ["numpy", "python"]}
+    spec = plans.pop("python")
+    for impl, p in plans.items():
+        for f in ("rank_of", "microbatch_of", "rank_costs", "rank_tokens", "microbatch_counts"):
+            assert np.array_equal(getattr(p, f), getattr(spec, f)), (impl, f)
+        assert p.lower_bound == spec.lower_bound
+    check_plan(spec, a)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(a=pack_inputs())
-def test_pack_matches_rowwise_expectation_and_round_trips(impl, a):
+def test_pack_invariants_and_round_trips(impl, a):
     kw = dict(a)
     pb = P.pack_microbatch(kw.pop("token_ids"), kw.pop("offsets"), kw.pop("prompt_lens"),
                            kw.pop("seq_indices"), impl=impl, **kw)
-    exp = expected_rows(a)
-    assert pb.num_rows == len(exp)
-    for f in ("input_ids", "position_ids", "labels", "loss_mask", "mode", "seq_index"):
-        assert getattr(pb, f).tolist() == [r[f] for r in exp], f
-    assert pb.advantage.tolist() == pytest.approx([r["advantage"] for r in exp], abs=0)
     assert pb.input_ids.dtype == torch.int64 and pb.cu_seqlens.dtype == torch.int32
     # cu_seqlens consistent: padded lengths, position ids restart at every boundary.
     sel, off, m = a["seq_indices"], a["offsets"], a["pad_to_multiple"]
@@ -159,8 +140,17 @@ def test_pack_matches_rowwise_expectation_and_round_trips(impl, a):
     padded = -(-lens // m) * m
     assert pb.cu_seqlens.tolist() == [0] + np.cumsum(padded).tolist()
     assert pb.max_seqlen == (int(padded.max()) if sel.size else 0)
-    starts = pb.cu_seqlens[:-1].long()
-    assert torch.all(pb.position_ids[starts] == 0)
+    # Per sequence: its rows carry its index, mode, positions 0.., padding ids after its end,
+    # and its advantage exactly on the L - P scored rows.
+    for j, s in enumerate(sel.tolist()):
+        lo, hi = int(pb.cu_seqlens[j]), int(pb.cu_seqlens[j + 1])
+        L, Pn = int(lens[j]), int(a["prompt_lens"][s])
+        assert torch.equal(pb.position_ids[lo:hi], torch.arange(hi - lo))
+        assert torch.all(pb.seq_index[lo:hi] == j) and torch.all(pb.mode[lo:hi] == a["modes"][s])
+        assert torch.all(pb.input_ids[lo + L:hi] == a["pad_token_id"])
+        mask = pb.loss_mask[lo:hi]
+        assert mask.sum() == L - Pn and torch.all(mask[Pn - 1:L - 1])
+        assert torch.equal(pb.advantage[lo:hi], torch.where(mask, float(a["advantages"][s]), 0.0))
     assert torch.equal(pb.response_rows, pb.loss_mask.nonzero()[:, 0])
     # Labels never cross a sequence boundary: the last row of every sequence is ignored.
     ends = pb.cu_seqlens[1:].long() - 1
@@ -175,18 +165,69 @@ def test_pack_matches_rowwise_expectation_and_round_trips(impl, a):
         assert resp[j].tolist() == tok[off[s] + a["prompt_lens"][s]:off[s + 1]].tolist()
 
 
-@needs_c
 @HYP
 @given(pack_inputs())
-def test_pack_cpp_equals_reference(a):
+def test_pack_implementations_agree(a):
     kw = dict(a)
     args = [kw.pop(k) for k in ("token_ids", "offsets", "prompt_lens", "seq_indices")]
-    pc = P.pack_microbatch(*args, impl="cpp", **kw)
-    pp = P.pack_microbatch(*args, impl="python", **kw)
-    for f in PACK_FIELDS:
-        x, y = getattr(pc, f), getattr(pp, f)
-        assert x.dtype == y.dtype and torch.equal(x, y), f
-    assert pc.max_seqlen == pp.max_seqlen
+    spec = P.pack_microbatch(*args, impl="python", **kw)
+    for impl in (["cpp"] if P.HAS_R4B_C else []) + ["numpy"]:
+        pb = P.pack_microbatch(*args, impl=impl, **kw)
+        for f in PACK_FIELDS:
+            x, y = getattr(pb, f), getattr(spec, f)
+            assert x.dtype == y.dtype and torch.equal(x, y), (impl, f)
+        assert pb.max_seqlen == spec.max_seqlen
+
+
+@HYP
+@given(pack_inputs(), st.data())
+def test_pack_microbatches_equals_one_call_per_microbatch(a, data):
+    """The batched call (one validation, one pass, shared buffers) gives exactly what packing
+    each micro-batch on its own gives, for every implementation."""
+    kw = dict(a)
+    args = [kw.pop(k) for k in ("token_ids", "offsets", "prompt_lens")]
+    sel = kw.pop("seq_indices")
+    cuts = sorted(data.draw(st.lists(st.integers(0, sel.size), max_size=4)))
+    mbs = np.split(sel, cuts)  # may hold empty micro-batches
+    single = [P.pack_microbatch(*args, mb, impl="python", **kw) for mb in mbs]
+    for impl in (["cpp"] if P.HAS_R4B_C else []) + ["numpy", "python"]:
+        many = P.pack_microbatches(*args, mbs, impl=impl, **kw)
+        assert len(many) == len(mbs)
+        for x, y in zip(many, single):
+            for f in PACK_FIELDS:
+                assert getattr(x, f).dtype == getattr(y, f).dtype, (impl, f)
+                assert torch.equal(getattr(x, f), getattr(y, f)), (impl, f)
+            assert x.max_seqlen == y.max_seqlen
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pack_microbatches_rejects_a_sequence_in_two_microbatches(impl):
+    tok, off, pl = np.arange(10), [0, 4, 6, 9], [1, 2, 2]
+    with pytest.raises(ValueError, match=r"sequence 2 is at microbatches\[0\]\[1\] and "
+                                         r"microbatches\[2\]\[0\]"):
+        P.pack_microbatches(tok, off, pl, [[0, 2], [1], [2]], impl=impl)
+    with pytest.raises(ValueError, match=r"microbatches\[1\]\[0\] must be a sequence index "
+                                         r"in \[0, 3\), got 3"):
+        P.pack_microbatches(tok, off, pl, [[0], [3]], impl=impl)
+    with pytest.raises(ValueError, match=r"microbatches\[1\] must be 1-D"):
+        P.pack_microbatches(tok, off, pl, [[0], [[1]]], impl=impl)
+    assert P.pack_microbatches(tok, off, pl, [], impl=impl) == []
+
+
+BAD_BOUNDS = [([], "bounds must have at least 1 entry, got 0"),
+              ([1, 3], "bounds must start at 0, got 1 at index 0"),
+              ([0, 2, 1, 3], "bounds must be non-decreasing, got 1 at index 2 after 2"),
+              ([0, 2], "bounds must end at len(seq_indices) = 3, got 2 at index 1")]
+
+
+@pytest.mark.parametrize("bounds,msg", BAD_BOUNDS)
+def test_implementations_validate_bounds_alike(bounds, msg):
+    args = (np.arange(10), np.array([0, 4, 6, 9]), np.array([1, 2, 2]), np.array([0, 1, 2]))
+    impls = [ref.pack, pyref.pack] + ([P._C.pack] if P.HAS_R4B_C else [])
+    for pack in impls:
+        with pytest.raises(ValueError) as e:
+            pack(*args, None, None, 1, 0, np.array(bounds, dtype=np.int64))
+        assert msg in str(e.value), (pack, str(e.value))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -203,8 +244,8 @@ def test_whole_batch_every_token_in_exactly_one_microbatch(impl):
     assert {len(r) for r in p.microbatches} == {p.num_microbatches}
     got = np.zeros(int(off[-1]), dtype=np.int64)
     for rank in p.microbatches:
-        for mb in rank:
-            pb = P.pack_microbatch(tok, off, pl, mb, modes=modes, pad_to_multiple=4, impl=impl)
+        for mb, pb in zip(rank, P.pack_microbatches(tok, off, pl, rank, modes=modes,
+                                                    pad_to_multiple=4, impl=impl)):
             assert pb.num_rows <= 9000 and pb.num_rows % 4 == 0
             for s, vals in zip(pb.seq_indices.tolist(), pb.unpack(pb.input_ids, impl=impl)):
                 got[off[s]:off[s + 1]] += 1
@@ -216,9 +257,8 @@ def test_whole_batch_every_token_in_exactly_one_microbatch(impl):
 @pytest.mark.parametrize("keep_groups", [False, True])
 def test_balance_bimodal_8192_within_2_percent(keep_groups, capsys):
     lens, modes, gids = bimodal_batch()
-    impl = "cpp" if P.HAS_R4B_C else "python"
     kw = dict(num_ranks=8, tokens_per_microbatch=16384, group_ids=gids, modes=modes,
-              keep_groups=keep_groups, impl=impl)
+              keep_groups=keep_groups, impl=FAST)
     pt = P.plan_microbatches(lens, cost="tokens", **kw)
     pf = P.plan_microbatches(lens, cost="flops", flops_a=4096, **kw)
     assert pt.lower_bound == max(lens.sum() / 8, (np.bincount(gids, weights=lens).max()
@@ -379,7 +419,7 @@ def test_impl_resolution(monkeypatch):
     with pytest.raises(ValueError, match="impl must be one of"):
         P.plan_microbatches([3], num_ranks=1, tokens_per_microbatch=4, impl="cuda")
     monkeypatch.setattr(P, "HAS_R4B_C", False)
-    assert P.resolve_impl("auto") == "python"
+    assert P.resolve_impl("auto") == "numpy"
     with pytest.raises(RuntimeError, match="impl='cpp' requested"):
         P.resolve_impl("cpp")
     p = P.plan_microbatches([3, 4], num_ranks=2, tokens_per_microbatch=4)
@@ -429,7 +469,7 @@ def test_cuda_pack_equals_cpu(tok_dtype, pad):
     adv = rng.standard_normal(lens.size).astype(np.float32)
     sel = rng.permutation(lens.size)[:700]
     cpu = P.pack_microbatch(tok, off, pl, sel, modes=modes, advantages=adv, pad_to_multiple=pad,
-                            pad_token_id=7, impl="python")
+                            pad_token_id=7, impl="numpy")
     dev = tok.cuda()
     gpu = P.pack_microbatch(dev, off, pl, sel, modes=modes, advantages=adv, pad_to_multiple=pad,
                             pad_token_id=7, impl="cuda")
@@ -437,7 +477,7 @@ def test_cuda_pack_equals_cpu(tok_dtype, pad):
         assert torch.equal(getattr(gpu, f).cpu(), getattr(cpu, f)), f
     vals = torch.randn(gpu.num_rows, 3, device="cuda")
     for a, b in zip(P.unpack_rows(vals, gpu.cu_seqlens, gpu.seq_lens, impl="cuda"),
-                    P.unpack_rows(vals.cpu(), cpu.cu_seqlens, cpu.seq_lens, impl="python")):
+                    P.unpack_rows(vals.cpu(), cpu.cu_seqlens, cpu.seq_lens, impl="numpy")):
         assert torch.equal(a.cpu(), b)
 
 

@@ -224,8 +224,7 @@ class BPOTrainer:
         w_k = weights[idx].float()
         modes_k = torch.tensor([s.mode for s in kept], dtype=torch.int8)
         out = []
-        for seqs in mine:
-            pk = pack(tokens, plens, [s.images for s in kept], seqs)
+        for pk in pack(tokens, plens, [s.images for s in kept], mine):
             seqs = pk.seqs  # packed order: cu_seqlens and row_seq refer to it
             sel = torch.as_tensor(seqs, dtype=torch.long)
             tok_adv, tok_w = K.token_advantage_weights(
