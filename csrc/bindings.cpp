@@ -82,7 +82,7 @@ py::dict plan(const py::array& seq_lens, int64_t num_ranks, int64_t tokens_per_m
   return d;
 }
 
-py::dict pack(const py::array& token_ids, const py::array& offsets, const py::array& prompt_lens,
+py::list pack(const py::array& token_ids, const py::array& offsets, const py::array& prompt_lens,
               const py::array& seq_indices, std::optional<py::array> modes,
               std::optional<py::array> advantages, int64_t pad_to_multiple,
               int64_t pad_token_id, std::optional<py::array> bounds) {
@@ -118,47 +118,50 @@ py::dict pack(const py::array& token_ids, const py::array& offsets, const py::ar
     py::gil_scoped_release nogil;
     z = r4b::pack_sizes(a);
   }
-  auto ids = empty<int64_t>(z.rows), pos = empty<int64_t>(z.rows), lab = empty<int64_t>(z.rows);
-  py::array mask(py::dtype("bool"), std::vector<py::ssize_t>{py::ssize_t(z.rows)});
-  auto mode = empty<int8_t>(z.rows);
-  auto adv = empty<float>(z.rows);
-  auto seg = empty<int32_t>(z.rows);
+  // One set of arrays per micro-batch: micro-batch-sized buffers are recycled by the allocator
+  // from one step to the next, where one buffer per field for all micro-batches would be fresh
+  // memory (page faults) every call.
   const int64_t B = int64_t(z.batch_rows.size());
-  auto cu = empty<int32_t>(a.k + B);
-  auto rr = empty<int64_t>(z.response_rows);
-  r4b::PackOut o;
-  o.input_ids = ids.mutable_data();
-  o.position_ids = pos.mutable_data();
-  o.labels = lab.mutable_data();
-  o.loss_mask = static_cast<uint8_t*>(mask.mutable_data());
-  o.mode = mode.mutable_data();
-  o.advantage = adv.mutable_data();
-  o.seq_index = seg.mutable_data();
-  o.cu_seqlens = cu.mutable_data();
-  o.response_rows = rr.mutable_data();
+  py::list result;
+  std::vector<r4b::PackOut> outs(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t rows = z.batch_rows[b];
+    const int64_t k_b = a.bounds ? a.bounds[b + 1] - a.bounds[b] : a.k;
+    auto ids = empty<int64_t>(rows), pos = empty<int64_t>(rows), lab = empty<int64_t>(rows);
+    py::array mask(py::dtype("bool"), std::vector<py::ssize_t>{py::ssize_t(rows)});
+    auto mode = empty<int8_t>(rows);
+    auto adv = empty<float>(rows);
+    auto seg = empty<int32_t>(rows);
+    auto cu = empty<int32_t>(k_b + 1);
+    auto rr = empty<int64_t>(z.batch_response_rows[b]);
+    r4b::PackOut& o = outs[size_t(b)];
+    o.input_ids = ids.mutable_data();
+    o.position_ids = pos.mutable_data();
+    o.labels = lab.mutable_data();
+    o.loss_mask = static_cast<uint8_t*>(mask.mutable_data());
+    o.mode = mode.mutable_data();
+    o.advantage = adv.mutable_data();
+    o.seq_index = seg.mutable_data();
+    o.cu_seqlens = cu.mutable_data();
+    o.response_rows = rr.mutable_data();
+    py::dict d;
+    d["input_ids"] = ids;
+    d["position_ids"] = pos;
+    d["labels"] = lab;
+    d["loss_mask"] = mask;
+    d["mode"] = mode;
+    d["advantage"] = adv;
+    d["seq_index"] = seg;
+    d["cu_seqlens"] = cu;
+    d["response_rows"] = rr;
+    d["max_seqlen"] = z.batch_max_seqlen[b];
+    result.append(d);
+  }
   {
     py::gil_scoped_release nogil;
-    r4b::pack_fill(a, z, o);
+    for (int64_t b = 0; b < B; ++b) r4b::pack_fill(a, b, outs[size_t(b)]);
   }
-  py::dict d;
-  d["input_ids"] = ids;
-  d["position_ids"] = pos;
-  d["labels"] = lab;
-  d["loss_mask"] = mask;
-  d["mode"] = mode;
-  d["advantage"] = adv;
-  d["seq_index"] = seg;
-  d["cu_seqlens"] = cu;
-  d["response_rows"] = rr;
-  auto as_array = [](const std::vector<int64_t>& v) {
-    auto arr = empty<int64_t>(int64_t(v.size()));
-    std::copy(v.begin(), v.end(), arr.mutable_data());
-    return arr;
-  };
-  d["batch_rows"] = as_array(z.batch_rows);
-  d["batch_response_rows"] = as_array(z.batch_response_rows);
-  d["batch_max_seqlen"] = as_array(z.batch_max_seqlen);
-  return d;
+  return result;
 }
 
 py::array unpack_rows(const py::array& values, const py::array& cu_seqlens,
@@ -195,8 +198,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("seq_indices"), py::arg("modes") = py::none(),
         py::arg("advantages") = py::none(), py::arg("pad_to_multiple") = 1,
         py::arg("pad_token_id") = 0, py::arg("bounds") = py::none(),
-        "Pack sequences seq_indices into THD micro-batches (one, or one per bounds interval), "
-        "outputs back to back; see r4b/_packing_ref.py:pack.");
+        "Pack sequences seq_indices into THD micro-batches (one, or one per bounds interval); "
+        "a list with one dict of arrays per micro-batch; see r4b/_packing_ref.py:pack.");
   m.def("unpack_rows", &unpack_rows, py::arg("values"), py::arg("cu_seqlens"),
         py::arg("seq_lens"),
         "Unpadded rows of each packed sequence, concatenated in order.");

@@ -287,8 +287,6 @@ PackSizes pack_sizes(const PackArgs& a) {
     if (z.batch_rows[b] > int64_t(std::numeric_limits<int32_t>::max()))
       fail("the micro-batch holds ", z.batch_rows[b], " rows; cu_seqlens is int32, so at most ",
            std::numeric_limits<int32_t>::max());
-    z.rows += z.batch_rows[b];
-    z.response_rows += z.batch_response_rows[b];
   }
   return z;
 }
@@ -339,26 +337,14 @@ void fill_batch(const PackArgs& a, int64_t lo, int64_t hi, const PackOut& o) {
   }
 }
 
-template <class Tok>
-void fill_all(const PackArgs& a, const PackSizes& z, PackOut o) {
-  const int64_t B = int64_t(z.batch_rows.size());
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t lo = a.bounds ? a.bounds[b] : 0, hi = a.bounds ? a.bounds[b + 1] : a.k;
-    fill_batch<Tok>(a, lo, hi, o);
-    const int64_t rows = z.batch_rows[b];
-    o.input_ids += rows, o.position_ids += rows, o.labels += rows, o.loss_mask += rows;
-    o.mode += rows, o.advantage += rows, o.seq_index += rows;
-    o.cu_seqlens += hi - lo + 1;
-    o.response_rows += z.batch_response_rows[b];
-  }
-}
 }  // namespace
 
-void pack_fill(const PackArgs& a, const PackSizes& z, const PackOut& o) {
+void pack_fill(const PackArgs& a, int64_t batch, const PackOut& o) {
+  const int64_t lo = a.bounds ? a.bounds[batch] : 0, hi = a.bounds ? a.bounds[batch + 1] : a.k;
   if (a.token_itemsize == 4)
-    fill_all<int32_t>(a, z, o);
+    fill_batch<int32_t>(a, lo, hi, o);
   else
-    fill_all<int64_t>(a, z, o);
+    fill_batch<int64_t>(a, lo, hi, o);
 }
 
 int64_t unpack_check(int64_t rows, const int32_t* cu, int64_t cu_len, const int64_t* seq_lens,

@@ -60,8 +60,6 @@ struct PackArgs {
 };
 
 struct PackSizes {
-  int64_t rows = 0;           // packed rows of all micro-batches (padded lengths summed)
-  int64_t response_rows = 0;  // rows with a label, all micro-batches
   std::vector<int64_t> batch_rows;           // [num_batches]: rows per micro-batch
   std::vector<int64_t> batch_response_rows;  // [num_batches]: scored rows per micro-batch
   std::vector<int64_t> batch_max_seqlen;     // [num_batches]: longest padded sequence (0 if empty)
@@ -70,23 +68,23 @@ struct PackSizes {
 // Validates `a` (every sequence once; micro-batch bounds) and returns the output sizes.
 PackSizes pack_sizes(const PackArgs& a);
 
-// Outputs of all micro-batches back to back: rows of batch b follow those of batch b-1.  Within
-// a batch, cu_seqlens restart at 0, seq_index counts its own sequences and response_rows are
-// its own row numbers.
+// Outputs of one micro-batch: cu_seqlens start at 0, seq_index counts its own sequences and
+// response_rows are its own row numbers.
 struct PackOut {
-  int64_t* input_ids = nullptr;     // [rows]
+  int64_t* input_ids = nullptr;     // [rows] (of this batch)
   int64_t* position_ids = nullptr;  // [rows]
   int64_t* labels = nullptr;        // [rows]
   uint8_t* loss_mask = nullptr;     // [rows]
   int8_t* mode = nullptr;           // [rows]
   float* advantage = nullptr;       // [rows]
   int32_t* seq_index = nullptr;     // [rows]
-  int32_t* cu_seqlens = nullptr;    // [k + num_batches]: k_b + 1 entries per batch
+  int32_t* cu_seqlens = nullptr;    // [k_b + 1]
   int64_t* response_rows = nullptr; // [response_rows]
 };
 
-// Fills `out` (sized by `z`); call pack_sizes first (it validates; this does not).
-void pack_fill(const PackArgs& a, const PackSizes& z, const PackOut& out);
+// Fills the outputs of micro-batch `batch` (sized by pack_sizes, which validates; this does
+// not).  Batches are independent: callers give each its own buffers.
+void pack_fill(const PackArgs& a, int64_t batch, const PackOut& out);
 
 // Validates an unpack request: `rows` packed rows, cu_seqlens [k+1], seq_lens [k].
 // Returns the number of unpadded rows (sum of seq_lens).

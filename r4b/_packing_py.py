@@ -164,11 +164,11 @@ def pack(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
                           advantages, pad_to_multiple, bounds).tolist()
     m = int(pad_to_multiple)
     sel = seq_indices.tolist()
-    input_ids, position_ids, labels, loss_mask, mode, advantage, seq_index, response_rows = (
-        [] for _ in range(8))
-    cu_seqlens, batch_rows, batch_response_rows, batch_max_seqlen = [], [], [], []
+    out = []
     for lo, hi in zip(bnd[:-1], bnd[1:]):  # one micro-batch: rows numbered from 0
-        cu, n_resp, longest = [0], 0, 0
+        input_ids, position_ids, labels, loss_mask, mode, advantage, seq_index, response_rows = (
+            [] for _ in range(8))
+        cu, longest = [0], 0
         for j, s in enumerate(sel[lo:hi]):
             start, end = int(offsets[s]), int(offsets[s + 1])
             seq = token_ids[start:end].tolist()
@@ -186,25 +186,19 @@ def pack(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
             advantage += [0.0] * (P - 1) + [adv] * (L - P) + [0.0] * (pad + 1)
             seq_index += [j] * Lp
             response_rows += range(cu[-1] + P - 1, cu[-1] + L - 1)
-            n_resp += L - P
             cu.append(cu[-1] + Lp)
             longest = max(longest, Lp)
-        cu_seqlens += cu
-        batch_rows.append(cu[-1])
-        batch_response_rows.append(n_resp)
-        batch_max_seqlen.append(longest)
-    return {"input_ids": np.array(input_ids, dtype=np.int64),
-            "position_ids": np.array(position_ids, dtype=np.int64),
-            "labels": np.array(labels, dtype=np.int64),
-            "loss_mask": np.array(loss_mask, dtype=np.bool_),
-            "mode": np.array(mode, dtype=np.int8),
-            "advantage": np.array(advantage, dtype=np.float32),
-            "seq_index": np.array(seq_index, dtype=np.int32),
-            "cu_seqlens": np.array(cu_seqlens, dtype=np.int32),
-            "response_rows": np.array(response_rows, dtype=np.int64),
-            "batch_rows": np.array(batch_rows, dtype=np.int64),
-            "batch_response_rows": np.array(batch_response_rows, dtype=np.int64),
-            "batch_max_seqlen": np.array(batch_max_seqlen, dtype=np.int64)}
+        out.append({"input_ids": np.array(input_ids, dtype=np.int64),
+                    "position_ids": np.array(position_ids, dtype=np.int64),
+                    "labels": np.array(labels, dtype=np.int64),
+                    "loss_mask": np.array(loss_mask, dtype=np.bool_),
+                    "mode": np.array(mode, dtype=np.int8),
+                    "advantage": np.array(advantage, dtype=np.float32),
+                    "seq_index": np.array(seq_index, dtype=np.int32),
+                    "cu_seqlens": np.array(cu, dtype=np.int32),
+                    "response_rows": np.array(response_rows, dtype=np.int64),
+                    "max_seqlen": longest})
+    return out
 
 
 # ---------------------------------------------------------------- unpack

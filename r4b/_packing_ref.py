@@ -3,8 +3,9 @@
 
 Every function here has a C++ twin in ``csrc/pack_core.cpp`` and a pure-Python twin in
 ``r4b/_packing_py.py`` with the same validation, the same algorithm and the same tie-breaking,
-so all three produce identical outputs; the tests compare them on random inputs.  Inputs are NumPy arrays already converted by ``r4b.packing`` (int64
-lengths/offsets/indices, int8 modes, float32 advantages); outputs are NumPy arrays.
+so all three produce identical outputs; the tests compare them on random inputs.  Inputs are
+NumPy arrays already converted by ``r4b.packing`` (int64 lengths/offsets/indices, int8 modes,
+float32 advantages); outputs are NumPy arrays.
 
 Plan (see ``plan``):
 
@@ -314,11 +315,12 @@ def pack(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
          pad_token_id: int = 0, bounds: np.ndarray | None = None) -> dict:
     """Pack sequences ``seq_indices`` into THD micro-batches (see ``r4b.packing.PackedBatch``).
 
-    ``bounds`` ([B + 1], default ``[0, k]``) splits ``seq_indices`` into B micro-batches, packed
-    back to back: each output array holds batch 0's entries, then batch 1's, ...; within a
-    batch ``cu_seqlens`` ([k_b + 1] each) restarts at 0, ``seq_index`` counts its own sequences
-    and ``response_rows`` are its own row numbers.  ``batch_rows``, ``batch_response_rows`` and
-    ``batch_max_seqlen`` ([B] each) give every batch's share.
+    ``bounds`` ([B + 1], default ``[0, k]``) splits ``seq_indices`` into B micro-batches.
+    Returns a list of B dicts (``input_ids``, ``position_ids``, ``labels``, ``loss_mask``,
+    ``mode``, ``advantage``, ``seq_index``, ``cu_seqlens``, ``response_rows``, ``max_seqlen``);
+    within a batch ``cu_seqlens`` ([k_b + 1]) starts at 0, ``seq_index`` counts its own
+    sequences and ``response_rows`` are its own row numbers.  Here all batches are packed in
+    one vectorised pass and returned as views of it.
     """
     bnd = _check_pack(token_ids.shape[0], offsets, prompt_lens, seq_indices, modes, advantages,
                       pad_to_multiple, bounds)
@@ -355,13 +357,19 @@ def pack(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
     cu_local = cu[np.arange(k + B) - b_of_cu] - row0[:-1][b_of_cu]
     max_seqlen = np.zeros(B, dtype=np.int64)
     np.maximum.at(max_seqlen, batch_of_seq, padded)
-    return {"input_ids": input_ids.astype(np.int64, copy=False), "position_ids": pos,
+    cols = {"input_ids": input_ids.astype(np.int64, copy=False), "position_ids": pos,
             "labels": labels, "loss_mask": scored, "mode": mode.astype(np.int8, copy=False),
-            "advantage": advantage, "seq_index": seq_index.astype(np.int32, copy=False),
-            "cu_seqlens": cu_local.astype(np.int32), "response_rows": response_rows.astype(np.int64),
-            "batch_rows": np.diff(row0),
-            "batch_response_rows": np.bincount(batch_of_row[scored], minlength=B).astype(np.int64),
-            "batch_max_seqlen": max_seqlen}
+            "advantage": advantage, "seq_index": seq_index.astype(np.int32, copy=False)}
+    resp = np.concatenate([[0], np.cumsum(np.bincount(batch_of_row[scored], minlength=B))])
+    cu_local = cu_local.astype(np.int32)
+    out = []
+    for b in range(B):
+        d = {f: v[row0[b]:row0[b + 1]] for f, v in cols.items()}
+        d["cu_seqlens"] = cu_local[bnd[b] + b:bnd[b + 1] + b + 1]
+        d["response_rows"] = response_rows[resp[b]:resp[b + 1]].astype(np.int64)
+        d["max_seqlen"] = int(max_seqlen[b])
+        out.append(d)
+    return out
 
 
 # ---------------------------------------------------------------- unpack

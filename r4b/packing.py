@@ -228,18 +228,15 @@ def plan_microbatches(seq_lens, *, num_ranks: int, tokens_per_microbatch: int, g
     R = int(num_ranks)
     rank_of, mb_of = out["rank_of"], out["microbatch_of"]
     counts = out["microbatch_counts"]
-    order = np.lexsort((np.arange(n), mb_of, rank_of))
-    per_rank = np.bincount(rank_of, minlength=R)
-    mbs: list[list[np.ndarray]] = []
-    start = 0
-    for r in range(R):
-        idx = order[start:start + per_rank[r]]
-        start += per_rank[r]
-        sizes = np.bincount(mb_of[idx], minlength=int(counts[r]))
-        mbs.append([a.astype(np.int64) for a in np.split(idx, np.cumsum(sizes)[:-1])]
-                   if idx.size else [])
+    # Group sequences by (rank, micro-batch); the stable sort keeps indices ascending.
+    top = int(counts.max(initial=0))
+    key = rank_of.astype(np.int64) * top + mb_of
+    order = np.argsort(key, kind="stable").astype(np.int64, copy=False)
+    ends = np.cumsum(np.bincount(key, minlength=R * top)).tolist()
+    starts = [0] + ends[:-1]
+    mbs: list[list[np.ndarray]] = [[order[starts[r * top + j]:ends[r * top + j]]
+                                    for j in range(int(counts[r]))] for r in range(R)]
     if equal_microbatches:
-        top = int(counts.max(initial=0))
         for r in range(R):
             mbs[r] += [np.zeros(0, dtype=np.int64)] * (top - len(mbs[r]))
     total = float(out["rank_costs"].sum())
@@ -411,27 +408,18 @@ def _pack(token_ids, offsets, prompt_lens, sel: np.ndarray, bounds: np.ndarray |
     return pbs if dev.type == "cpu" else [pb.to(dev) for pb in pbs]
 
 
-def _packed_from(out: dict, off, pl, sel, bounds, pad: int) -> list[PackedBatch]:
-    """Split the implementations' back-to-back output into one PackedBatch per micro-batch."""
-    bnd = np.array([0, sel.shape[0]], dtype=np.int64) if bounds is None else bounds
-    kb = np.diff(bnd)
-    rows = out["batch_rows"].tolist()
-    cols = {f: torch.from_numpy(out[f]).split(rows) for f in (
-        "input_ids", "position_ids", "labels", "loss_mask", "mode", "advantage", "seq_index")}
-    cu = torch.from_numpy(out["cu_seqlens"]).split((kb + 1).tolist())
-    resp = torch.from_numpy(out["response_rows"]).split(out["batch_response_rows"].tolist())
-    split = kb.tolist()
-    seqs = torch.from_numpy(sel.copy()).split(split)
-    lens = torch.from_numpy(off[sel + 1] - off[sel]).split(split)
-    plens = torch.from_numpy(pl[sel]).split(split)
-    longest = out["batch_max_seqlen"].tolist()
-    return [PackedBatch(input_ids=cols["input_ids"][b], position_ids=cols["position_ids"][b],
-                        labels=cols["labels"][b], loss_mask=cols["loss_mask"][b],
-                        mode=cols["mode"][b], advantage=cols["advantage"][b],
-                        seq_index=cols["seq_index"][b], cu_seqlens=cu[b],
-                        max_seqlen=int(longest[b]), response_rows=resp[b], seq_indices=seqs[b],
-                        seq_lens=lens[b], prompt_lens=plens[b], pad_to_multiple=pad)
-            for b in range(len(rows))]
+def _packed_from(out: list[dict], off, pl, sel, bounds, pad: int) -> list[PackedBatch]:
+    """One PackedBatch per micro-batch from the implementations' per-batch arrays."""
+    bnd = [0, sel.shape[0]] if bounds is None else bounds.tolist()
+    lens, plens = off[sel + 1] - off[sel], pl[sel]
+    t = torch.from_numpy
+    return [PackedBatch(input_ids=t(d["input_ids"]), position_ids=t(d["position_ids"]),
+                        labels=t(d["labels"]), loss_mask=t(d["loss_mask"]), mode=t(d["mode"]),
+                        advantage=t(d["advantage"]), seq_index=t(d["seq_index"]),
+                        cu_seqlens=t(d["cu_seqlens"]), max_seqlen=int(d["max_seqlen"]),
+                        response_rows=t(d["response_rows"]), seq_indices=t(sel[lo:hi].copy()),
+                        seq_lens=t(lens[lo:hi]), prompt_lens=t(plens[lo:hi]), pad_to_multiple=pad)
+            for d, lo, hi in zip(out, bnd[:-1], bnd[1:])]
 
 
 def _pack_cuda(token_ids: torch.Tensor, off, pl, sel, md, adv, pad: int, pad_id: int) -> PackedBatch:

@@ -48,7 +48,7 @@ def test_cmake_build_without_cuda_imports_in_subprocess(tmp_path):
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy as np, _C; "
             "o = _C.plan(np.array([3, 1, 2], dtype=np.int64), 2, 4); "
             "assert o['rank_of'].tolist() == [0, 1, 1], o; "
-            "p = _C.pack(np.arange(6), np.array([0, 2, 6]), np.array([1, 2]), np.array([1])); "
+            "p, = _C.pack(np.arange(6), np.array([0, 2, 6]), np.array([1, 2]), np.array([1])); "
             "assert p['labels'].tolist() == [-100, 4, 5, -100], p; print('ok')")
     r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
                        timeout=60)
