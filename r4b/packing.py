@@ -12,6 +12,9 @@ non-thinking ones) and the 2g rollouts of a prompt arrive together.  This module
   never cross a sequence boundary, loss mask, per-token mode / advantage / sequence index, the
   scored (response) rows, optional padding of every sequence to a multiple (TP/CP);
   :func:`pack_microbatches` packs all of a rank's micro-batches in one validated pass;
+* **gathers** (:func:`gather_rows`, :func:`scatter_rows`): per-token values between per-sequence
+  and packed layout, also registered as ``torch.ops.r4b.gather_rows`` (differentiable) and
+  ``torch.ops.r4b.scatter_rows_`` for use under ``torch.compile``;
 * **unpacks** (:func:`unpack_rows`, :func:`unpack_response`): per-row or per-response-row
   values (e.g. log-probs) back to per-sequence tensors.
 
@@ -522,6 +525,46 @@ def scatter_rows(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor, *,
     ok = idx >= 0
     dst[idx[ok]] = src[ok]
     return dst
+
+
+# torch.library registrations: torch.ops.r4b.gather_rows (differentiable in ``src``) and
+# torch.ops.r4b.scatter_rows_ (in place), with fake implementations, so that code under
+# torch.compile can call the device gathers without a graph break.
+@torch.library.custom_op("r4b::gather_rows", mutates_args=())
+def _gather_rows_op(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return gather_rows(src, index)
+
+
+@_gather_rows_op.register_fake
+def _gather_rows_fake(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return src.new_empty((index.shape[0],) + tuple(src.shape[1:]))
+
+
+def _gather_rows_setup(ctx, inputs, output) -> None:
+    src, index = inputs
+    ctx.save_for_backward(index)
+    ctx.src_shape = tuple(src.shape)
+
+
+def _gather_rows_backward(ctx, grad: torch.Tensor):
+    (index,) = ctx.saved_tensors
+    ok = index >= 0
+    grad_src = grad.new_zeros(ctx.src_shape)
+    grad_src.index_add_(0, index[ok].to(torch.int64), grad[ok])  # repeated rows accumulate
+    return grad_src, None
+
+
+_gather_rows_op.register_autograd(_gather_rows_backward, setup_context=_gather_rows_setup)
+
+
+@torch.library.custom_op("r4b::scatter_rows_", mutates_args=("dst",))
+def _scatter_rows_op(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> None:
+    scatter_rows(dst, src, index)
+
+
+@_scatter_rows_op.register_fake
+def _scatter_rows_fake(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> None:
+    return None
 
 
 def _check_gather(name: str, src, index) -> None:

@@ -415,6 +415,35 @@ def test_gather_and_scatter_reference():
         P.gather_rows(src, idx, impl="cuda")
 
 
+def test_custom_ops_match_functions_gradients_and_compile():
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(9, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    idx = torch.randint(-1, 9, (14,), generator=g)  # repeats and padding rows
+    out = torch.ops.r4b.gather_rows(src, idx)
+    assert torch.equal(out, P.gather_rows(src.detach(), idx))
+    # Gradient: every source row receives the sum of the gradients of the rows copied from it.
+    w = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    (out * w).sum().backward()
+    expect = torch.zeros_like(src)
+    for i, j in enumerate(idx.tolist()):
+        if j >= 0:
+            expect[j] += w[i]
+    assert torch.allclose(src.grad, expect, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda s: torch.ops.r4b.gather_rows(s, idx),
+                                    (src.detach().requires_grad_(),))
+    dst = torch.zeros(12, 2, 3, dtype=torch.float64)
+    perm = torch.randperm(12, generator=g)[:9]
+    torch.ops.r4b.scatter_rows_(dst, src.detach(), perm)
+    assert torch.equal(dst[perm], src.detach())
+    for op, args in ((torch.ops.r4b.gather_rows.default, (src.detach().requires_grad_(), idx)),
+                     (torch.ops.r4b.scatter_rows_.default, (dst, src.detach(), perm))):
+        res = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in res.values()), res
+    f = torch.compile(lambda s, i: torch.ops.r4b.gather_rows(s, i) * 2, backend="aot_eager",
+                      fullgraph=True)
+    assert torch.equal(f(src.detach(), idx), 2 * P.gather_rows(src.detach(), idx))
+
+
 def test_impl_resolution(monkeypatch):
     with pytest.raises(ValueError, match="impl must be one of"):
         P.plan_microbatches([3], num_ranks=1, tokens_per_microbatch=4, impl="cuda")
