@@ -1,7 +1,8 @@
 // Torch-free core of the r4b ragged packer: plan (rank balancing + micro-batch filling),
-// THD pack of one or many micro-batches, and unpack.  Plain pointers and sizes; errors are thrown as
-// std::invalid_argument with a message naming the argument, the index and the constraint.
-// The algorithm and its tie-breaking mirror r4b/_packing_ref.py exactly (tests compare them).
+// THD pack of one or many micro-batches, and unpack.  Plain pointers and sizes; errors are
+// thrown as std::invalid_argument with a message naming the argument, the index and the
+// constraint.  The algorithm and its tie-breaking mirror r4b/_packing_ref.py and
+// r4b/_packing_py.py exactly (tests compare all three).
 #pragma once
 
 #include <cstddef>

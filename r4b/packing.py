@@ -342,8 +342,9 @@ def pack_microbatches(token_ids, offsets, prompt_lens, microbatches, *, modes=No
     Same arguments as :func:`pack_microbatch`, with ``microbatches`` a list of index arrays
     (e.g. ``Plan.microbatches[rank]``) in place of ``seq_indices``.  No sequence may appear in
     two micro-batches (an error names both places).  The inputs are validated once and, with
-    the C++ packer, every micro-batch is written in one pass into one buffer per field: the
-    returned batches' tensors are views of those buffers (``PackedBatch.to`` copies).
+    the C++ packer, all micro-batches are written in one call that releases the GIL; each
+    micro-batch gets its own arrays (sized per micro-batch, so the allocator recycles them
+    from one step to the next).
 
     Returns:
         one :class:`PackedBatch` per entry of ``microbatches`` (empty entries give empty
