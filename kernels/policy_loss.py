@@ -41,6 +41,7 @@ not wrap ``hidden`` in Megatron's copy-to-tensor-parallel-region as well; the gr
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -467,6 +468,7 @@ def default_chunk_rows(n_rows: int, v_local: int, dtype: torch.dtype, with_grad:
 
 
 _MM_OUT_DTYPE_OK: dict[str, bool] = {}
+_log = logging.getLogger(__name__)
 
 
 def _logits_mm(h: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor) -> None:
@@ -480,8 +482,15 @@ def _logits_mm(h: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor) -> None:
             torch.mm(h, w_t, out_dtype=torch.float32, out=out)
             _MM_OUT_DTYPE_OK[key] = True
             return
-        except (RuntimeError, TypeError, NotImplementedError):
+        except (RuntimeError, TypeError, NotImplementedError) as e:
+            # This torch has no bf16 -> fp32-output matmul on this device: upcast the operands
+            # instead (same result, but fp32 copies of each chunk's operands in memory).
             _MM_OUT_DTYPE_OK[key] = False
+            # Once per device type; a warning on GPUs, where the memory bound depends on it.
+            _log.log(logging.WARNING if key == "cuda" else logging.DEBUG,
+                     "torch.mm(out_dtype=float32) unavailable on %s (%s); upcasting %s operands "
+                     "to fp32 for the logits GEMM, which costs extra memory",
+                     key, str(e).splitlines()[0][:200], h.dtype)
     torch.mm(h.float(), w_t.float(), out=out)
 
 
