@@ -1,15 +1,29 @@
 """Hugging Face interop: load a transformers checkpoint directory into this rank's shards and
 write the model back as one.
 
-Supported layouts (``config.json`` + ``model.safetensors`` or sharded with
-``model.safetensors.index.json``):
+Architectures (``config.json`` ``architectures[0]``):
 
 * ``Qwen3ForCausalLM`` — text-only; weights ``model.*`` and ``lm_head.weight`` (untied only);
-* ``LlavaOnevisionForConditionalGeneration`` and R-4B's ``RForConditionalGeneration`` — Qwen3
-  language model under ``model.language_model.``, SigLIP tower under
-  ``model.vision_tower.vision_model.``, projector under ``model.multi_modal_projector.``
-  (R-4B's starts with ``pre_norm``; plain LLaVA-OneVision's has none), optional
-  ``model.image_newline``, and ``lm_head.weight`` when untied.
+* ``LlavaOnevisionForConditionalGeneration`` and R-4B's ``RForConditionalGeneration`` — a
+  Qwen3 language model, a SigLIP tower, the projector (R-4B's starts with ``pre_norm``; plain
+  LLaVA-OneVision's has none), optional ``image_newline``, and an LM head when untied.
+
+Weight-name layouts of the multimodal checkpoints (:data:`LAYOUTS`; :func:`detect_layout` picks
+the one whose embedding and patch-embedding keys are present and says which it found):
+
+=========================  ==========================  ===============================  ==========================
+layout                      language model              vision tower                     written by
+=========================  ==========================  ===============================  ==========================
+``hub``                     ``model.language_model.``   ``model.vision_tower.vision_model.``  the R-4B hub checkpoint; :func:`to_hf`
+``transformers``            ``model.language_model.``   ``model.vision_tower.``          ``save_pretrained(save_original_format=False)``
+``transformers-original``   ``language_model.model.``   ``vision_tower.``                ``save_pretrained()`` (transformers 5.x default)
+``legacy``                  ``language_model.model.``   ``vision_tower.vision_model.``   transformers 4.x
+=========================  ==========================  ===============================  ==========================
+
+(projector ``[model.]multi_modal_projector.``, newline ``[model.]image_newline``, head
+``lm_head.weight`` or ``language_model.lm_head.weight``, following the language model's family).
+Single files (``model.safetensors``) and sharded ones (``model.safetensors.index.json``) are
+read lazily.
 
 Each module maps its own weights (``hf_state_dict`` / ``load_hf_state_dict`` with names relative
 to its prefix, sharding and gathering over TP); this file routes prefixes, reads and writes
@@ -22,6 +36,7 @@ import copy
 import dataclasses
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -39,15 +54,69 @@ log = get_logger(__name__)
 TEXT_ARCHS = ("Qwen3ForCausalLM",)
 MM_ARCHS = ("LlavaOnevisionForConditionalGeneration", "RForConditionalGeneration")
 
-TEXT_LM_PREFIX = "model."
-MM_LM_PREFIX = "model.language_model."
-VISION_PREFIX = "model.vision_tower.vision_model."
-PROJECTOR_PREFIX = "model.multi_modal_projector."
-NEWLINE_KEY = "model.image_newline"
-HEAD_KEY = "lm_head.weight"
-
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where a checkpoint keeps each part of the model (key prefixes and single keys)."""
+
+    name: str
+    lm: str
+    """Prefix of the decoder (``embed_tokens``, ``layers.{i}``, ``norm``)."""
+    head: str
+    """Key of the untied LM head."""
+    vision: str | None = None
+    """Prefix of the SigLIP tower (``embeddings``, ``encoder``, ``post_layernorm``, ``head``)."""
+    projector: str | None = None
+    """Prefix of the projector (``pre_norm``, ``linear_1``, ``linear_2``)."""
+    newline: str | None = None
+    """Key of LLaVA-OneVision's ``image_newline`` vector."""
+
+    def prefixes(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.lm, self.vision, self.projector) if p)
+
+
+TEXT_LAYOUT = CheckpointLayout("qwen3", lm="model.", head="lm_head.weight")
+HUB_LAYOUT = CheckpointLayout("hub", lm="model.language_model.", head="lm_head.weight",
+                              vision="model.vision_tower.vision_model.",
+                              projector="model.multi_modal_projector.", newline="model.image_newline")
+LAYOUTS: tuple[CheckpointLayout, ...] = (
+    HUB_LAYOUT,
+    CheckpointLayout("transformers", lm="model.language_model.", head="lm_head.weight",
+                     vision="model.vision_tower.", projector="model.multi_modal_projector.",
+                     newline="model.image_newline"),
+    CheckpointLayout("legacy", lm="language_model.model.", head="language_model.lm_head.weight",
+                     vision="vision_tower.vision_model.", projector="multi_modal_projector.",
+                     newline="image_newline"),
+    CheckpointLayout("transformers-original", lm="language_model.model.",
+                     head="language_model.lm_head.weight", vision="vision_tower.",
+                     projector="multi_modal_projector.", newline="image_newline"),
+)
+"""Multimodal layouts, most specific vision prefix first (``vision_tower.vision_model.`` also
+starts with ``vision_tower.``)."""
+
+_EMBED = "embed_tokens.weight"
+_PATCH = "embeddings.patch_embedding.weight"
+
+
+def detect_layout(keys, multimodal: bool) -> CheckpointLayout:
+    """The layout whose token-embedding (and, for multimodal checkpoints, patch-embedding) key is
+    among ``keys``; ``ValueError`` listing what was looked for when none is."""
+    keys = set(keys)
+    if not multimodal:
+        if TEXT_LAYOUT.lm + _EMBED not in keys:
+            raise ValueError(f"a Qwen3ForCausalLM checkpoint must hold {TEXT_LAYOUT.lm + _EMBED!r}; "
+                             f"found keys such as {sorted(keys)[:5]}")
+        return TEXT_LAYOUT
+    for lay in LAYOUTS:
+        if lay.lm + _EMBED in keys and lay.vision + _PATCH in keys:
+            return lay
+    looked = [(lay.name, lay.lm + _EMBED, lay.vision + _PATCH) for lay in LAYOUTS]
+    raise ValueError(f"unrecognised multimodal checkpoint layout: none of the known (layout, "
+                     f"embedding key, patch-embedding key) pairs {looked} is present; found keys "
+                     f"such as {sorted(keys)[:6]}")
 
 
 # ---------------------------------------------------------------- reading safetensors
@@ -71,7 +140,13 @@ class SafetensorsReader(Mapping):
             weight_map = None
         else:
             raise FileNotFoundError(f"{str(self.path)!r} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
-        self._handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
+        self.files = files
+        self._handles = {}
+        for f in files:
+            try:
+                self._handles[f] = safe_open(str(self.path / f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise HFLoadError(f"cannot read {str(self.path / f)!r}: {e}") from e
         self._where: dict[str, str] = {}
         for f, h in self._handles.items():
             for k in h.keys():
@@ -234,15 +309,16 @@ def read_hf_config(path: str | Path, keys=()) -> tuple[ModelConfig, dict]:
         text["tie_word_embeddings"] = bool(raw.get("tie_word_embeddings")
                                            or text.get("tie_word_embeddings"))
         keys = set(keys)
+        lay = detect_layout(keys, multimodal=True) if keys else HUB_LAYOUT
         image_token = raw.get("image_token_index", raw.get("image_token_id"))
         if image_token is None:
             raise ValueError("config.json names no image_token_index / image_token_id")
         return ModelConfig(
             lm=lm_config_from_hf(text), vision=_vision_config_from_hf(raw),
             image_token_id=int(image_token),
-            projector_pre_norm=(not keys) or (PROJECTOR_PREFIX + "pre_norm.weight") in keys,
+            projector_pre_norm=(not keys) or (lay.projector + "pre_norm.weight") in keys,
             projector_eps=float(raw.get("projector_layer_norm_eps", 1e-6)),
-            image_newline=NEWLINE_KEY in keys, params_dtype=str(dtype)), raw
+            image_newline=lay.newline in keys, params_dtype=str(dtype)), raw
     raise ValueError(f"unknown architecture {arch!r} in {str(cfg_file)!r}: supported are "
                      f"{list(TEXT_ARCHS + MM_ARCHS)}")
 
@@ -282,51 +358,47 @@ def hf_config_dict(cfg: ModelConfig, base: dict | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- loading
-def _lm_prefix(cfg: ModelConfig) -> str:
-    return TEXT_LM_PREFIX if cfg.vision is None else MM_LM_PREFIX
-
-
-def _load_into(model: R4BModel, reader: Mapping) -> None:
-    """Route checkpoint keys to the modules; raise one error listing every problem."""
+def _load_into(model: R4BModel, reader: Mapping, lay: CheckpointLayout) -> None:
+    """Route checkpoint keys (in layout ``lay``) to the modules; raise one error listing every
+    problem."""
     cfg = model.cfg
     lm = model.language_model
     problems: list[str] = []
     unexpected: list[str] = []
-    lm_prefix = _lm_prefix(cfg)
-    known_prefixes = [lm_prefix] + ([VISION_PREFIX, PROJECTOR_PREFIX] if cfg.vision else [])
-    known_keys = {HEAD_KEY} | ({NEWLINE_KEY} if cfg.vision is not None and cfg.image_newline else set())
+    known_prefixes = lay.prefixes() if cfg.vision is not None else (lay.lm,)
+    known_keys = {lay.head} | ({lay.newline} if cfg.vision is not None and cfg.image_newline else set())
     for k in reader:
         if k not in known_keys and not any(k.startswith(p) for p in known_prefixes):
             unexpected.append(k)
-    # A tied model may still find lm_head.weight in a file: accept it only as an exact copy.
+    # A tied model may still find an LM head in a file: accept it only as an exact copy.
     skip_head = False
-    if cfg.lm.tie_word_embeddings and HEAD_KEY in reader:
-        emb_key = lm_prefix + "embed_tokens.weight"
-        if emb_key in reader and torch.equal(reader[HEAD_KEY], reader[emb_key]):
+    if cfg.lm.tie_word_embeddings and lay.head in reader:
+        emb_key = lay.lm + _EMBED
+        if emb_key in reader and torch.equal(reader[lay.head], reader[emb_key]):
             skip_head = True
         else:
-            unexpected.append(HEAD_KEY)
+            unexpected.append(lay.head)
             skip_head = True
-    view = PrefixView(reader, lm_prefix, extra=None if skip_head else {HEAD_KEY: HEAD_KEY})
+    view = PrefixView(reader, lay.lm, extra=None if skip_head else {"lm_head.weight": lay.head})
     try:
         lm.load_hf_state_dict(view, strict=True)
     except (KeyError, ValueError) as e:
-        problems.append(f"language model (prefix {lm_prefix!r}): {e}")
+        problems.append(f"language model (prefix {lay.lm!r}): {e}")
     if model.has_vision:
-        for name, module, prefix in (("vision tower", model.vision_tower, VISION_PREFIX),
-                                     ("projector", model.projector, PROJECTOR_PREFIX)):
+        for name, module, prefix in (("vision tower", model.vision_tower, lay.vision),
+                                     ("projector", model.projector, lay.projector)):
             sd = {k[len(prefix):]: reader[k] for k in reader if k.startswith(prefix)}
             try:
                 module.load_hf_state_dict(sd, strict=True)
             except (KeyError, ValueError) as e:
                 problems.append(f"{name} (prefix {prefix!r}): {e}")
         if cfg.image_newline:
-            if NEWLINE_KEY not in reader:
-                problems.append(f"missing key {NEWLINE_KEY!r}")
+            if lay.newline not in reader:
+                problems.append(f"missing key {lay.newline!r}")
             else:
-                t = reader[NEWLINE_KEY]
+                t = reader[lay.newline]
                 if tuple(t.shape) != tuple(model.image_newline.shape):
-                    problems.append(f"{NEWLINE_KEY}: expected {tuple(model.image_newline.shape)}, "
+                    problems.append(f"{lay.newline}: expected {tuple(model.image_newline.shape)}, "
                                     f"got {tuple(t.shape)}")
                 else:
                     with torch.no_grad():
@@ -334,22 +406,29 @@ def _load_into(model: R4BModel, reader: Mapping) -> None:
     if unexpected:
         problems.insert(0, format_key_problems("checkpoint", [], unexpected, []))
     if problems:
-        raise HFLoadError(f"cannot load {getattr(reader, 'path', 'checkpoint')}:\n" + "\n".join(problems))
+        raise HFLoadError(f"cannot load {getattr(reader, 'path', 'checkpoint')} (layout "
+                          f"{lay.name!r}):\n" + "\n".join(problems))
 
 
 def from_hf(path: str | Path, *, tp_size: int = 1, dtype: torch.dtype | str | None = None,
-            device: torch.device | str | None = None) -> R4BModel:
+            device: torch.device | str | None = None, num_layers: int | None = None,
+            vision_num_layers: int | None = None) -> R4BModel:
     """Load a transformers checkpoint directory into this rank's model stage.
 
     Args:
-        path: directory with ``config.json`` and safetensors weights (single or sharded).
+        path: directory with ``config.json`` and safetensors weights (single or sharded), in
+            any layout of :data:`LAYOUTS` (multimodal) or Qwen3's (text).
         tp_size: tensor-parallel size; must match the initialised process groups (with 1 and
             nothing initialised, a one-process group is set up).
         dtype: parameter dtype (default: the checkpoint's ``dtype`` / ``torch_dtype``).
         device: where to put the model (default CPU).
+        num_layers, vision_num_layers: cut the language model / vision tower to their first
+            ``n`` layers (every width, token and format unchanged; the checkpoint's deeper
+            layers are not read).  The tower then feeds its last kept layer to the projector.
 
     Raises:
-        HFLoadError: missing / unexpected keys or shape mismatches, all listed.
+        FileNotFoundError: ``path`` is not a checkpoint directory.
+        HFLoadError: unreadable files, missing / unexpected keys or shape mismatches, all listed.
         ValueError: unknown architecture or unsupported config.json settings.
     """
     from megatron.core import parallel_state as ps
@@ -362,30 +441,100 @@ def from_hf(path: str | Path, *, tp_size: int = 1, dtype: torch.dtype | str | No
         ensure_model_parallel()
     else:
         init_model_parallel(tp_size, 1)
-    reader = SafetensorsReader(path)
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"checkpoint path {str(path)!r} is not a directory")
+    reader: Mapping = SafetensorsReader(path)
     cfg, raw = read_hf_config(path, keys=list(reader))
+    lay = detect_layout(reader.keys(), multimodal=cfg.vision is not None)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, params_dtype=dtype_name(dtype_from_name(dtype)))
+    if num_layers is not None or vision_num_layers is not None:
+        cfg = cut_depth(cfg, num_layers=num_layers, vision_num_layers=vision_num_layers)
+        reader = _DepthCut(reader, lay, cfg)
     model = build_model(cfg, init_weights=False, device=device)
-    _load_into(model, reader)
+    _load_into(model, reader, lay)
     model.hf_config_source = raw
-    log.info("loaded %s (%s) at TP=%d", path, raw.get("architectures"), tp_size)
+    model.hf_layout = lay.name
+    log.info("loaded %s (%s, %s layout, %d files) at TP=%d", path,
+             (raw.get("architectures") or ["?"])[0], lay.name, len(reader.files), tp_size)
     return model
+
+
+def cut_depth(cfg: ModelConfig, *, num_layers: int | None = None,
+              vision_num_layers: int | None = None) -> ModelConfig:
+    """``cfg`` with the language model and / or vision tower cut to their first layers; every
+    width, the vocabulary and the special tokens stay.  The tower's feature layer moves to its
+    last kept layer when the cut removes the configured one."""
+    from ..config import require_range
+
+    lm, vis = cfg.lm, cfg.vision
+    if num_layers is not None:
+        require_range("num_layers", num_layers, 1, lm.num_layers)
+        lm = dataclasses.replace(lm, num_layers=num_layers)
+    if vision_num_layers is not None:
+        if vis is None:
+            raise ValueError("vision_num_layers was given but the model has no vision tower")
+        require_range("vision_num_layers", vision_num_layers, 1, vis.num_layers)
+        feat = vis.feature_layer
+        keep_feat = 0 <= feat <= vision_num_layers or feat == -1
+        vis = dataclasses.replace(vis, num_layers=vision_num_layers,
+                                  feature_layer=feat if keep_feat else vision_num_layers)
+    return dataclasses.replace(cfg, lm=lm, vision=vis)
+
+
+class _DepthCut(Mapping):
+    """A checkpoint reader that hides the layers a depth-cut model does not hold."""
+
+    def __init__(self, reader: Mapping, lay: CheckpointLayout, cfg: ModelConfig):
+        self.reader, self.path = reader, getattr(reader, "path", None)
+        self.files = getattr(reader, "files", [])
+        n_lm = cfg.lm.num_layers
+        n_vis = cfg.vision.num_layers if cfg.vision is not None else 0
+
+        def kept(k: str) -> bool:
+            for prefix, n in ((lay.lm + "layers.", n_lm),
+                              ((lay.vision or "") + "encoder.layers.", n_vis)):
+                if prefix and k.startswith(prefix):
+                    idx = k[len(prefix):].split(".", 1)[0]
+                    return not idx.isdigit() or int(idx) < n
+            return True
+
+        self._keys = [k for k in reader if kept(k)]
+        self._set = set(self._keys)
+        self.dropped = len(reader) - len(self._keys)
+
+    def __getitem__(self, key):
+        if key not in self._set:
+            raise KeyError(key)
+        return self.reader[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._set
+
+    def shape_of(self, key) -> tuple[int, ...]:
+        return self.reader.shape_of(key)
 
 
 # ---------------------------------------------------------------- saving
 def model_hf_state_dict(model: R4BModel) -> dict[str, torch.Tensor]:
-    """This stage's tensors under full checkpoint names (a TP collective: call on every rank)."""
+    """This stage's tensors under full checkpoint names in the ``hub`` layout (a TP collective:
+    call on every rank)."""
     cfg = model.cfg
-    prefix = _lm_prefix(cfg)
+    lay = TEXT_LAYOUT if cfg.vision is None else HUB_LAYOUT
     out = {}
     for k, v in model.language_model.hf_state_dict().items():
-        out[HEAD_KEY if k == HEAD_KEY else prefix + k] = v
+        out[lay.head if k == "lm_head.weight" else lay.lm + k] = v
     if model.has_vision:
-        out.update({VISION_PREFIX + k: v for k, v in model.vision_tower.hf_state_dict().items()})
-        out.update({PROJECTOR_PREFIX + k: v for k, v in model.projector.hf_state_dict().items()})
+        out.update({lay.vision + k: v for k, v in model.vision_tower.hf_state_dict().items()})
+        out.update({lay.projector + k: v for k, v in model.projector.hf_state_dict().items()})
         if cfg.image_newline:
-            out[NEWLINE_KEY] = model.image_newline.detach().clone()
+            out[lay.newline] = model.image_newline.detach().clone()
     return out
 
 

@@ -30,7 +30,8 @@ from ..log import get_logger
 from .attention import KVCache, make_attn_meta, resolve_backend
 from .config import ModelConfig
 from .lm import Qwen3LM
-from .parallel import ensure_model_parallel, megatron_config, parallel_info
+from .parallel import (ensure_model_parallel, mark_tensor_parallel_attributes,
+                       megatron_config, parallel_info)
 
 log = get_logger(__name__)
 
@@ -133,6 +134,9 @@ class R4BModel(nn.Module):
             if cfg.image_newline:
                 self.image_newline = nn.Parameter(torch.zeros(cfg.lm.hidden_size, dtype=dtype))
         self.input_tensor: torch.Tensor | None = None
+        # Built-for-loading and freshly initialised models must look alike to the TP-aware
+        # gradient norm and to checkpointing.
+        mark_tensor_parallel_attributes(self)
 
     # ------------------------------------------------------------ properties for the loss
     @property

@@ -175,3 +175,31 @@ def megatron_config(params_dtype: torch.dtype, *, tp_size: int, pp_size: int = 1
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
     )
+
+
+def mark_tensor_parallel_attributes(module: torch.nn.Module) -> int:
+    """Give every megatron tensor-parallel parameter under ``module`` its TP attributes
+    (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``) when they are missing.
+
+    megatron-core sets them only while drawing initial weights, so a model built with
+    ``perform_initialization=False`` (to load a checkpoint) would otherwise look replicated to
+    the TP-aware gradient norm.  Returns how many parameters were marked.
+    """
+    from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                               VocabParallelEmbedding)
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    marked = 0
+    for sub in module.modules():
+        if isinstance(sub, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dims = {"weight": 0, "bias": 0}
+        elif isinstance(sub, RowParallelLinear):
+            dims = {"weight": 1}  # its bias is added after the all-reduce: replicated
+        else:
+            continue
+        for name, dim in dims.items():
+            p = getattr(sub, name, None)
+            if isinstance(p, torch.Tensor) and not hasattr(p, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(p, True, dim, 1)
+                marked += 1
+    return marked
