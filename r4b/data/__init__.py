@@ -6,10 +6,12 @@
   no_think), responses, SFT examples with their loss mask, and parsing of model outputs.
 * :mod:`r4b.data.task` — the embedded visual-arithmetic task (:func:`make_task`,
   :func:`train_eval_split`) and the shared :class:`Sample` record.
-* :mod:`r4b.data.readers` — JSON Lines / Parquet readers into :class:`Sample`.
+* :mod:`r4b.data.readers` — JSON Lines / Parquet readers into :class:`Sample`, bounded by a
+  :class:`ReaderConfig` (bad rows: :class:`RowError`; unusable files: :class:`DataFileError`).
 """
 
-from .readers import ReadStats, RowError, load_image, read_jsonl, read_parquet, read_samples
+from .readers import (DataFileError, ReaderConfig, ReadStats, RowError, load_image, read_jsonl,
+                      read_parquet, read_samples)
 from .task import (LEVELS, QUESTIONS, Sample, TaskConfig, TaskItem, make_task, render_digits,
                    solve, split_of, train_eval_split)
 from .template import (MODE_PREFIX, MODES, THINKING_MODES, ChatTemplate, ParsedResponse,
@@ -17,9 +19,9 @@ from .template import (MODE_PREFIX, MODES, THINKING_MODES, ChatTemplate, ParsedR
 from .tokenizer import BuiltinTokenizer, HFTokenizer, Tokenizer
 
 __all__ = [
-    "BuiltinTokenizer", "ChatTemplate", "HFTokenizer", "LEVELS", "MODES", "MODE_PREFIX",
-    "ParsedResponse", "QUESTIONS", "ReadStats", "RowError", "SFTExample", "Sample",
-    "THINKING_MODES", "TaskConfig", "TaskItem", "Tokenizer", "load_image", "make_task",
-    "parse_assistant", "read_jsonl", "read_parquet", "read_samples", "render_digits",
+    "BuiltinTokenizer", "ChatTemplate", "DataFileError", "HFTokenizer", "LEVELS", "MODES",
+    "MODE_PREFIX", "ParsedResponse", "QUESTIONS", "ReadStats", "ReaderConfig", "RowError",
+    "SFTExample", "Sample", "THINKING_MODES", "TaskConfig", "TaskItem", "Tokenizer", "load_image",
+    "make_task", "parse_assistant", "read_jsonl", "read_parquet", "read_samples", "render_digits",
     "resolve_mode", "sft_loss_mask", "solve", "split_of", "train_eval_split",
 ]
