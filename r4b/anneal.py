@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import parse_cli, require_choice, require_range
-from .data import Sample, read_samples
-from .embedded import Setup, make_template, make_tokenizer, model_config
+from .components import (Setup, build_engine, build_policy, engine_max_seqlen, load_items,
+                         make_template, make_tokenizer, model_config, prompt_budget)
+from .config import config_to_dict, parse_cli, require_choice, require_range
+from .data import Sample
 from .evaluate import EvalConfig, evaluate, log_report
 from .log import MetricsWriter, get_logger, setup_logging
-from .models import build_model
 from .report import write_report
 from .rewards import verify
 from .rollout.engine import EmbeddedEngine, RolloutRequest
@@ -90,6 +90,8 @@ class AnnealConfig:
     """N: direct answers sampled per verifiable item; all N wrong → thinking sample."""
     curation_temperature: float = 1.0
     """Sampling temperature of the curation rollouts."""
+    curation_max_new_tokens: int = 24
+    """Response budget of each curation rollout (direct answers, forced non-thinking)."""
     forced_mode_fraction: float = 0.5
     """Share of curated items that also get an example in the other form, with that form's
     forced prefix as prompt (keeps forced thinking / non-thinking usable on every level)."""
@@ -108,6 +110,7 @@ class AnnealConfig:
         require_range("anneal.curate_items", self.curate_items, 1)
         require_range("anneal.curation_samples", self.curation_samples, 1)
         require_range("anneal.curation_temperature", self.curation_temperature, 0.0, lo_open=True)
+        require_range("anneal.curation_max_new_tokens", self.curation_max_new_tokens, 1)
         require_range("anneal.forced_mode_fraction", self.forced_mode_fraction, 0.0, 1.0)
         require_range("anneal.tokens_per_microbatch", self.tokens_per_microbatch, 16)
         require_range("anneal.ckpt_every", self.ckpt_every, 1)
@@ -141,8 +144,8 @@ def cell_token_labels(items: Sequence[Sample], tokenizer, tokens_per_image: int)
     ids = [tokenizer.encode(str(d)) for d in range(10)]
     if any(len(i) != 1 for i in ids):
         return None
-    table = torch.tensor([i[0] for i in ids])
-    return table[torch.tensor(digits)]
+    table = torch.tensor([i[0] for i in ids], device="cpu")
+    return table[torch.tensor(digits, device="cpu")]
 
 
 def align_vision(model, items: Sequence[Sample], labels: torch.Tensor, *, steps: int,
@@ -152,12 +155,14 @@ def align_vision(model, items: Sequence[Sample], labels: torch.Tensor, *, steps:
     communication is needed.  Returns the last loss."""
     params = list(model.vision_tower.parameters()) + list(model.projector.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    images = torch.as_tensor(np.stack([it.images[0] for it in items]))
     head = model.lm_head_weight().detach()
-    gen = torch.Generator().manual_seed(seed)
-    loss = torch.zeros(())
+    dev = head.device
+    images = torch.from_numpy(np.stack([it.images[0] for it in items])).to(dev)
+    labels = labels.to(dev)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    loss = torch.zeros((), device=dev)
     for _ in range(steps):
-        idx = torch.randint(0, len(items), (batch_size,), generator=gen)
+        idx = torch.randint(0, len(items), (batch_size,), generator=gen, device="cpu").to(dev)
         feats = model.projector(model.vision_tower(images[idx]))
         logits = (feats @ head.T).float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -173,7 +178,7 @@ def align_vision(model, items: Sequence[Sample], labels: torch.Tensor, *, steps:
 # ---------------------------------------------------------------- curation
 def curate(items: Sequence[Sample], engine: EmbeddedEngine, template, *, n_samples: int,
            temperature: float, seed: int, judge: Judge = reference_reasoning_judge,
-           batch_size: int = 512) -> tuple[list[bool], dict]:
+           batch_size: int = 512, max_new_tokens: int = 24) -> tuple[list[bool], dict]:
     """The paper's heuristics: ``needs_thinking[i]`` per item, plus statistics.
 
     Verifiable items: sample ``n_samples`` direct answers (forced non-thinking prompt); all
@@ -189,8 +194,8 @@ def curate(items: Sequence[Sample], engine: EmbeddedEngine, template, *, n_sampl
                            mode="no_think", uid=i,
                            images=np.stack(items[i].images) if items[i].images else None)
             for i in verif for _ in range(n_samples)]
-    params = SamplingParams(temperature=temperature, max_new_tokens_no_think=24)
-    gen = torch.Generator().manual_seed(seed)
+    params = SamplingParams(temperature=temperature, max_new_tokens_no_think=max_new_tokens)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     n_right = {i: 0 for i in verif}
     for s in range(0, len(reqs), batch_size):
         for r in engine.generate(reqs[s:s + batch_size], params, gen):
@@ -254,25 +259,22 @@ class AnnealResult:
     seconds: float
 
 
-def load_items(job: AnnealJob) -> tuple[list[Sample], list[Sample]]:
-    """(train, eval) items: the embedded task, or a data file split 90/10 by row order."""
-    from .data import train_eval_split
-
-    if job.data is None:
-        return train_eval_split(job.setup.seed, job.anneal.n_train_items, job.eval.n_items,
-                                config=job.setup.task)
-    samples, stats = read_samples(job.data)
-    log.info("read %d rows from %s (%d skipped)", stats.rows_read, job.data, stats.rows_skipped)
-    n_eval = max(1, len(samples) // 10)
-    return samples[n_eval:], samples[:n_eval]
+def anneal_items(job: AnnealJob) -> tuple[list[Sample], list[Sample]]:
+    """(train, eval) items of an annealing job."""
+    return load_items(job.setup, job.data, n_train=job.anneal.n_train_items,
+                      n_eval=job.eval.n_items)
 
 
-def build_engine(model, template, tokenizer) -> EmbeddedEngine:
-    """The embedded engine on ``model``: stops at end of turn / text, never samples the image
-    placeholder or the vocabulary padding ids."""
-    return EmbeddedEngine(model, stop_ids=[tokenizer.im_end_id, tokenizer.eos_id],
-                          mode_classifier=template.classify_mode, max_seqlen=256,
-                          vocab_limit=tokenizer.vocab_size, banned_ids=[tokenizer.image_token_id])
+def anneal_engine(job: AnnealJob, model, template, tokenizer, items: Sequence[Sample]):
+    """The rollout engine of the annealing stage, sized for curation and evaluation."""
+    ev = job.eval
+    budget = max(job.anneal.curation_max_new_tokens, ev.max_new_tokens_think,
+                 ev.max_new_tokens_no_think, ev.max_new_tokens_auto)
+    max_seqlen = engine_max_seqlen(job.setup.rollout, model.cfg,
+                                   longest_prompt=prompt_budget(items, template),
+                                   largest_budget=budget)
+    return build_engine(model, template, tokenizer, max_seqlen=max_seqlen,
+                        rollout=job.setup.rollout)
 
 
 def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasoning_judge) -> AnnealResult:
@@ -281,14 +283,16 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
     cfg, setup = job.anneal, job.setup
     out = Path(job.out_dir)
     ckpt_dir = out / "ckpt"
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "job.json").write_text(json.dumps(config_to_dict(job), indent=1) + "\n")
     tok = make_tokenizer(setup.model)
     mcfg = model_config(setup.model, tok, setup.task, tp_size=setup.tp_size)
-    template = make_template(tok, mcfg)
-    torch.manual_seed(setup.seed)
-    model = build_model(mcfg)
-    engine = build_engine(model, template, tok)
+    template = make_template(tok, mcfg, setup.model)
+    train, evals = anneal_items(job)
+    model = build_policy(setup.model, mcfg, rt, seed=setup.seed)
+    engine = anneal_engine(job, model, template, tok, train[:cfg.curate_items] + evals)
     optimizer = make_optimizer(model, cfg.optim)
-    train, evals = load_items(job)
     state = {"phase": "warmup", "step": 0}
     if latest_checkpoint(ckpt_dir) is not None:
         loaded = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer)
@@ -335,7 +339,8 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
     if state["phase"] == "curate" or not cur_path.exists():
         log.info("curating %d items with %d direct samples each", len(pool), cfg.curation_samples)
         needs, stats = curate(pool, engine, template, n_samples=cfg.curation_samples,
-                              temperature=cfg.curation_temperature, seed=setup.seed + 1, judge=judge)
+                              temperature=cfg.curation_temperature, seed=setup.seed + 1,
+                              judge=judge, max_new_tokens=cfg.curation_max_new_tokens)
         needs = broadcast_object(needs, rt)  # identical on every rank (DP ranks agree on data)
         if rt.is_main:
             out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ follow the label-shift convention: row ``p`` of a sequence with prompt length ``
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,6 +42,24 @@ class PackedMicroBatch:
     @property
     def targets(self) -> torch.Tensor:
         return self.labels.index_select(0, self.rows)
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def to(self, device: torch.device | str) -> "PackedMicroBatch":
+        """The model's inputs (ids, positions, ``cu_seqlens``, labels, scored rows, images) on
+        ``device``; ``seqs``, ``row_seq`` and ``row_token`` stay on the host, where the
+        trainer indexes its per-sequence lists with them."""
+        dev = torch.device(device)
+        if self.input_ids.device == dev:
+            return self
+        nb = dev.type == "cuda"
+        move = lambda t: t.to(dev, non_blocking=nb)  # noqa: E731
+        return dataclasses.replace(
+            self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
+            cu_seqlens=move(self.cu_seqlens), labels=move(self.labels), rows=move(self.rows),
+            images=[move(im) for im in self.images])
 
 
 def plan(lengths: Sequence[int], *, dp_rank: int, dp_size: int, tokens_per_microbatch: int,

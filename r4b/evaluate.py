@@ -71,7 +71,7 @@ def eval_records(engine: EmbeddedEngine, template, items: Sequence, cfg: EvalCon
     reqs = [RolloutRequest(prompt_ids=template.prompt_ids(it.question, it.n_images, m), mode=m,
                            images=np.stack(it.images) if it.images else None, uid=k)
             for m in cfg.modes for k, it in enumerate(items)]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for s in range(0, len(reqs), cfg.batch_size):
         for r in engine.generate(reqs[s:s + cfg.batch_size], cfg.sampling(), gen):
@@ -125,13 +125,49 @@ class EvaluateCLI:
     """Evaluation settings."""
 
 
+def load_run(run_dir: Path, eval_cfg: EvalConfig, rt=None):
+    """(engine, template, eval items, history) of the latest checkpoint of a run directory
+    written by ``r4b.pretrain_bpo`` or ``r4b.anneal`` (its ``job.json`` says how to rebuild the
+    model and the data), with the model on ``rt.device`` (CPU without a runtime)."""
+    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .components import (Setup, build_engine, engine_max_seqlen, load_items, make_template,
+                             make_tokenizer, model_config, prompt_budget)
+    from .config import config_from_dict
+    from .models import build_model
+
+    job_file = run_dir / "job.json"
+    if not job_file.exists():
+        raise FileNotFoundError(f"{run_dir} holds no job.json: not a run directory of "
+                                f"r4b.pretrain_bpo or r4b.anneal")
+    job = json.loads(job_file.read_text())
+    setup = config_from_dict(Setup, job["setup"])
+    tok = make_tokenizer(setup.model)
+    cfg = model_config(setup.model, tok, setup.task, tp_size=setup.tp_size)
+    ck = latest_checkpoint(run_dir / "ckpt")
+    if ck is None:
+        raise FileNotFoundError(f"{run_dir / 'ckpt'} holds no checkpoint to evaluate")
+    device = rt.device if rt is not None else torch.device("cpu")
+    model = build_model(cfg, init_weights=False, device=device)
+    load_checkpoint(ck, model=model, restore_rng_state=False)
+    template = make_template(tok, model.cfg, setup.model)
+    _, evals = load_items(setup, job.get("data"), n_train=0, n_eval=eval_cfg.n_items)
+    hist_path = run_dir / "history.json"
+    history = json.loads(hist_path.read_text()) if hist_path.exists() else \
+        json.loads((ck / "meta.json").read_text())["state"].get("history")
+    budget = max(eval_cfg.max_new_tokens_think, eval_cfg.max_new_tokens_no_think,
+                 eval_cfg.max_new_tokens_auto)
+    max_seqlen = engine_max_seqlen(setup.rollout, model.cfg,
+                                   longest_prompt=prompt_budget(evals, template),
+                                   largest_budget=budget)
+    engine = build_engine(model, template, tok, max_seqlen=max_seqlen, rollout=setup.rollout)
+    return engine, template, evals, history
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     cli = parse_cli(EvaluateCLI, argv, prog="python -m r4b.evaluate",
                     description="Evaluate an r4b checkpoint per mode and difficulty level.")
-    from .pretrain_bpo import load_for_eval
-
-    engine, template, items, history = load_for_eval(Path(cli.run_dir), cli.eval)
+    engine, template, items, history = load_run(Path(cli.run_dir), cli.eval)
     report = evaluate(engine, template, items, cli.eval)
     out = Path(cli.out_dir or Path(cli.run_dir) / "report")
     write_report(report, out, history=history)

@@ -20,10 +20,11 @@ from typing import Sequence
 
 import torch
 
-from .anneal import AnnealConfig, AnnealJob, build_engine, load_items, run_anneal
+from .anneal import AnnealConfig, AnnealJob, anneal_items, run_anneal
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import config_from_dict, config_to_dict, parse_cli, require_range
-from .embedded import Setup, make_template, make_tokenizer, model_config
+from .components import (Setup, build_engine, engine_max_seqlen, make_template, make_tokenizer,
+                         model_config, prompt_budget)
+from .config import config_to_dict, parse_cli, require_range
 from .evaluate import EvalConfig, evaluate, log_report
 from .log import MetricsWriter, get_logger, progress, setup_logging
 from .models import build_model
@@ -78,16 +79,29 @@ def anneal_job_of(job: BPOJob) -> AnnealJob:
 
 
 def annealed_model(job: BPOJob, rt: Runtime):
-    """The annealed model: loaded from a finished annealing run, else trained now."""
+    """The annealed model on ``rt.device``: loaded from a finished annealing run, else trained
+    now (from ``setup.model.hf_path`` when given)."""
     aj = anneal_job_of(job)
     ck = latest_checkpoint(Path(aj.out_dir) / "ckpt")
     if ck is not None and json.loads((ck / "meta.json").read_text())["state"]["anneal"]["phase"] == "done":
         tok = make_tokenizer(job.setup.model)
-        model = build_model(model_config(job.setup.model, tok, job.setup.task, tp_size=job.setup.tp_size))
+        cfg = model_config(job.setup.model, tok, job.setup.task, tp_size=job.setup.tp_size)
+        model = build_model(cfg, init_weights=False, device=rt.device)
         load_checkpoint(ck, model=model, restore_rng_state=False)
         log.info("reusing annealed model from %s", ck)
         return model
     return run_anneal(aj, rt).model
+
+
+def bpo_engine(job: BPOJob, policy, template, tok, items):
+    """The rollout engine of the BPO stage, sized for its rollouts and evaluation."""
+    rl, ev = job.rl, job.eval
+    budget = max(rl.max_new_tokens_think, rl.max_new_tokens_no_think, rl.max_new_tokens_auto,
+                 ev.max_new_tokens_think, ev.max_new_tokens_no_think, ev.max_new_tokens_auto)
+    max_seqlen = engine_max_seqlen(job.setup.rollout, policy.cfg,
+                                   longest_prompt=prompt_budget(items, template),
+                                   largest_budget=budget)
+    return build_engine(policy, template, tok, max_seqlen=max_seqlen, rollout=job.setup.rollout)
 
 
 def run_bpo(job: BPOJob, rt: Runtime) -> dict:
@@ -100,13 +114,13 @@ def run_bpo(job: BPOJob, rt: Runtime) -> dict:
     setup, cfg = job.setup, job.rl
     tok = make_tokenizer(setup.model)
     policy = annealed_model(job, rt)
-    template = make_template(tok, policy.cfg)
+    template = make_template(tok, policy.cfg, setup.model)
     ref = None
     if cfg.kl_coef > 0:
         ref = frozen_copy(policy)
-    engine = build_engine(policy, template, tok)
+    train, evals = anneal_items(anneal_job_of(job))
+    engine = bpo_engine(job, policy, template, tok, train + evals)
     trainer = BPOTrainer(cfg, policy=policy, engine=engine, template=template, rt=rt, ref_model=ref)
-    train, evals = load_items(anneal_job_of(job))
     history: list[dict] = []
     start = 0
     ckpt_dir = out / "ckpt"
@@ -126,7 +140,8 @@ def run_bpo(job: BPOJob, rt: Runtime) -> dict:
     bar = progress(total=job.steps, initial=start, desc=f"{cfg.algo}")
     for step in range(start, job.steps):
         items = [train[i] for i in batch_indices(len(train), cfg.prompts_per_step, step, setup.seed + 7)]
-        gen = torch.Generator().manual_seed(setup.seed * 1_000_003 + step * 101 + rt.dp_rank)
+        gen = torch.Generator(device="cpu").manual_seed(
+            setup.seed * 1_000_003 + step * 101 + rt.dp_rank)
         m = trainer.step(items, step, gen)
         done = step + 1
         if done % job.eval_every == 0 or done == job.steps:
@@ -151,24 +166,6 @@ def run_bpo(job: BPOJob, rt: Runtime) -> dict:
     log_report(report, f"after {job.steps} {cfg.algo} steps (eval split)")
     log.info("main job done in %.1f s; report in %s", time.perf_counter() - t0, out / "report")
     return report
-
-
-def load_for_eval(run_dir: Path, eval_cfg: EvalConfig):
-    """(engine, template, eval items, history) of a finished or running BPO run."""
-    job = config_from_dict(BPOJob, json.loads((run_dir / "job.json").read_text()))
-    job = dataclasses.replace(job, eval=eval_cfg)
-    tok = make_tokenizer(job.setup.model)
-    model = build_model(model_config(job.setup.model, tok, job.setup.task, tp_size=job.setup.tp_size))
-    ck = latest_checkpoint(run_dir / "ckpt")
-    if ck is None:
-        raise FileNotFoundError(f"{run_dir / 'ckpt'} holds no checkpoint to evaluate")
-    load_checkpoint(ck, model=model, restore_rng_state=False)
-    template = make_template(tok, model.cfg)
-    _, evals = load_items(anneal_job_of(job))
-    hist_path = run_dir / "history.json"
-    history = json.loads(hist_path.read_text()) if hist_path.exists() else \
-        json.loads((ck / "meta.json").read_text())["state"].get("history")
-    return build_engine(model, template, tok), template, evals, history
 
 
 def main(argv: Sequence[str] | None = None) -> int:

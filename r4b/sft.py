@@ -76,39 +76,48 @@ class Example:
 
 def sft_step(model, optimizer, examples: Sequence[Example], rt: Runtime, *, lr: float,
              grad_clip: float, tokens_per_microbatch: int) -> dict:
-    """One optimizer step on ``examples`` (the *global* batch; every rank passes the same list)."""
+    """One optimizer step on ``examples`` (the *global* batch; every rank passes the same list).
+
+    Micro-batches go to the model's device with one copy each; loss and accuracy accumulate on
+    the device, and the step syncs with the host once, after the last micro-batch."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     for g in optimizer.param_groups:
         g["lr"] = lr
+    dev = rt.device
     tokens = [e.ids for e in examples]
     plens = [e.prompt_len for e in examples]
     n_target = sum(len(t) - p for t, p in zip(tokens, plens))
     mine, _ = plan([len(t) for t in tokens], dp_rank=rt.dp_rank, dp_size=rt.dp_size,
                    tokens_per_microbatch=tokens_per_microbatch, modes=[e.mode for e in examples])
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, correct = 0.0, 0
+    # [loss sum, correct tokens] of this rank, reduced over DP after the last micro-batch.
+    acc = torch.zeros(2, dtype=torch.float64, device=dev)
     for mb in pack(tokens, plens, [e.images for e in examples], mine):
+        mb = mb.to(dev)
         logits = forward_rows(model, mb, return_hidden=False, gather_logits=False).float()
-        ce = vocab_parallel_cross_entropy(logits, mb.targets)
+        targets = mb.targets
+        ce = vocab_parallel_cross_entropy(logits, targets)
         loss = ce.sum() / n_target
         loss.backward()
-        loss_sum += float(loss.detach())
+        acc[0] += loss.detach()
         if rt.tp_size == 1:
-            correct += int((logits.argmax(-1) == mb.targets).sum())
+            acc[1] += (logits.argmax(-1) == targets).sum()
     all_reduce_grads(model, rt)
     norm = clip_grads(model, grad_clip, rt)
-    t = torch.tensor([loss_sum, float(correct)], dtype=torch.float64)
     if rt.dp_size > 1:
-        torch.distributed.all_reduce(t, group=rt.dp_group)
-    ok = all_true(math.isfinite(float(t[0])) and math.isfinite(norm), rt)
+        torch.distributed.all_reduce(acc, group=rt.dp_group)
+    loss_sum, correct = acc.tolist()
+    ok = all_true(math.isfinite(loss_sum) and math.isfinite(norm), rt)
     if ok:
         optimizer.step()
+    else:
+        log.warning("SFT step skipped: non-finite loss (%s) or gradient norm (%s)", loss_sum, norm)
     optimizer.zero_grad(set_to_none=True)
-    out = {"loss": float(t[0]), "grad_norm": norm, "lr": lr, "skipped": int(not ok),
+    out = {"loss": loss_sum, "grad_norm": norm, "lr": lr, "skipped": int(not ok),
            "target_tokens": n_target}
     if rt.tp_size == 1:
-        out["token_acc"] = float(t[1]) / max(1, n_target)
+        out["token_acc"] = correct / max(1, n_target)
     return out
 
 

@@ -9,7 +9,7 @@ import r4b.anneal as anneal_mod
 from r4b.anneal import (AnnealConfig, AnnealJob, annealing_examples, curate,
                         direct_examples, run_anneal)
 from r4b.data import Sample, TaskConfig
-from r4b.embedded import Setup, make_template, make_tokenizer, model_config
+from r4b.components import Setup, make_template, make_tokenizer, model_config
 from r4b.evaluate import EvalConfig
 from r4b.log import read_metrics
 from r4b.models import build_model

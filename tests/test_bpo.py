@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from r4b.anneal import AnnealConfig, build_engine
+from r4b.anneal import AnnealConfig
 from r4b.data import TaskConfig
-from r4b.embedded import Setup, make_template, make_tokenizer, model_config
+from r4b.components import Setup, build_engine, make_template, make_tokenizer, model_config
 from r4b.evaluate import EvalConfig
 from r4b.log import read_metrics
 from r4b.models import build_model
@@ -60,7 +60,7 @@ def _prepare(trainer, items, step=0, seed=0):
 def test_first_inner_step_ratio_one_kl_zero_and_engine_logprobs(rt, routing, task):
     model, tmpl, tok, items, cfg = _parts(task=task, routing=routing, kl_coef=0.1)
     ref = frozen_copy(model)
-    trainer = BPOTrainer(cfg, policy=model, engine=build_engine(model, tmpl, tok), template=tmpl,
+    trainer = BPOTrainer(cfg, policy=model, engine=build_engine(model, tmpl, tok, max_seqlen=256), template=tmpl,
                          rt=rt, ref_model=ref)
     batch, ga, mbs = _prepare(trainer, items)
     assert len(batch) == 4 * 2 * cfg.group_size
@@ -85,7 +85,7 @@ def test_first_inner_step_ratio_one_kl_zero_and_engine_logprobs(rt, routing, tas
 
 def test_update_changes_weights_and_nan_step_is_skipped(rt):
     model, tmpl, tok, items, cfg = _parts()
-    trainer = BPOTrainer(cfg, policy=model, engine=build_engine(model, tmpl, tok), template=tmpl, rt=rt)
+    trainer = BPOTrainer(cfg, policy=model, engine=build_engine(model, tmpl, tok, max_seqlen=256), template=tmpl, rt=rt)
     _, _, mbs = _prepare(trainer, items)
     before = [p.detach().clone() for p in model.parameters()]
     # Make every rollout's advantage non-zero so the step must move the weights.
@@ -95,22 +95,25 @@ def test_update_changes_weights_and_nan_step_is_skipped(rt):
     assert m["skipped_steps"] == 0 and torch.isfinite(torch.tensor(m["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
+    # Non-finite inputs are never trained on: the step is skipped (and counted), the weights
+    # stay as they were.
     after = [p.detach().clone() for p in model.parameters()]
     for mb in mbs:
         mb.advantages = mb.advantages.clone()
         mb.advantages[0] = float("nan")
-    with pytest.raises(ValueError, match="advantages"):
-        trainer.update(mbs)  # non-finite inputs are rejected by the kernel, never trained on
+    m = trainer.update(mbs)
+    assert m["skipped_steps"] == 1 and trainer.skipped_steps == 1
+    for a, b in zip(after, model.parameters()):
+        assert torch.equal(a, b.detach()), "a skipped step must not touch the weights"
     for mb in mbs:
         mb.advantages = torch.ones_like(mb.advantages)
     with torch.no_grad():
         model.lm_head_weight().view(-1)[0] = float("inf")  # poisons activations and the loss
     saved = [p.detach().clone() for p in model.parameters()]
     m = trainer.update(mbs)
-    assert m["skipped_steps"] == 1 and trainer.skipped_steps == 1
+    assert m["skipped_steps"] == 1 and trainer.skipped_steps == 2
     for a, b in zip(saved, model.parameters()):
         assert torch.equal(a, b.detach()), "a skipped step must not touch the weights"
-    del after
 
 
 def _tiny_job(tmp_path, **kw):
@@ -139,7 +142,7 @@ def test_exact_resume_reproduces_uninterrupted_metrics(rt, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "half" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert a == b
     rep = json.loads((tmp_path / "full" / "report" / "report.json").read_text())
-    assert set(rep) == {"auto", "think", "no_think"}
+    assert set(rep) == {"auto", "think", "no_think", "oracle"}
     for mode in rep.values():
         for m in mode.values():
             assert set(m) >= {"accuracy", "mean_tokens", "think_rate"}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from r4b.data import TaskConfig, make_task
-from r4b.embedded import ModelChoice, default_task, make_template, make_tokenizer, model_config
+from r4b.components import ModelChoice, default_task, make_template, make_tokenizer, model_config
 from r4b.models import build_model
 from r4b.rollout import EmbeddedEngine, Rollout, RolloutRequest, SamplingParams
 from r4b.rollout import vllm_engine
@@ -44,17 +44,19 @@ class Biased(torch.nn.Module):
         return self.inner.new_kv_cache(*args, **kwargs)
 
     def forward(self, **kwargs):
-        return self.inner(**kwargs) + self.bias
+        out = self.inner(**kwargs)
+        return out if kwargs.get("return_hidden") else out + self.bias
+
+    def logits_of_hidden(self, hidden, **kwargs):
+        return self.inner.logits_of_hidden(hidden, **kwargs) + self.bias
 
 
 class FirstTokenBiased(Biased):
-    """Bias only the logits that pick the first response token (the prefill's last position)."""
+    """Bias only the logits that pick the first response token (the prefill's last position,
+    which the engine takes through ``logits_of_hidden``)."""
 
     def forward(self, **kwargs):
-        logits = self.inner(**kwargs)
-        if kwargs["input_ids"].shape[1] > 1:
-            logits[:, -1] += self.bias
-        return logits
+        return self.inner(**kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,17 @@ one ``"\\n\\n"`` is one token, so the first response token of an auto prompt pic
 (:attr:`ChatTemplate.routing_offset` is 0 and :attr:`ChatTemplate.routing_ids` holds the two
 ids); reasoning and answers are stripped so they never start with whitespace.
 
+**Checkpoint chat templates.** With ``chat_template="tokenizer"`` (or ``"auto"`` and a tokenizer
+that carries one, e.g. R-4B's or Qwen3's), prompts are rendered by the tokenizer's own template
+(``apply_chat_template`` with ``add_generation_prompt=True`` and the mode argument the template
+reads: R-4B's ``thinking_mode`` = ``auto`` / ``long`` / ``short``, Qwen3's ``enable_thinking``).
+What the template renders after the assistant opening is reconciled with the mode prefix above,
+and construction fails when they disagree: the rendered text may stop short of the prefix (Qwen3
+renders nothing for thinking; the prefix is appended) or run past it by whitespace that starts
+the canonical response (Qwen3's ``<think>\\n\\n</think>\\n\\n`` for non-thinking is cut after
+``</think>``); anything else is an error naming the mode and both texts.  Responses keep the
+canonical forms, so rollouts, SFT targets and the verifier read the same text either way.
+
 **SFT loss rule** (:func:`sft_loss_mask`). Annealing examples use the *auto* prompt (ending in
 ``<think>``) and put the whole assistant answer after it in the loss: the routing token
 (``"\\n"`` vs ``"\\n\\n"``), the reasoning, the ``"\\n"`` before ``</think>``, ``</think>``, the
@@ -58,6 +69,30 @@ THINKING_MODES: dict[str, str] = {"auto": "auto", "long": "think", "short": "no_
 MODE_PREFIX: dict[str, str] = {"auto": THINK_START, "think": THINK_START + "\n",
                                "no_think": THINK_START + "\n\n" + THINK_END}
 USER_OPEN = IM_START + "user\n"
+#: Where prompts come from: r4b's canonical text, the tokenizer's own chat template, or the
+#: tokenizer's template when it has one.
+CHAT_TEMPLATES: tuple[str, ...] = ("builtin", "tokenizer", "auto")
+#: How a mode reaches a tokenizer template: found in its source ('auto'), R-4B's
+#: ``thinking_mode``, Qwen3's ``enable_thinking``, or not at all.
+MODE_ARGUMENTS: tuple[str, ...] = ("auto", "thinking_mode", "enable_thinking", "none")
+MODE_KWARGS: dict[str, dict[str, dict]] = {
+    "thinking_mode": {m: {"thinking_mode": tm} for tm, m in
+                      (("auto", "auto"), ("long", "think"), ("short", "no_think"))},
+    "enable_thinking": {"auto": {"enable_thinking": True}, "think": {"enable_thinking": True},
+                        "no_think": {"enable_thinking": False}},
+    "none": {m: {} for m in ("auto", "think", "no_think")},
+}
+
+
+def _mode_argument(source: str, requested: str) -> str:
+    """The mode argument a template reads: ``requested`` unless 'auto', else the first of
+    ``thinking_mode`` / ``enable_thinking`` that its Jinja source mentions ('none' otherwise)."""
+    if requested != "auto":
+        return requested
+    for name in ("thinking_mode", "enable_thinking"):
+        if name in source:
+            return name
+    return "none"
 ASSISTANT_OPEN = IM_END + "\n" + IM_START + "assistant\n"
 
 
@@ -181,8 +216,13 @@ class ChatTemplate:
             per tile); each ``<image>`` in the text becomes this many ``image_token_id``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, tokens_per_image: int):
+    def __init__(self, tokenizer: Tokenizer, tokens_per_image: int, *,
+                 chat_template: str = "builtin", mode_argument: str = "auto"):
         require_range("tokens_per_image", tokens_per_image, 1)
+        if chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template must be one of {CHAT_TEMPLATES}, got {chat_template!r}")
+        if mode_argument not in MODE_ARGUMENTS:
+            raise ValueError(f"mode_argument must be one of {MODE_ARGUMENTS}, got {mode_argument!r}")
         self.tok = tokenizer
         self.tokens_per_image = int(tokens_per_image)
         self._forced: dict[str, list[int]] = {}
@@ -204,6 +244,17 @@ class ChatTemplate:
         """Index, within the tokens after ``<think>``, of the token that decides the mode."""
         self.routing_ids: dict[str, int] = {"think": think[off], "no_think": no_think[off]}
         """Routing token id per mode (Qwen3: '\\n' = 198 vs '\\n\\n' = 271)."""
+        source = getattr(tokenizer, "chat_template", None)
+        if chat_template == "tokenizer" and not source:
+            raise ValueError(f"chat_template='tokenizer' but {tokenizer!r} carries no chat template")
+        self.renders = bool(source) and chat_template in ("tokenizer", "auto")
+        """True when prompts are rendered by the tokenizer's own chat template."""
+        self.mode_argument = _mode_argument(source, mode_argument) if self.renders else "none"
+        """How a mode is passed to the tokenizer's template ('thinking_mode', 'enable_thinking'
+        or 'none': the template takes no mode and the prefix is appended)."""
+        if self.renders:
+            for m in MODES:  # fail now, naming the mode, rather than at the first prompt
+                self.prompt_text("1+1?", 0, m)
 
     # ------------------------------------------------------------ text forms
     def prompt_text(self, question: str, n_images: int = 0, mode: str = "auto") -> str:
@@ -220,7 +271,28 @@ class ChatTemplate:
         if inline and inline != n_images:
             raise ValueError(f"question has {inline} {IMAGE!r} markers but n_images = {n_images}")
         user = question if inline else (IMAGE + "\n") * n_images + question
-        return USER_OPEN + user + ASSISTANT_OPEN + MODE_PREFIX[mode]
+        if not self.renders:
+            return USER_OPEN + user + ASSISTANT_OPEN + MODE_PREFIX[mode]
+        return self._rendered_prompt(user, mode)
+
+    def _rendered_prompt(self, user: str, mode: str) -> str:
+        """The tokenizer template's generation prompt for ``user``, ending in ``mode``'s prefix."""
+        kwargs = MODE_KWARGS[self.mode_argument][mode]
+        text = self.tok.render_chat([{"role": "user", "content": user}], **kwargs)
+        opening = IM_START + "assistant\n"
+        at = text.rfind(opening)
+        if at < 0:
+            raise ValueError(f"the tokenizer's chat template renders no assistant opening "
+                             f"{opening!r} for mode {mode!r} ({kwargs}): {text[-200:]!r}")
+        head, tail = text[:at + len(opening)], text[at + len(opening):]
+        prefix = MODE_PREFIX[mode]
+        if prefix.startswith(tail):
+            return head + prefix  # the template forces less than the mode: append the rest
+        if tail.startswith(prefix) and not tail[len(prefix):].strip():
+            return head + prefix  # the rest is the whitespace that opens the canonical response
+        raise ValueError(f"the tokenizer's chat template renders {tail!r} after the assistant "
+                         f"opening for mode {mode!r} ({kwargs}), which disagrees with the mode "
+                         f"prefix {prefix!r}")
 
     def assistant_text(self, answer: str, reasoning: str | None = None) -> str:
         """Canonical assistant text from ``<think>`` through ``<|im_end|>``: the thinking
@@ -250,20 +322,33 @@ class ChatTemplate:
         return full[len(MODE_PREFIX[mode]):]
 
     # ------------------------------------------------------------ token ids
-    def expand_images(self, ids: Sequence[int]) -> list[int]:
-        """Replace every ``image_token_id`` by ``tokens_per_image`` copies of it."""
+    def expand_images(self, ids: Sequence[int], image_tokens: Sequence[int] | None = None) -> list[int]:
+        """Replace the ``k``-th ``image_token_id`` by ``image_tokens[k]`` copies of it (default:
+        ``tokens_per_image`` each)."""
         img = self.tok.image_token_id
+        n_img = sum(1 for i in ids if i == img)
+        if image_tokens is not None and len(image_tokens) != n_img:
+            raise ValueError(f"image_tokens has {len(image_tokens)} entries but the text holds "
+                             f"{n_img} {IMAGE!r} markers")
         out: list[int] = []
+        k = 0
         for i in ids:
             if i == img:
-                out.extend([img] * self.tokens_per_image)
+                n = self.tokens_per_image if image_tokens is None else int(image_tokens[k])
+                if n < 1:
+                    raise ValueError(f"image_tokens[{k}] must be >= 1, got {n}")
+                out.extend([img] * n)
+                k += 1
             else:
                 out.append(int(i))
         return out
 
-    def prompt_ids(self, question: str, n_images: int = 0, mode: str = "auto") -> list[int]:
-        """Prompt token ids: user turn (images expanded), assistant opening, mode prefix."""
-        return self.expand_images(self.tok.encode(self.prompt_text(question, n_images, mode)))
+    def prompt_ids(self, question: str, n_images: int = 0, mode: str = "auto", *,
+                   image_tokens: Sequence[int] | None = None) -> list[int]:
+        """Prompt token ids: user turn (image ``k`` expanded to ``image_tokens[k]``
+        placeholders, default ``tokens_per_image``), assistant opening, mode prefix."""
+        return self.expand_images(self.tok.encode(self.prompt_text(question, n_images, mode)),
+                                  image_tokens)
 
     def forced_ids(self, mode: str) -> list[int]:
         """Ids that follow ``<think>`` in ``mode``'s prefix ([] for auto): the tokens forced
@@ -276,7 +361,8 @@ class ChatTemplate:
         return self.tok.encode(self.response_text(answer, reasoning, mode))
 
     def sft_example(self, question: str, answer: str, reasoning: str | None = None,
-                    n_images: int = 0, *, prompt_mode: str = "auto") -> SFTExample:
+                    n_images: int = 0, *, prompt_mode: str = "auto",
+                    image_tokens: Sequence[int] | None = None) -> SFTExample:
         """An annealing example: auto prompt + full answer, with :func:`sft_loss_mask`.
 
         The answer form is thinking iff ``reasoning`` is non-empty. ``prompt_mode`` 'think'
@@ -288,7 +374,7 @@ class ChatTemplate:
         if prompt_mode != "auto" and prompt_mode != form:
             raise ValueError(f"prompt_mode {prompt_mode!r} does not match the answer form "
                              f"{form!r} (reasoning {'given' if form == 'think' else 'empty'})")
-        p = self.prompt_ids(question, n_images, prompt_mode)
+        p = self.prompt_ids(question, n_images, prompt_mode, image_tokens=image_tokens)
         r = self.response_ids(answer, reasoning, prompt_mode)
         ids = p + r
         return SFTExample(ids, len(p), sft_loss_mask(len(ids), len(p)), form)

@@ -99,6 +99,7 @@ class BuiltinTokenizer:
         self.think_start_id = self._ids[THINK_START]
         self.think_end_id = self._ids[THINK_END]
         self.image_token_id = self._ids[IMAGE]
+        self.chat_template: str | None = None  # prompts use r4b's canonical text
 
     def encode(self, text: str) -> list[int]:
         """Greedy longest-match token ids of ``text`` (see the class docstring)."""
@@ -188,6 +189,17 @@ class HFTokenizer:
         else:
             self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_id
         self.vocab_size = len(self.hf)
+        self.chat_template: str | None = getattr(self.hf, "chat_template", None) or None
+        """The tokenizer's own Jinja chat template (``tokenizer_config.json`` /
+        ``chat_template.jinja``), or None."""
+
+    def render_chat(self, messages: list[dict], **kwargs) -> str:
+        """Text of ``messages`` through the tokenizer's chat template with the generation
+        prompt appended; ``kwargs`` reach the template (``thinking_mode``, ``enable_thinking``)."""
+        if not self.chat_template:
+            raise ValueError(f"{self!r} carries no chat template")
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           **kwargs)
 
     def _lookup(self, token: str) -> int | None:
         ids = self.hf.encode(token, add_special_tokens=False)

@@ -153,6 +153,11 @@ class R4BModel(nn.Module):
         """This rank's ``[V_local, H]`` LM-head weight (the embedding matrix when tied)."""
         return self.language_model.lm_head_weight()
 
+    def logits_of_hidden(self, hidden: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
+        """Logits ``[..., V]`` of final-normed hidden states (what ``return_hidden=True``
+        returns); ``gather=False`` keeps this rank's ``[..., V_local]`` slice."""
+        return self.language_model.logits(hidden, gather=gather)
+
     # ------------------------------------------------------------ pipeline glue
     def set_input_tensor(self, input_tensor) -> None:
         """Hidden states from the previous pipeline stage (megatron passes a one-item list;

@@ -132,15 +132,18 @@ class MicroBatch:
     routing_rows: torch.Tensor
     """Bool per scored row: the forced routing token of a forced-mode rollout."""
     modes: torch.Tensor
+    has_routing: bool = False
+    """Whether any row is a forced routing token (known on the host when packing)."""
     old_lp: torch.Tensor | None = None
     ref_lp: torch.Tensor | None = None
 
 
 def frozen_copy(model):
-    """A frozen reference copy of ``model`` (same config, same TP shards, no gradients)."""
+    """A frozen reference copy of ``model`` on its device (same config, same TP shards, no
+    gradients): the reference policy of the KL term."""
     from ..models import build_model
 
-    ref = build_model(model.cfg, init_weights=False)
+    ref = build_model(model.cfg, init_weights=False, device=next(model.parameters()).device)
     ref.load_state_dict(model.state_dict())
     ref.eval()
     for p in ref.parameters():
@@ -179,25 +182,29 @@ class BPOTrainer:
 
     # ------------------------------------------------------------ 3. advantages and weights
     def advantages(self, batch: list[Seq]):
+        """Grouped advantages over the global batch (host tensors: N scalars per rollout)."""
         cfg = self.cfg
-        rewards = torch.tensor([s.reward for s in batch], dtype=torch.float32)
-        groups = torch.tensor([s.group for s in batch], dtype=torch.int64)
-        modes = torch.tensor([s.mode for s in batch], dtype=torch.int8)
+        rewards = torch.tensor([s.reward for s in batch], dtype=torch.float32, device="cpu")
+        groups = torch.tensor([s.group for s in batch], dtype=torch.int64, device="cpu")
+        modes = torch.tensor([s.mode for s in batch], dtype=torch.int8, device="cpu")
         ga = K.grouped_advantage(rewards, groups, modes, baseline=cfg.baseline, scale=cfg.scale)
-        keep = torch.ones(len(batch), dtype=torch.bool)
+        keep = torch.ones(len(batch), dtype=torch.bool, device="cpu")
         if cfg.filter_zero_variance:
             keep = ~ga.zero_variance[ga.inverse]
         return ga, keep
 
     def loss_weights(self, batch: list[Seq], keep: torch.Tensor) -> torch.Tensor:
+        """Per-token loss weight of every rollout, normalised over the global batch (host)."""
         cfg = self.cfg
-        idx = keep.nonzero()[:, 0]
-        lens = torch.tensor([len(batch[i].response_ids) for i in idx.tolist()], dtype=torch.int64)
-        groups = torch.tensor([batch[i].group for i in idx.tolist()], dtype=torch.int64)
-        modes = torch.tensor([self._loss_mode(batch[i]) for i in idx.tolist()], dtype=torch.int8)
-        w = torch.zeros(len(batch), dtype=torch.float32)
-        if len(idx):
-            w[idx] = K.sequence_loss_weights(
+        idx = keep.nonzero()[:, 0].tolist()
+        lens = torch.tensor([len(batch[i].response_ids) for i in idx], dtype=torch.int64,
+                            device="cpu")
+        groups = torch.tensor([batch[i].group for i in idx], dtype=torch.int64, device="cpu")
+        modes = torch.tensor([self._loss_mode(batch[i]) for i in idx], dtype=torch.int8,
+                             device="cpu")
+        w = torch.zeros(len(batch), dtype=torch.float32, device="cpu")
+        if idx:
+            w[torch.tensor(idx, dtype=torch.long, device="cpu")] = K.sequence_loss_weights(
                 lens, groups, modes, aggregation=cfg.loss_aggregation,
                 max_response_len=max(cfg.max_new_tokens_think, cfg.max_new_tokens_auto) + 2)
         return w
@@ -212,7 +219,10 @@ class BPOTrainer:
     # ------------------------------------------------------------ 4. packing
     def microbatches(self, batch: list[Seq], adv: torch.Tensor, weights: torch.Tensor,
                      keep: torch.Tensor) -> tuple[list[MicroBatch], dict]:
+        """This rank's packed micro-batches, each moved to the model's device in one copy;
+        per-row values are assembled on the host (they index per-sequence Python lists)."""
         rt, cfg = self.rt, self.cfg
+        dev = rt.device
         idx = keep.nonzero()[:, 0].tolist()
         kept = [batch[i] for i in idx]
         tokens = [s.prompt_ids + s.response_ids for s in kept]
@@ -220,25 +230,31 @@ class BPOTrainer:
         mine, imbalance = plan([len(t) for t in tokens], dp_rank=rt.dp_rank, dp_size=rt.dp_size,
                                tokens_per_microbatch=cfg.tokens_per_microbatch,
                                group_ids=[s.group for s in kept], modes=[s.mode for s in kept])
-        adv_k = adv[idx].float()
-        w_k = weights[idx].float()
-        modes_k = torch.tensor([s.mode for s in kept], dtype=torch.int8)
+        sel_keep = torch.tensor(idx, dtype=torch.long, device="cpu")
+        adv_k = adv[sel_keep].float()
+        w_k = weights[sel_keep].float()
+        modes_k = torch.tensor([s.mode for s in kept], dtype=torch.int8, device="cpu")
+        plens_t = torch.tensor(plens, dtype=torch.long, device="cpu")
         out = []
         for pk in pack(tokens, plens, [s.images for s in kept], mine):
             seqs = pk.seqs  # packed order: cu_seqlens and row_seq refer to it
-            sel = torch.as_tensor(seqs, dtype=torch.long)
+            sel = torch.tensor(seqs, dtype=torch.long, device="cpu")
             tok_adv, tok_w = K.token_advantage_weights(
-                pk.cu_seqlens, torch.as_tensor(plens, dtype=torch.long)[sel], adv_k[sel], w_k[sel],
+                pk.cu_seqlens, plens_t[sel], adv_k[sel], w_k[sel],
                 total_tokens=pk.input_ids.shape[0])
             eng = torch.tensor([kept[seqs[j]].engine_logprobs[k]
                                 for j, k in zip(pk.row_seq.tolist(), pk.row_token.tolist())],
-                               dtype=torch.float32)
+                               dtype=torch.float32, device="cpu")
             forced = torch.tensor([kept[j].forced > 0 and kept[j].mode != MODE_ID["auto"]
-                                   for j in seqs], dtype=torch.bool)
-            out.append(MicroBatch(pk=pk, targets=pk.targets, advantages=tok_adv[pk.rows],
-                                  weights=tok_w[pk.rows], engine_lp=eng,
-                                  routing_rows=(pk.row_token == 0) & forced[pk.row_seq],
-                                  modes=modes_k[sel][pk.row_seq]))
+                                   for j in seqs], dtype=torch.bool, device="cpu")
+            routing = (pk.row_token == 0) & forced[pk.row_seq]
+            rows = pk.rows
+            host = (tok_adv[rows], tok_w[rows], eng, routing, modes_k[sel][pk.row_seq])
+            d_adv, d_w, d_eng, d_routing, d_modes = (t.to(dev) for t in host)
+            dpk = pk.to(dev)
+            out.append(MicroBatch(pk=dpk, targets=dpk.targets, advantages=d_adv, weights=d_w,
+                                  engine_lp=d_eng, routing_rows=d_routing, modes=d_modes,
+                                  has_routing=bool(routing.any())))
         return out, {"imbalance": imbalance}
 
     # ------------------------------------------------------------ 5. old / ref log-probs
@@ -263,26 +279,33 @@ class BPOTrainer:
         return lp[0] if isinstance(lp, tuple) else lp
 
     # ------------------------------------------------------------ 6. update
+    def token_weights(self, mb: MicroBatch) -> torch.Tensor:
+        """Loss weight of each scored row: the sequence weight, times the truncated importance
+        weight against the engine, times ``pi_old / 0.5`` on forced routing tokens."""
+        w = mb.weights
+        if self.cfg.tis_cap is not None:
+            w = w * torch.exp(mb.old_lp - mb.engine_lp).clamp(max=self.cfg.tis_cap)
+        if mb.has_routing:
+            w = torch.where(mb.routing_rows, w * torch.exp(mb.old_lp - math.log(0.5)), w)
+        return w
+
     def update(self, mbs: list[MicroBatch]) -> dict:
+        """Optimizer steps over the packed rollout batch.  Statistics accumulate on the device;
+        each optimizer step syncs with the host once (the finiteness decision and the norm)."""
         cfg, rt = self.cfg, self.rt
-        stats = {m: {"clip": 0.0, "kl": 0.0, "ent": 0.0, "w": 0.0, "n": 0} for m in MODE_ID}
+        dev = rt.device
+        n_modes = len(MODE_ID)
+        # per mode: [clipped rows, kl sum, entropy sum, rows]
+        stats = torch.zeros(n_modes, 4, dtype=torch.float64, device=dev)
         losses, norms, skipped = [], [], 0
         for _epoch in range(cfg.inner_epochs):
             for part in np.array_split(np.arange(len(mbs)), cfg.minibatches):
                 self.opt.zero_grad(set_to_none=True)
-                loss_sum = 0.0
+                loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
                 for i in part.tolist():
                     mb = mbs[i]
-                    w = mb.weights.clone()
-                    if cfg.tis_cap is not None:
-                        w *= torch.exp(mb.old_lp - mb.engine_lp).clamp(max=cfg.tis_cap)
-                    if mb.routing_rows.any():
-                        w[mb.routing_rows] *= torch.exp(mb.old_lp[mb.routing_rows] - math.log(0.5))
+                    w = self.token_weights(mb)
                     h = forward_rows(self.policy, mb.pk)
-                    if not bool(torch.isfinite(h).all()):
-                        # Non-finite activations: the whole optimizer step is skipped below.
-                        loss_sum = float("nan")
-                        continue
                     out = K.policy_loss(
                         h, self.policy.lm_head_weight(), mb.targets, mb.old_lp, mb.advantages,
                         token_weights=w * cfg.minibatches, ref_logprobs=mb.ref_lp,
@@ -292,48 +315,48 @@ class BPOTrainer:
                         tp_group=rt.tp_group if rt.tp_size > 1 else None,
                         vocab_start=self.policy.vocab_start, return_entropy=True)
                     out.loss.backward()
-                    loss_sum += float(out.loss.detach())
+                    loss_sum += out.loss.detach()
                     self._accumulate(stats, mb, out)
                 all_reduce_grads(self.policy, rt)
                 norm = clip_grads(self.policy, cfg.grad_clip, rt)
-                ok = all_true(math.isfinite(loss_sum) and math.isfinite(norm), rt)
+                loss_host = float(loss_sum)
+                ok = all_true(math.isfinite(loss_host) and math.isfinite(norm), rt)
                 if ok:
                     self.opt.step()
                 else:
                     skipped += 1
                     self.skipped_steps += 1
                     log.warning("non-finite loss (%s) or grad norm (%s): optimizer step skipped "
-                                "(%d skipped so far)", loss_sum, norm, self.skipped_steps)
+                                "(%d skipped so far)", loss_host, norm, self.skipped_steps)
                 self.opt.zero_grad(set_to_none=True)
-                losses.append(loss_sum)
+                losses.append(loss_host)
                 norms.append(norm)
         m = {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
              "skipped_steps": skipped, "skipped_steps_total": self.skipped_steps}
-        for mode, st in stats.items():
-            if st["n"]:
-                m[f"{mode}/clip_frac"] = st["clip"] / st["n"]
-                m[f"{mode}/entropy"] = st["ent"] / st["n"]
+        for (name, _), (clip, kl, ent, n) in zip(sorted(MODE_ID.items(), key=lambda kv: kv[1]),
+                                                  stats.tolist()):
+            if n:
+                m[f"{name}/clip_frac"] = clip / n
+                m[f"{name}/entropy"] = ent / n
                 if cfg.kl_coef > 0:
-                    m[f"{mode}/kl"] = st["kl"] / st["n"]
+                    m[f"{name}/kl"] = kl / n
         return m
 
-    def _accumulate(self, stats: dict, mb: MicroBatch, out) -> None:
+    def _accumulate(self, stats: torch.Tensor, mb: MicroBatch, out) -> None:
+        """Add this micro-batch's per-mode clip / KL / entropy sums to ``stats`` (on the device,
+        no host sync)."""
         ratio = out.ratio.detach()
         adv = mb.advantages
-        clipped = ((adv > 0) & (ratio > 1 + self.cfg.eps_high)) | ((adv < 0) & (ratio < 1 - self.cfg.eps_low))
-        for name, mid in MODE_ID.items():
-            sel = mb.modes == mid
-            n = int(sel.sum())
-            if not n:
-                continue
-            st = stats[name]
-            st["n"] += n
-            st["clip"] += float(clipped[sel].sum())
-            if out.entropy is not None:
-                st["ent"] += float(out.entropy[sel].sum())
-            if mb.ref_lp is not None:
-                d = mb.ref_lp[sel] - out.logprobs[sel]
-                st["kl"] += float((torch.exp(d) - d - 1).sum())
+        clipped = ((adv > 0) & (ratio > 1 + self.cfg.eps_high)) | \
+                  ((adv < 0) & (ratio < 1 - self.cfg.eps_low))
+        cols = [clipped.double(), torch.zeros_like(ratio, dtype=torch.float64),
+                torch.zeros_like(ratio, dtype=torch.float64), torch.ones_like(ratio, dtype=torch.float64)]
+        if mb.ref_lp is not None:
+            d = (mb.ref_lp - out.logprobs.detach()).double()
+            cols[1] = torch.exp(d) - d - 1
+        if out.entropy is not None:
+            cols[2] = out.entropy.detach().double()
+        stats.index_add_(0, mb.modes.long(), torch.stack(cols, dim=1))
 
     # ------------------------------------------------------------ the whole step
     def step(self, items: Sequence[Any], step: int, generator: torch.Generator) -> dict:
@@ -352,8 +375,8 @@ class BPOTrainer:
         metrics = rollout_metrics(batch, ga, keep)
         metrics.update(upd)
         metrics.update(pack_stats)
-        mism = [float((mb.old_lp - mb.engine_lp).abs().max()) for mb in mbs if mb.targets.numel()]
-        metrics["old_vs_engine_logprob_maxabs"] = max(mism, default=0.0)
+        mism = [(mb.old_lp - mb.engine_lp).abs().max() for mb in mbs if mb.targets.numel()]
+        metrics["old_vs_engine_logprob_maxabs"] = float(torch.stack(mism).max()) if mism else 0.0
         n_tok = sum(len(s.response_ids) for s in batch)
         total = time.perf_counter() - t0
         metrics.update({"time/generate": t_gen, "time/old_logprob": t_old, "time/reference": t_ref,

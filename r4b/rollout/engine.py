@@ -9,9 +9,10 @@ which mode the completion is in (for auto requests: the mode the model chose).
 How a batch runs:
 
 1. **Prefill.** Rows with equal prompt length run as one cached forward (images of the group
-   concatenated in row order), filling their KV-cache rows; the last position's logits seed
-   decoding.  The cache holds ``max(prompt + budget)`` tokens per row, never more than
-   ``max_seqlen``.
+   concatenated in row order), at most ``prefill_tokens`` prompt tokens per forward, filling
+   their KV-cache rows; only the last position of each row goes through the LM head (its
+   logits seed decoding).  The cache holds ``max(prompt + budget)`` tokens per row, never
+   more than ``max_seqlen``.
 2. **Decode.** All live rows advance in lock step, so response position ``t`` is decoding step
    ``t`` for every row: one sampler call and one device→host copy (tokens and log-probs
    together) per step.  Forced tokens replace the draw at their positions; every row is drawn
@@ -155,12 +156,18 @@ class EmbeddedEngine:
         banned_ids: token ids that are never drawn (forced tokens may still be any id).
             None: the image placeholder id (the model's ``cfg.image_token_id`` and the
             template tokenizer's ``image_token_id``) — a response cannot contain an image.
+        prefill_tokens: prompt tokens per prefill forward (rows of one prompt length are
+            split into forwards of at most this many tokens; one row always fits).
     """
 
     def __init__(self, model: torch.nn.Module, *, stop_ids: Sequence[int],
                  mode_classifier: Callable[[list[int], list[int]], str | None] | None = None,
                  max_seqlen: int = 512, vocab_limit: int | None = None,
-                 banned_ids: Sequence[int] | None = None):
+                 banned_ids: Sequence[int] | None = None, prefill_tokens: int = 65536):
+        if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int) \
+                or prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be an int >= 1, got {prefill_tokens!r}")
+        self.prefill_tokens = prefill_tokens
         self.model = model
         self.stop_ids = set(int(i) for i in stop_ids)
         if not self.stop_ids:
@@ -297,28 +304,33 @@ class EmbeddedEngine:
         by_len: dict[int, list[int]] = {}
         for i, r in enumerate(reqs):
             by_len.setdefault(len(r.prompt_ids), []).append(i)
-        last_logits = None
-        for _, rows in sorted(by_len.items()):
-            ids = torch.tensor([[int(t) for t in reqs[i].prompt_ids] for i in rows],
-                               dtype=torch.long).to(dev, non_blocking=True)
-            tiles = [images[i] for i in rows if images[i] is not None]
-            pix = torch.cat(tiles).to(dev, non_blocking=True) if tiles else None
-            logits = self.model(input_ids=ids, kv_cache=cache, images=pix,
-                                cache_rows=torch.tensor(rows, dtype=torch.long))[:, -1]
-            if last_logits is None:
-                last_logits = logits.new_empty((B, logits.shape[-1]))
-            last_logits[torch.tensor(rows, device=dev)] = logits
-        logits = last_logits
+        last_hidden = None
+        for length, group in sorted(by_len.items()):
+            per = max(1, self.prefill_tokens // length)
+            for s in range(0, len(group), per):
+                rows = group[s:s + per]
+                ids = torch.tensor([[int(t) for t in reqs[i].prompt_ids] for i in rows],
+                                   dtype=torch.long, device="cpu").to(dev, non_blocking=True)
+                tiles = [images[i] for i in rows if images[i] is not None]
+                pix = torch.cat(tiles).to(dev, non_blocking=True) if tiles else None
+                # Hidden states, not logits: only each row's last position needs the LM head.
+                h = self.model(input_ids=ids, kv_cache=cache, images=pix, return_hidden=True,
+                               cache_rows=torch.tensor(rows, dtype=torch.long, device="cpu"))[:, -1]
+                if last_hidden is None:
+                    last_hidden = h.new_empty((B, h.shape[-1]))
+                last_hidden[torch.tensor(rows, device=dev)] = h
+        logits = self.model.logits_of_hidden(last_hidden)
         t_prefill = time.perf_counter() - t0
 
         # 2. Decode in lock step: response position t == step t for every live row.
         n_forced_max = max(len(r.forced_ids) for r in reqs)
         forced_mat = None
         if n_forced_max:
-            forced_mat = torch.full((B, n_forced_max), -1, dtype=torch.long)
+            forced_mat = torch.full((B, n_forced_max), -1, dtype=torch.long, device="cpu")
             for i, r in enumerate(reqs):
                 if r.forced_ids:
-                    forced_mat[i, :len(r.forced_ids)] = torch.tensor([int(t) for t in r.forced_ids])
+                    forced_mat[i, :len(r.forced_ids)] = torch.tensor(
+                        [int(t) for t in r.forced_ids], dtype=torch.long, device="cpu")
         n_forced = [len(r.forced_ids) for r in reqs]
         stop = self.stop_ids
         resp: list[list[int]] = [[] for _ in range(B)]
@@ -353,7 +365,7 @@ class EmbeddedEngine:
                 ids = tok[torch.tensor(keep_pos, device=dev)][:, None]
             active = keep_rows
             logits = self.model(input_ids=ids, kv_cache=cache,
-                                cache_rows=torch.tensor(active, dtype=torch.long))[:, -1]
+                                cache_rows=torch.tensor(active, dtype=torch.long, device="cpu"))[:, -1]
         t_decode = time.perf_counter() - t0 - t_prefill
 
         out = []

@@ -1,0 +1,303 @@
+"""What every entry point assembles: tokenizer, model config, model on the runtime's device,
+chat template, rollout engine and data.
+
+``r4b.anneal``, ``r4b.pretrain_bpo`` and ``r4b.evaluate`` build their pieces here and never
+import each other's loading code.  Three ways to get a model (:class:`ModelChoice`):
+
+* the **embedded default** (``preset="tiny"``): the built-in tokenizer and the tiny model sized
+  to the embedded task's image tiles;
+* a **preset** (``preset="r4b-4b"``) with a tokenizer directory: R-4B's architecture with fresh
+  weights, special tokens taken from the tokenizer;
+* a **transformers checkpoint** (``hf_path``): architecture and weights from the directory
+  (every format :func:`r4b.models.from_hf` reads), tokenizer from ``tokenizer_path`` or from
+  the checkpoint directory itself.
+
+Any of them can be cut in depth (``num_layers``, ``vision_num_layers``) with every width,
+format and token unchanged: the supported way to run the real path on a small machine.
+
+Token ids the template and the engine rely on (image placeholder, think tags, end of turn)
+always come from the tokenizer; a checkpoint whose ``config.json`` names a different image
+token, or whose vocabulary is smaller than the tokenizer's, is an error before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import require_choice, require_range
+from .data import BuiltinTokenizer, ChatTemplate, HFTokenizer, Sample, TaskConfig
+from .data.template import CHAT_TEMPLATES
+from .log import get_logger
+
+log = get_logger(__name__)
+
+PRESETS = ("tiny", "r4b-4b")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _is_tokenizer_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in TOKENIZER_FILES)
+
+
+@dataclass(kw_only=True)
+class ModelChoice:
+    """Which model to build or load, with which tokenizer."""
+
+    preset: str = "tiny"
+    """Model preset: 'tiny' (the embedded default) or 'r4b-4b'. With ``hf_path`` the
+    checkpoint's ``config.json`` defines the network; 'r4b-4b' then also checks that it has
+    R-4B's widths."""
+    hf_path: str | None = None
+    """transformers checkpoint directory to load (architecture and weights); None: fresh
+    weights from the preset."""
+    tokenizer_path: str | None = None
+    """Local Hugging Face tokenizer directory; None: ``hf_path`` when it holds a tokenizer, else
+    the built-in tokenizer (tiny preset only)."""
+    params_dtype: str | None = None
+    """Parameter dtype: float32, bfloat16 or float16; None: the checkpoint's (``hf_path``) or
+    the preset's (tiny: float32, r4b-4b: bfloat16)."""
+    num_layers: int | None = None
+    """Cut the language model to its first ``num_layers`` layers (None: all)."""
+    vision_num_layers: int | None = None
+    """Cut the vision tower to its first layers; its last kept layer feeds the projector."""
+    chat_template: str = "auto"
+    """Prompt text: 'auto' (the tokenizer's chat template when it has one, else r4b's
+    canonical one), 'tokenizer' (require it) or 'builtin'."""
+    image_token: str = "<image>"
+    """Image placeholder string of the tokenizer (its id must equal the checkpoint's
+    ``image_token_index``)."""
+
+    def __post_init__(self):
+        require_choice("model.preset", self.preset, PRESETS)
+        if self.params_dtype is not None:
+            require_choice("model.params_dtype", self.params_dtype,
+                           ("float32", "bfloat16", "float16"))
+        require_choice("model.chat_template", self.chat_template, CHAT_TEMPLATES)
+        for name in ("num_layers", "vision_num_layers"):
+            if getattr(self, name) is not None:
+                require_range(f"model.{name}", getattr(self, name), 1)
+        if self.hf_path is not None:
+            p = Path(self.hf_path)
+            if not p.is_dir():
+                raise ValueError(f"model.hf_path {self.hf_path!r} is not a directory")
+            if not (p / "config.json").is_file():
+                raise ValueError(f"model.hf_path {self.hf_path!r} holds no config.json: not a "
+                                 f"transformers checkpoint directory")
+        if self.tokenizer_path is not None and not _is_tokenizer_dir(Path(self.tokenizer_path)):
+            raise ValueError(f"model.tokenizer_path {self.tokenizer_path!r} is not a tokenizer "
+                             f"directory (it must hold one of {TOKENIZER_FILES})")
+        if self.preset == "r4b-4b" and self.tokenizer_dir() is None:
+            raise ValueError("model.preset 'r4b-4b' needs a tokenizer: set model.tokenizer_path "
+                             "(or model.hf_path to a checkpoint directory that holds one)")
+
+    def tokenizer_dir(self) -> str | None:
+        """The tokenizer directory in use (None: the built-in tokenizer)."""
+        if self.tokenizer_path is not None:
+            return self.tokenizer_path
+        if self.hf_path is not None and _is_tokenizer_dir(Path(self.hf_path)):
+            return self.hf_path
+        return None
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Limits of the rollout engine (shared by curation, BPO rollouts and evaluation)."""
+
+    max_seqlen: int | None = None
+    """KV-cache capacity per row, prompt + response tokens; None: the longest prompt of the
+    data plus the largest response budget in use, capped at ``lm.max_position_embeddings``."""
+    prefill_tokens: int = 65536
+    """Prompt tokens per prefill forward: rows of equal prompt length share a forward up to
+    this many tokens (a longer single prompt still runs alone)."""
+
+    def __post_init__(self):
+        if self.max_seqlen is not None:
+            require_range("rollout.max_seqlen", self.max_seqlen, 2)
+        require_range("rollout.prefill_tokens", self.prefill_tokens, 1)
+
+
+def default_task() -> TaskConfig:
+    """The embedded task at the tiny model's tile size (18 px, 4 digits, grayscale)."""
+    return TaskConfig(n_digits=4, image_size=18, channels=1, noise_std=0.05, vision=True)
+
+
+@dataclass(kw_only=True)
+class Setup:
+    """Everything the entry points share about the model, the engine and the data."""
+
+    model: ModelChoice = field(default_factory=ModelChoice)
+    """Model preset and optional checkpoint / tokenizer paths."""
+    task: TaskConfig = field(default_factory=default_task)
+    """The embedded task (used when no data files are given)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout engine limits."""
+    seed: int = 0
+    """Global seed: model init, task generation and sampling derive from it."""
+    tp_size: int = 1
+    """Tensor-parallel size (the launch's process count must be a multiple of it)."""
+
+    def __post_init__(self):
+        require_range("seed", self.seed, 0)
+        require_range("tp_size", self.tp_size, 1)
+
+
+# ---------------------------------------------------------------- tokenizer and model config
+def make_tokenizer(choice: ModelChoice):
+    """The built-in tokenizer, or the local Hugging Face tokenizer of ``choice``."""
+    path = choice.tokenizer_dir()
+    if path is None:
+        if choice.preset != "tiny" or choice.hf_path is not None:
+            raise ValueError(f"model.tokenizer_path is needed: {choice.hf_path or choice.preset!r} "
+                             "holds no tokenizer, and the built-in one only fits the tiny preset")
+        return BuiltinTokenizer()
+    return HFTokenizer(path, image_token=choice.image_token)
+
+
+def check_tokens(cfg, tokenizer, source: str, image_token: str = "<image>") -> None:
+    """Raise ``ValueError`` when ``tokenizer`` and the model config ``cfg`` (from ``source``)
+    disagree on the vocabulary or the image placeholder."""
+    if tokenizer.vocab_size > cfg.lm.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but {source} has "
+                         f"lm.vocab_size {cfg.lm.vocab_size}: token ids would overflow the "
+                         f"embedding")
+    if cfg.vision is not None and cfg.image_token_id != tokenizer.image_token_id:
+        raise ValueError(f"{source} names image token id {cfg.image_token_id} but the tokenizer "
+                         f"maps {image_token!r} to "
+                         f"{tokenizer.image_token_id}; they must agree")
+
+
+def model_config(choice: ModelChoice, tokenizer, task: TaskConfig, *, tp_size: int = 1):
+    """Model config for ``choice``: the checkpoint's, the preset's (image token from the
+    tokenizer) or the tiny model sized to the tokenizer and the task's tiles; cut in depth and
+    cast as ``choice`` says, and checked against the tokenizer."""
+    from .models import get_preset, read_hf_config
+    from .models.hf import SafetensorsReader, cut_depth
+
+    if choice.hf_path is not None:
+        cfg, raw = read_hf_config(choice.hf_path, keys=list(SafetensorsReader(choice.hf_path)))
+        source = f"checkpoint {choice.hf_path!r}"
+        if choice.preset == "r4b-4b":
+            _check_r4b_widths(cfg, source)
+    elif choice.preset == "r4b-4b":
+        cfg = get_preset("r4b-4b")
+        source = "preset 'r4b-4b'"
+        if cfg.vision is not None:
+            cfg = dataclasses.replace(cfg, image_token_id=tokenizer.image_token_id)
+    else:
+        vocab = -(-tokenizer.vocab_size // tp_size) * tp_size  # padded ids are never sampled
+        cfg = get_preset("tiny", vocab_size=vocab, image_token_id=tokenizer.image_token_id,
+                         vision=task.vision)
+        if cfg.vision is not None:
+            patch = task.image_size // 2  # one patch per digit cell of the 2x2 grid
+            cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
+                cfg.vision, image_size=task.image_size, patch_size=patch,
+                num_channels=task.channels))
+        source = "preset 'tiny'"
+    if choice.params_dtype is not None:
+        cfg = dataclasses.replace(cfg, params_dtype=choice.params_dtype)
+    if choice.num_layers is not None or choice.vision_num_layers is not None:
+        cfg = cut_depth(cfg, num_layers=choice.num_layers,
+                        vision_num_layers=choice.vision_num_layers)
+    check_tokens(cfg, tokenizer, source, choice.image_token)
+    cfg.lm.check_tp(tp_size)
+    return cfg
+
+
+def _check_r4b_widths(cfg, source: str) -> None:
+    from .models import get_preset
+
+    want = get_preset("r4b-4b")
+    diffs = [f"lm.{k}: {getattr(cfg.lm, k)} (preset {getattr(want.lm, k)})"
+             for k in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                       "head_dim", "vocab_size") if getattr(cfg.lm, k) != getattr(want.lm, k)]
+    if cfg.vision is None:
+        diffs.append("vision: none (preset: SigLIP So400m)")
+    else:
+        diffs += [f"vision.{k}: {getattr(cfg.vision, k)} (preset {getattr(want.vision, k)})"
+                  for k in ("hidden_size", "intermediate_size", "num_heads", "patch_size",
+                            "image_size") if getattr(cfg.vision, k) != getattr(want.vision, k)]
+    if diffs:
+        raise ValueError(f"model.preset is 'r4b-4b' but {source} has other widths: "
+                         + "; ".join(diffs) + " (leave model.preset at 'tiny' to load any "
+                         "checkpoint as it is)")
+
+
+def make_template(tokenizer, cfg, choice: ModelChoice | None = None) -> ChatTemplate:
+    """The chat template for ``tokenizer`` and model ``cfg`` (the tokenizer's own Jinja template
+    when ``choice.chat_template`` allows it)."""
+    mode = "builtin" if choice is None else choice.chat_template
+    return ChatTemplate(tokenizer, max(1, cfg.tokens_per_image), chat_template=mode)
+
+
+# ---------------------------------------------------------------- the model on its device
+def build_policy(choice: ModelChoice, cfg, rt, *, seed: int):
+    """This rank's model on ``rt.device``: loaded from ``choice.hf_path`` (cut and cast as
+    ``cfg`` says) or freshly initialised from ``seed`` (weights drawn on the CPU, so every
+    device and TP layout gets the same values)."""
+    from .models import build_model, from_hf
+
+    if choice.hf_path is not None:
+        model = from_hf(choice.hf_path, tp_size=rt.tp_size, dtype=cfg.params_dtype,
+                        device=rt.device, num_layers=choice.num_layers,
+                        vision_num_layers=choice.vision_num_layers)
+        if model.cfg != cfg:
+            raise RuntimeError(f"the model loaded from {choice.hf_path!r} does not match its "
+                               f"config: {model.cfg} vs {cfg}")
+        return model
+    torch.manual_seed(seed)
+    return build_model(cfg, device=rt.device)
+
+
+# ---------------------------------------------------------------- engine and data
+def prompt_budget(items: Sequence[Sample], template) -> int:
+    """Longest prompt (forced-thinking form, the longest mode prefix) over ``items``."""
+    return max((len(template.prompt_ids(it.question, it.n_images, "no_think"))
+                for it in items), default=1)
+
+
+def engine_max_seqlen(rollout: RolloutConfig, cfg, *, longest_prompt: int,
+                      largest_budget: int) -> int:
+    """``rollout.max_seqlen``, or the longest prompt plus the largest response budget (two
+    forced routing tokens included), capped at the model's ``max_position_embeddings``."""
+    cap = cfg.lm.max_position_embeddings
+    if rollout.max_seqlen is not None:
+        if rollout.max_seqlen > cap:
+            raise ValueError(f"rollout.max_seqlen {rollout.max_seqlen} exceeds the model's "
+                             f"lm.max_position_embeddings {cap}")
+        return rollout.max_seqlen
+    return min(cap, longest_prompt + largest_budget + 2)
+
+
+def build_engine(model, template, tokenizer, *, max_seqlen: int,
+                 rollout: RolloutConfig | None = None):
+    """The embedded engine on ``model``: stops at end of turn / text, never samples the image
+    placeholder or the vocabulary padding ids."""
+    from .rollout.engine import EmbeddedEngine
+
+    rollout = rollout or RolloutConfig()
+    return EmbeddedEngine(model, stop_ids=[tokenizer.im_end_id, tokenizer.eos_id],
+                          mode_classifier=template.classify_mode, max_seqlen=max_seqlen,
+                          vocab_limit=tokenizer.vocab_size, banned_ids=[tokenizer.image_token_id],
+                          prefill_tokens=rollout.prefill_tokens)
+
+
+def load_items(setup: Setup, data: str | None, *, n_train: int, n_eval: int
+               ) -> tuple[list[Sample], list[Sample]]:
+    """(train, eval) items: the embedded task, or a data file split 90/10 by row order."""
+    from .data import read_samples, train_eval_split
+
+    if data is None:
+        return train_eval_split(setup.seed, n_train, n_eval, config=setup.task)
+    samples, stats = read_samples(data)
+    log.info("read %d rows from %s (%d skipped)", stats.rows_read, data, stats.rows_skipped)
+    if len(samples) < 2:
+        raise ValueError(f"{data}: {len(samples)} usable rows; training needs at least 2 (one "
+                         f"for evaluation)")
+    n = max(1, len(samples) // 10)
+    return samples[n:], samples[:n]
+
