@@ -264,8 +264,12 @@ def test_fused_gpu_paths_match_references():
     torch.testing.assert_close(layers.rms_norm(x, w, 1e-6).float(), ref, rtol=2e-2, atol=2e-2)
     k = torch.randn(37, 2, 32, device=dev, dtype=torch.bfloat16)
     cos, sin = layers.RotaryEmbedding(32, 1e4)(torch.arange(37, device=dev))
+    # The reference is computed from copies taken before the call, and the call must leave its
+    # inputs untouched (Liger's rope kernel rotates in place; apply_rotary must not let it).
+    x_before, k_before = x.clone(), k.clone()
+    q0, k0 = layers.apply_rotary_reference(x_before.float(), k_before.float(), cos, sin)
     q1, k1 = layers.apply_rotary(x, k, cos, sin)
-    q0, k0 = layers.apply_rotary_reference(x.float(), k.float(), cos, sin)
+    assert torch.equal(x, x_before) and torch.equal(k, k_before), "apply_rotary modified its inputs"
     torch.testing.assert_close(q1.float(), q0, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(k1.float(), k0, rtol=2e-2, atol=2e-2)
     g, u = torch.randn(2, 37, 96, device=dev, dtype=torch.bfloat16)

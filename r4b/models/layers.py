@@ -159,12 +159,18 @@ def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of token-major ``q, k`` (Liger's kernel on CUDA, else the reference)."""
+    """Rotary embedding of token-major ``q, k`` (Liger's kernel on CUDA, else the reference).
+
+    Never modifies ``q`` or ``k``: the results are new tensors on both paths.
+    """
     if _use_fused(q):
         fn = _liger()[1]
         # Liger expects [B, H, S, D] and cos/sin [1, S, D]: view the tokens as one sequence.
-        qb = q.unsqueeze(0).transpose(1, 2)
-        kb = k.unsqueeze(0).transpose(1, 2)
+        # Its kernel rotates its (contiguous) inputs in place, and for a contiguous [T, H, D]
+        # input that storage is q's own; so hand it fresh contiguous copies.  The clone is
+        # differentiable, so gradients still flow to q and k.
+        qb = q.clone(memory_format=torch.contiguous_format).unsqueeze(0).transpose(1, 2)
+        kb = k.clone(memory_format=torch.contiguous_format).unsqueeze(0).transpose(1, 2)
         qo, ko = fn.apply(qb, kb, cos.to(q.dtype)[None], sin.to(q.dtype)[None])
         return qo.transpose(1, 2).squeeze(0), ko.transpose(1, 2).squeeze(0)
     return apply_rotary_reference(q, k, cos, sin)
