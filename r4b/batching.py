@@ -89,14 +89,14 @@ def _with_rows(pk, plens: np.ndarray, images: Sequence[list]) -> PackedMicroBatc
     rows = pk.response_rows.to(torch.long)
     row_seq = pk.seq_index.to(torch.long).index_select(0, rows)
     starts = pk.cu_seqlens.to(torch.long)
-    pl = torch.as_tensor(plens[np.asarray(seqs, dtype=np.int64)], dtype=torch.long)
+    pl = torch.from_numpy(plens[np.asarray(seqs, dtype=np.int64)]).long()
     row_token = rows - starts.index_select(0, row_seq) + 1 - pl.index_select(0, row_seq)
     imgs = [img for j in seqs for img in images[j]]
     return PackedMicroBatch(
         input_ids=pk.input_ids, position_ids=pk.position_ids, cu_seqlens=pk.cu_seqlens,
         max_seqlen=int(pk.max_seqlen), labels=pk.labels.to(torch.long), rows=rows, seqs=seqs,
         row_seq=row_seq, row_token=row_token,
-        images=[torch.as_tensor(np.stack(imgs))] if imgs else [])
+        images=[torch.from_numpy(np.stack(imgs))] if imgs else [])
 
 
 def forward_rows(model, mb: PackedMicroBatch, *, return_hidden: bool = True,

@@ -40,7 +40,7 @@ class ImplicitDeviceError(RuntimeError):
 
 def _caller() -> str:
     """The innermost frame outside torch and this module (where the factory was called)."""
-    for fr in reversed(traceback.extract_stack()[:-3]):
+    for fr in reversed(traceback.extract_stack()):
         f = fr.filename.replace("\\", "/")
         if "/torch/" in f or f.endswith("/r4b/devices.py"):
             continue

@@ -179,7 +179,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._host_lengths = torch.zeros(batch_size, dtype=torch.long)  # same values, no syncs
+        self._host_lengths = torch.zeros(batch_size, dtype=torch.long, device="cpu")  # no syncs
         self.batch_size = batch_size
         self.max_seqlen = max_seqlen
 
