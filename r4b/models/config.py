@@ -17,6 +17,13 @@ from .vision import VisionConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+IMAGE_LAYOUTS = ("tile", "anyres")
+
+#: LLaVA-OneVision's default ``image_grid_pinpoints`` (``(height, width)``, row-major: the order
+#: decides ties in the best-fit choice).
+LLAVA_ONEVISION_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
+    (h, w) for h in range(384, 2305, 384) for w in range(384, 2305, 384))
+
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     """``'bfloat16'`` → ``torch.bfloat16`` (a ``torch.dtype`` passes through)."""
@@ -100,14 +107,34 @@ class ModelConfig:
     vision: VisionConfig | None = None
     """The vision tower (SigLIP ViT) and projector; ``None`` builds a text-only model."""
     image_token_id: int | None = None
-    """Token id of the image placeholder; each image fills ``vision.tokens_per_image`` of them."""
+    """Token id of the image placeholder; how many an image fills depends on ``image_layout``."""
     projector_pre_norm: bool = True
     """Projector starts with a LayerNorm (R-4B: yes; plain LLaVA-OneVision: no)."""
     projector_eps: float = 1e-6
     """Epsilon of the projector's LayerNorm."""
     image_newline: bool = False
-    """Hold LLaVA-OneVision's ``image_newline`` vector (kept for checkpoint round trips; the
-    fixed-resolution tiles used here do not insert it)."""
+    """Hold LLaVA-OneVision's ``image_newline`` vector: appended after every row of an
+    ``anyres`` image's features (required there); a ``tile`` model only keeps it for checkpoint
+    round trips."""
+    image_layout: str = "tile"
+    """How an image becomes tiles and placeholder tokens (:mod:`r4b.data.images`).  ``tile``:
+    the image is one ``num_channels x image_size x image_size`` tile in [0, 1], unnormalised,
+    filling ``vision.tokens_per_image`` placeholders.  ``anyres``: LLaVA-OneVision AnyRes (base
+    view + best-fit grid of crops, unpadded, ``image_newline`` rows; R-4B)."""
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_ONEVISION_PINPOINTS
+    """``(height, width)`` resolutions in pixels that ``anyres`` resizes an image into (each a
+    multiple of ``vision.image_size``); default: LLaVA-OneVision's, multiples of 384 up to
+    2304 x 2304.  Unused by ``tile``."""
+    vision_aspect_ratio: str = "anyres_max_9"
+    """``anyres_max_N``: an ``anyres`` image whose grid features exceed ``N`` tiles' worth by
+    more than 10% is downscaled (bilinear) to about ``N`` tiles' worth; ``anyres``: never
+    downscaled.  Unused by ``tile``."""
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """Per-channel mean subtracted from ``anyres`` pixels after rescaling to [0, 1] (SigLIP:
+    0.5); also the padding colour of the multi-image square view.  Unused by ``tile``."""
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """Per-channel divisor of ``anyres`` pixels after the mean (SigLIP: 0.5, giving [-1, 1]).
+    Unused by ``tile``."""
     params_dtype: str = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""
     attention_backend: str = "auto"
@@ -124,6 +151,44 @@ class ModelConfig:
             require_range("image_token_id", self.image_token_id, 0, self.lm.vocab_size - 1)
         elif self.image_newline:
             raise ValueError("image_newline=True needs a vision config, got vision=None")
+        self._check_image_layout()
+
+    def _check_image_layout(self) -> None:
+        require_choice("image_layout", self.image_layout, IMAGE_LAYOUTS)
+        try:
+            pins = tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"image_grid_pinpoints must be (height, width) pairs of ints, got "
+                             f"{self.image_grid_pinpoints!r}") from e
+        self.image_grid_pinpoints = pins
+        for name in ("image_mean", "image_std"):
+            v = tuple(float(x) for x in getattr(self, name))
+            if len(v) != 3:
+                raise ValueError(f"{name} must hold 3 values (R, G, B), got {v!r}")
+            setattr(self, name, v)
+        if any(not 0.0 <= m <= 1.0 for m in self.image_mean):
+            raise ValueError(f"image_mean values must be in [0, 1], got {self.image_mean!r}")
+        if any(not s > 0.0 for s in self.image_std):
+            raise ValueError(f"image_std values must be > 0, got {self.image_std!r}")
+        if self.image_layout != "anyres":
+            return
+        from ..data.images import parse_vision_aspect_ratio
+
+        parse_vision_aspect_ratio(self.vision_aspect_ratio)
+        if self.vision is None:
+            raise ValueError("image_layout='anyres' needs a vision config, got vision=None")
+        if not self.image_newline:
+            raise ValueError("image_layout='anyres' appends image_newline after every feature "
+                             "row: set image_newline=True, got False")
+        if self.vision.num_channels != 3:
+            raise ValueError(f"image_layout='anyres' makes RGB tiles: vision.num_channels must "
+                             f"be 3, got {self.vision.num_channels}")
+        s = self.vision.image_size
+        bad = [p for p in pins if p[0] < s or p[1] < s or p[0] % s or p[1] % s]
+        if not pins or bad:
+            raise ValueError(f"image_grid_pinpoints must be a non-empty list of (height, width) "
+                             f"multiples of vision.image_size={s}, got {list(pins)[:6]}"
+                             + (f" (offending: {bad[:4]})" if bad else ""))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -132,5 +197,7 @@ class ModelConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        """Placeholder tokens one image occupies (0 for text-only models)."""
+        """Placeholder tokens one ``tile`` image occupies, i.e. features per tile (0 for
+        text-only models); an ``anyres`` image's count depends on its size:
+        :func:`r4b.data.images.num_image_tokens`."""
         return 0 if self.vision is None else int(self.vision.tokens_per_image)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .config import LMConfig, ModelConfig
+from .config import LLAVA_ONEVISION_PINPOINTS, LMConfig, ModelConfig
 from .vision import VisionConfig
 
 
@@ -54,6 +54,11 @@ def r4b_4b(*, params_dtype: str = "bfloat16") -> ModelConfig:
     default).  Projector: LayerNorm(eps 1e-6) → Linear → GELU → Linear, as in vLLM's
     ``RForConditionalGeneration`` (``rvl.py``).  ``image_token_id`` 151646 is
     LlavaOnevisionConfig's default ``image_token_index``; ``from_hf`` takes the checkpoint's own.
+
+    Images: LLaVA-OneVision AnyRes with its defaults (``image_layout="anyres"``,
+    ``vision_aspect_ratio="anyres_max_9"``, ``image_grid_pinpoints`` multiples of 384 up to
+    2304 x 2304, ``image_newline`` rows, SigLIP normalisation mean = std = 0.5): 1,485 tokens
+    for a 384 x 384 image, 7,269 for 1920 x 1080 (see :mod:`r4b.data.images`).
     """
     lm = LMConfig(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_layers=36,
                   num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0,
@@ -62,7 +67,10 @@ def r4b_4b(*, params_dtype: str = "bfloat16") -> ModelConfig:
                        patch_size=14, image_size=384, num_channels=3, layer_norm_eps=1e-6,
                        feature_layer=26, projector_hidden_act="gelu")
     return ModelConfig(lm=lm, vision=vis, image_token_id=151646, projector_pre_norm=True,
-                       projector_eps=1e-6, params_dtype=params_dtype)
+                       projector_eps=1e-6, image_newline=True, image_layout="anyres",
+                       image_grid_pinpoints=LLAVA_ONEVISION_PINPOINTS,
+                       vision_aspect_ratio="anyres_max_9", image_mean=(0.5, 0.5, 0.5),
+                       image_std=(0.5, 0.5, 0.5), params_dtype=params_dtype)
 
 
 PRESETS: dict[str, Callable[..., ModelConfig]] = {"tiny": tiny, "r4b-4b": r4b_4b}
