@@ -287,11 +287,52 @@ def _vision_config_to_hf(vc) -> tuple[dict, int]:
             feature_layer_to_llava(vc.feature_layer, vc.num_layers))
 
 
+def _image_fields_from_hf(raw: dict, vision, newline: bool, path: Path) -> dict:
+    """``ModelConfig`` image-layout fields of a LLaVA-OneVision / R-4B checkpoint.
+
+    ``image_grid_pinpoints`` and ``vision_aspect_ratio`` come from ``config.json`` (defaults:
+    LLaVA-OneVision's), ``image_mean`` / ``image_std`` from ``preprocessor_config.json`` when
+    present, else ``config.json``, else SigLIP's 0.5.  The layout is ``config.json``'s
+    ``image_layout`` (written by :func:`hf_config_dict`); without one it is ``anyres`` (as
+    transformers runs these checkpoints) unless the tower cannot tile the pinpoints or there is
+    no ``image_newline``, which gives ``tile`` with a logged reason.
+    """
+    from .config import LLAVA_ONEVISION_PINPOINTS
+
+    pins = tuple((int(h), int(w)) for h, w in (raw.get("image_grid_pinpoints")
+                                                or LLAVA_ONEVISION_PINPOINTS))
+    fields = {"image_grid_pinpoints": pins,
+              "vision_aspect_ratio": raw.get("vision_aspect_ratio") or "anyres_max_9"}
+    pre_file = path / "preprocessor_config.json"
+    pre = json.loads(pre_file.read_text()) if pre_file.exists() else {}
+    for k in ("image_mean", "image_std"):
+        v = pre.get(k, raw.get(k))
+        if v is not None:
+            fields[k] = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3))
+    layout = raw.get("image_layout")
+    if layout is None:
+        s = vision.image_size
+        why = None
+        if not newline:
+            why = "the checkpoint holds no image_newline"
+        elif any(h % s or w % s for h, w in pins):
+            why = f"image_grid_pinpoints {list(pins)[:3]}... are not multiples of image_size {s}"
+        layout = "anyres" if why is None else "tile"
+        if why:
+            log.warning("%s: image_layout='tile' (fixed %dx%d tiles, no AnyRes): %s",
+                        path, s, s, why)
+    fields["image_layout"] = layout
+    return fields
+
+
 def read_hf_config(path: str | Path, keys=()) -> tuple[ModelConfig, dict]:
     """``(ModelConfig, raw config.json dict)`` of a checkpoint directory.
 
     ``keys`` (the checkpoint's tensor names) decide what ``config.json`` does not say: whether
-    the projector has a ``pre_norm`` and whether ``image_newline`` is present.
+    the projector has a ``pre_norm`` and whether ``image_newline`` is present (without
+    ``keys``: both, as in R-4B).  The image layout (``image_layout``, ``image_grid_pinpoints``,
+    ``vision_aspect_ratio``, ``image_mean`` / ``image_std``) is read as
+    :func:`_image_fields_from_hf` says: LLaVA-OneVision / R-4B checkpoints get ``anyres``.
     """
     path = Path(path)
     cfg_file = path / "config.json"
@@ -313,12 +354,15 @@ def read_hf_config(path: str | Path, keys=()) -> tuple[ModelConfig, dict]:
         image_token = raw.get("image_token_index", raw.get("image_token_id"))
         if image_token is None:
             raise ValueError("config.json names no image_token_index / image_token_id")
+        vision = _vision_config_from_hf(raw)
+        newline = (not keys) or lay.newline in keys
         return ModelConfig(
-            lm=lm_config_from_hf(text), vision=_vision_config_from_hf(raw),
+            lm=lm_config_from_hf(text), vision=vision,
             image_token_id=int(image_token),
             projector_pre_norm=(not keys) or (lay.projector + "pre_norm.weight") in keys,
             projector_eps=float(raw.get("projector_layer_norm_eps", 1e-6)),
-            image_newline=lay.newline in keys, params_dtype=str(dtype)), raw
+            image_newline=newline, params_dtype=str(dtype),
+            **_image_fields_from_hf(raw, vision, newline, path)), raw
     raise ValueError(f"unknown architecture {arch!r} in {str(cfg_file)!r}: supported are "
                      f"{list(TEXT_ARCHS + MM_ARCHS)}")
 
@@ -354,6 +398,12 @@ def hf_config_dict(cfg: ModelConfig, base: dict | None = None) -> dict:
                 "tie_word_embeddings": cfg.lm.tie_word_embeddings, "dtype": cfg.params_dtype})
     if cfg.projector_pre_norm:
         out["projector_layer_norm_eps"] = cfg.projector_eps
+    # image_layout is r4b's own key (transformers ignores it): it keeps a tile model tile.
+    out["image_layout"] = cfg.image_layout
+    if cfg.image_layout == "anyres":
+        out.update({"image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints],
+                    "vision_aspect_ratio": cfg.vision_aspect_ratio,
+                    "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)})
     return out
 
 

@@ -13,9 +13,17 @@ Three ways to call it (see :meth:`R4BModel.forward`):
 * cached decoding: ``model(input_ids=LongTensor[b, s], kv_cache=cache, cache_rows=rows)`` →
   ``[b, s, V]`` logits for the new tokens, appending them to the cache rows.
 
-Images: each image (``ImageBatch``: tiles plus tiles-per-image) fills
-``tiles * vision.tokens_per_image`` consecutive placeholder tokens (``image_token_id``); images
-are matched to placeholder runs in order, over the flattened batch (row by row).
+Images (:class:`ImageBatch`, made by :mod:`r4b.data.images`) are matched to placeholder tokens
+(``image_token_id``) in order, over the flattened batch (row by row); each image's placeholders
+must be consecutive.  How many an image fills depends on ``ModelConfig.image_layout``:
+
+* ``tile``: ``tiles * vision.tokens_per_image``, the tiles' features one after the other;
+* ``anyres`` (LLaVA-OneVision / R-4B): an image of ``1 + rows * cols`` tiles gives the base
+  tile's ``p^2`` features, then the grid crops' features laid out as one ``rows p x cols p``
+  map, unpadded to the image's aspect ratio, bilinearly downscaled when over the
+  ``anyres_max_N`` budget, with ``image_newline`` after every row; an image of one tile (the
+  multi-image form) gives ``p^2`` features and one ``image_newline``.  The count is
+  :func:`r4b.data.images.num_image_tokens`, computed from the same config.
 """
 
 from __future__ import annotations
@@ -23,9 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import ProcessedImage, anyres_grid
 from ..log import get_logger
 from .attention import KVCache, make_attn_meta, resolve_backend
 from .config import ModelConfig
@@ -38,16 +49,25 @@ log = get_logger(__name__)
 
 @dataclass
 class ImageBatch:
-    """Images of a batch as fixed-resolution tiles.
+    """The images of a batch as tiles for the vision tower.
 
-    ``pixel_values [N_tiles, C, H, W]``: tiles of all images, image after image, in the order
-    of their placeholders in the batch.  ``tiles_per_image`` LongTensor ``[N_img]``: how many
-    consecutive tiles each image has (``None`` = one tile each).  An image with ``k`` tiles
-    fills ``k * tokens_per_image`` placeholders; AnyRes tiling only changes ``k``.
+    ``pixel_values`` float ``[N_tiles, C, S, S]``: the tiles of all images, image after image,
+    in the order of their placeholders in the batch.  ``tiles_per_image`` LongTensor
+    ``[N_img]``: how many consecutive tiles each image has (``None``: one tile each).
+    ``image_sizes`` LongTensor ``[N_img, 2]``: each image's original ``(height, width)`` in
+    pixels, which the ``anyres`` layout needs to lay the grid out and unpad it (``None`` is
+    fine for ``tile``).
+
+    Build it with :meth:`collate` from what :func:`r4b.data.images.process_image` returns (a
+    :class:`~r4b.data.images.ProcessedImage` per image, or per-sample lists of them), or from
+    tensors for the ``tile`` layout.  Per layout, an image fills ``tiles * tokens_per_image``
+    placeholders (``tile``) or :func:`r4b.data.images.num_image_tokens` of its size
+    (``anyres``, ``1 + rows * cols`` tiles, or 1 tile in the multi-image form).
     """
 
     pixel_values: torch.Tensor
     tiles_per_image: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
 
     def __post_init__(self):
         pv = self.pixel_values
@@ -60,6 +80,13 @@ class ImageBatch:
                 raise ValueError(f"tiles_per_image must be positive counts summing to N_tiles="
                                  f"{pv.shape[0]}, got {t.tolist()}")
             self.tiles_per_image = t
+        if self.image_sizes is not None:
+            sz = torch.as_tensor(self.image_sizes, dtype=torch.long).cpu()
+            if sz.shape != (self.num_images, 2) or (sz.numel() and int(sz.min()) < 1):
+                raise ValueError(f"image_sizes must be positive (height, width) pairs, one per "
+                                 f"image: shape ({self.num_images}, 2), got "
+                                 f"{sz.tolist() if sz.dim() <= 2 else tuple(sz.shape)}")
+            self.image_sizes = sz
 
     @property
     def num_images(self) -> int:
@@ -72,30 +99,48 @@ class ImageBatch:
         """Number of tiles."""
         return int(self.pixel_values.shape[0])
 
+    def tile_counts(self) -> list[int]:
+        """Tiles of each image."""
+        if self.tiles_per_image is None:
+            return [1] * self.num_tiles
+        return [int(t) for t in self.tiles_per_image.tolist()]
+
     @classmethod
     def collate(cls, images) -> "ImageBatch | None":
-        """Accept ``None``, an ``ImageBatch``, a tensor ``[N, C, H, W]`` (one tile per image), or
-        a per-sample list of those / of ``[C, H, W]`` tensors / of ``None``."""
+        """Accept ``None``, an ``ImageBatch``, a :class:`~r4b.data.images.ProcessedImage`, a
+        tensor or array ``[N, C, H, W]`` (one tile per image), or a per-sample list of those /
+        of ``[C, H, W]`` tensors / of ``None``."""
         if images is None or isinstance(images, ImageBatch):
             return images
+        if isinstance(images, ProcessedImage):
+            return cls(torch.from_numpy(np.ascontiguousarray(images.pixel_values)),
+                       torch.tensor([images.num_tiles]), torch.tensor([images.image_size]))
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
         if isinstance(images, torch.Tensor):
             return cls(images)
         if isinstance(images, Sequence):
-            pv, tiles = [], []
+            items = []
             for item in images:
-                if isinstance(item, torch.Tensor) and item.dim() == 3:
-                    item = cls(item.unsqueeze(0))  # one [C, H, W] image
+                if isinstance(item, (torch.Tensor, np.ndarray)) and item.ndim == 3:
+                    item = item[None]  # one [C, H, W] image
                 item = cls.collate(item)
-                if item is None:
-                    continue
-                pv.append(item.pixel_values)
-                tiles.append(item.tiles_per_image if item.tiles_per_image is not None
-                             else torch.ones(item.num_tiles, dtype=torch.long))
-            if not pv:
+                if item is not None:
+                    items.append(item)
+            if not items:
                 return None
-            return cls(torch.cat(pv), torch.cat(tiles))
-        raise TypeError(f"images must be None, an ImageBatch, a tensor [N, C, H, W] or a list of "
-                        f"those, got {type(images).__name__}")
+            with_sizes = [it.image_sizes is not None for it in items]
+            if any(with_sizes) and not all(with_sizes):
+                raise ValueError("image_sizes must be given for every image or for none; items "
+                                 f"{[i for i, w in enumerate(with_sizes) if not w]} of the batch "
+                                 "have none")
+            pv = torch.cat([it.pixel_values for it in items])
+            tiles = torch.cat([torch.tensor(it.tile_counts(), dtype=torch.long) for it in items])
+            sizes = torch.cat([it.image_sizes for it in items]) if all(with_sizes) else None
+            return cls(pv, tiles, sizes)
+
+        raise TypeError(f"images must be None, an ImageBatch, a ProcessedImage, a tensor [N, C, H, "
+                        f"W] or a list of those, got {type(images).__name__}")
 
 
 class R4BModel(nn.Module):
@@ -132,7 +177,11 @@ class R4BModel(nn.Module):
                                        act=v.projector_hidden_act, pre_norm=cfg.projector_pre_norm,
                                        parallel_config=self.config)
             if cfg.image_newline:
-                self.image_newline = nn.Parameter(torch.zeros(cfg.lm.hidden_size, dtype=dtype))
+                # Replicated over TP (it is appended to full, all-reduced projector outputs).
+                newline = torch.zeros(cfg.lm.hidden_size, dtype=dtype)
+                if init_weights and cfg.image_layout == "anyres":
+                    nn.init.normal_(newline, std=cfg.lm.hidden_size ** -0.5)
+                self.image_newline = nn.Parameter(newline)
         self.input_tensor: torch.Tensor | None = None
         # Built-for-loading and freshly initialised models must look alike to the TP-aware
         # gradient norm and to checkpointing.
@@ -179,15 +228,104 @@ class R4BModel(nn.Module):
         return self.language_model.new_kv_cache(batch_size, max_seqlen, dtype or p.dtype, p.device)
 
     # ------------------------------------------------------------ images
+    def image_token_counts(self, images: ImageBatch) -> list[int]:
+        """Placeholder tokens each image of ``images`` fills (see the module docstring);
+        ``ValueError`` naming the image when its tiles do not fit its size."""
+        cfg = self.cfg
+        tpi = cfg.tokens_per_image
+        tiles = images.tile_counts()
+        if cfg.image_layout == "tile":
+            return [n * tpi for n in tiles]
+        if images.image_sizes is None:
+            raise ValueError("image_layout='anyres' needs each image's original size: "
+                             "ImageBatch.image_sizes is None (build the batch with "
+                             "ImageBatch.collate from r4b.data.images.process_image outputs)")
+        counts = []
+        for i, (n, (h, w)) in enumerate(zip(tiles, images.image_sizes.tolist())):
+            if n == 1:
+                counts.append(tpi + 1)  # multi-image form: one view + one image_newline
+                continue
+            grid = anyres_grid(h, w, cfg)
+            if n != grid.num_tiles:
+                raise ValueError(
+                    f"image {i} ({h}x{w} pixels, height x width) has {n} tiles, but AnyRes needs "
+                    f"1 + {grid.rows} x {grid.cols} = {grid.num_tiles} for its size (base view + "
+                    f"best-fit grid), or 1 in the multi-image form")
+            counts.append(tpi + grid.grid_tokens)
+        return counts
+
     def encode_images(self, images: ImageBatch) -> torch.Tensor:
-        """Tower → projector: ``[N_tiles * tokens_per_image, H]`` features, tile after tile."""
+        """Tower → projector → layout: ``[sum(image_token_counts), H]`` features, in placeholder
+        order (``tile``: tile after tile; ``anyres``: per image, base tile then the grid rows
+        each ended by ``image_newline``)."""
         if not self.has_vision:
             raise ValueError("images were given but this model has no vision tower "
                              "(ModelConfig.vision is None or this is not the first pipeline stage)")
+        images = ImageBatch.collate(images)
         p = self.vision_tower.patch_embedding.weight
         feats = self.vision_tower(images.pixel_values.to(device=p.device, dtype=p.dtype))
-        feats = self.projector(feats)
-        return feats.reshape(-1, feats.shape[-1])
+        feats = self.projector(feats)  # [N_tiles, p^2, H], full width on every TP rank
+        if self.cfg.image_layout == "tile":
+            return feats.reshape(-1, feats.shape[-1])
+        self.image_token_counts(images)  # tiles against sizes, naming the image
+        return torch.cat(self._anyres_features(feats, images))
+
+    def _anyres_features(self, feats: torch.Tensor, images: ImageBatch) -> list[torch.Tensor]:
+        """Per image ``[tokens, H]`` pieces laid out as LLaVA-OneVision's model does."""
+        side = self.cfg.vision.image_size // self.cfg.vision.patch_size
+        newline = self.image_newline.to(feats.dtype)
+        out, start = [], 0
+        for n, (h, w) in zip(images.tile_counts(), images.image_sizes.tolist()):
+            f = feats[start:start + n]
+            start += n
+            if n == 1:
+                out += [f[0], newline[None]]
+                continue
+            g = anyres_grid(h, w, self.cfg)
+            # [rows*cols, p*p, H] -> [H, rows*p, cols*p]: patch (y, x) of crop (r, c) lands at
+            # (r*p + y, c*p + x), so the crops' features form one map of the padded image.
+            grid = (f[1:].view(g.rows, g.cols, side, side, -1).permute(4, 0, 2, 1, 3)
+                    .reshape(-1, g.rows * side, g.cols * side))
+            top, bottom, left, right = g.crop
+            grid = grid[:, top:bottom, left:right]  # drop the rows / columns of padding
+            if g.downscaled:
+                grid = F.interpolate(grid[None], size=g.out_size, mode="bilinear",
+                                     align_corners=False)[0]
+            rows = torch.cat([grid, newline[:, None, None].expand(-1, grid.shape[1], 1)], dim=2)
+            out += [f[0], rows.flatten(1).t()]  # [H, h, w+1] -> [h*(w+1), H], row-major
+        return out
+
+    def _check_placeholders(self, mask: torch.Tensor, images: ImageBatch | None) -> None:
+        """Raise ``ValueError`` unless the placeholder tokens hold every image in order, each
+        image's run consecutive; the message names the first image that does not fit."""
+        cfg = self.cfg
+        n_ph = int(mask.sum())
+        counts = [] if images is None else self.image_token_counts(images)
+        need = sum(counts)
+        img_id = cfg.image_token_id
+        if n_ph == need and images is None:
+            return
+        m = mask.to(torch.int8)
+        edges = torch.diff(m, prepend=m.new_zeros(1), append=m.new_zeros(1))
+        starts = (edges == 1).nonzero().squeeze(1).tolist()
+        ends = (edges == -1).nonzero().squeeze(1).tolist()
+        runs = list(zip(starts, [e - s for s, e in zip(starts, ends)]))
+        detail = _first_misfit(runs, counts, None if images is None else images.image_sizes)
+        if n_ph != need:
+            if cfg.image_layout == "tile":
+                n_img = 0 if images is None else images.num_images
+                n_tiles = 0 if images is None else images.num_tiles
+                tpi = cfg.tokens_per_image
+                head = (f"image placeholders do not match the images: input_ids hold {n_ph} "
+                        f"image tokens (id {img_id}), but {n_img} images with {n_tiles} tiles "
+                        f"need {n_tiles} x {tpi} (tokens_per_image) = {need}")
+            else:
+                head = (f"image placeholders do not match the images: input_ids hold {n_ph} "
+                        f"image tokens (id {img_id}), but the {len(counts)} images need "
+                        f"{need} (per image: {counts})")
+            raise ValueError(head + (f"; {detail}" if detail else ""))
+        if detail:
+            raise ValueError(f"image placeholders do not match the images: {detail}")
 
     def _embed(self, ids_flat: torch.Tensor, images, *, check_placeholders: bool) -> torch.Tensor:
         lm = self.language_model
@@ -205,15 +343,7 @@ class R4BModel(nn.Module):
         if images is None and not check_placeholders:
             return emb
         mask = ids_flat == self.cfg.image_token_id
-        n_ph = int(mask.sum())
-        n_img = 0 if images is None else images.num_images
-        n_tiles = 0 if images is None else images.num_tiles
-        tpi = self.cfg.tokens_per_image
-        if n_ph != n_tiles * tpi:
-            raise ValueError(
-                f"image placeholders do not match the images: input_ids hold {n_ph} image tokens "
-                f"(id {self.cfg.image_token_id}), but {n_img} images with {n_tiles} tiles need "
-                f"{n_tiles} x {tpi} (tokens_per_image) = {n_tiles * tpi}")
+        self._check_placeholders(mask, images)
         if images is None:
             return emb
         feats = self.encode_images(images).to(emb.dtype)
@@ -352,6 +482,36 @@ class R4BModel(nn.Module):
         cache.advance(step)
         out = self._head(hidden, return_hidden, gather)
         return out.view(b, s, out.shape[-1])
+
+
+def _first_misfit(runs: list[tuple[int, int]], counts: list[int], sizes) -> str:
+    """Which image does not fit the placeholder runs ``(start, length)`` (flat positions), each
+    image taking the next ``counts[i]`` placeholders within one run; ``''`` when all fit."""
+    def name(i: int) -> str:
+        if sizes is None:
+            return f"image {i}"
+        h, w = sizes[i].tolist()
+        return f"image {i} ({h}x{w} pixels, height x width)"
+
+    r, used = 0, 0
+    for i, n in enumerate(counts):
+        if r == len(runs):
+            where = "input_ids hold none" if i == 0 else f"none are left after image {i - 1}"
+            return f"{name(i)} needs {n} placeholders but {where}"
+        start, length = runs[r]
+        left = length - used
+        if n > left:
+            return (f"{name(i)} needs {n} consecutive placeholders, but the run at flat "
+                    f"position {start + used} of input_ids holds {left}")
+        used += n
+        if used == length:
+            r, used = r + 1, 0
+    if r < len(runs):
+        start = runs[r][0] + used
+        extra = sum(length for _, length in runs[r:]) - used
+        return (f"{extra} placeholders from flat position {start} of input_ids are left over "
+                f"after the {len(counts)} images")
+    return ""
 
 
 def _positions_from_cu(cu: torch.Tensor, t: int | None) -> torch.Tensor:
