@@ -1,5 +1,7 @@
 """Multimodal composition: image features spliced at the placeholders, LLaVA-OneVision / R-4B
-checkpoint layout round trips, packed and cached paths with images, and clear errors."""
+checkpoint layout round trips, packed and cached paths with images, and clear errors; the
+AnyRes layout against transformers' LlavaOnevisionForConditionalGeneration (R-4B's tile
+geometry and a small one, logits and gradients), in the packed, cached and TP=2 paths."""
 
 from __future__ import annotations
 
@@ -546,3 +548,86 @@ def test_logits_match_transformers_at_r4b_geometry(r4b_geometry, sizes, tokens):
     assert [p.num_tiles for p in mine] == [hf["pixel_values"].shape[1]] * len(sizes)
     assert want.abs().max() > 0.1
     assert err <= 1e-4, err
+    with torch.no_grad():  # the image features themselves, in placeholder order
+        got = ours.encode_images(ImageBatch.collate(mine))
+        want = torch.cat(ref.model.get_image_features(
+            hf["pixel_values"], hf["image_sizes"], batch_num_images=hf["batch_num_images"]).pooler_output)
+    assert got.shape == want.shape == (sum(tokens), 64)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------- AnyRes under TP=2
+def _tp_inputs(cfg):
+    """A packed batch: a lone AnyRes image, text only, and a two-image (multi-image form) prompt."""
+    from r4b.data.images import process_prompt_images
+
+    g = torch.Generator().manual_seed(30)
+    pix = [process_prompt_images(_rand_images(g, [(40, 41)]), cfg), None,
+           process_prompt_images(_rand_images(g, [(19, 13), (5, 23)]), cfg)]
+    seqs = [torch.randint(0, IMG, (5,), generator=g) if p is None else
+            _prompt(g, [q.num_tokens for q in p]) for p in pix]
+    cu = torch.tensor([0] + torch.tensor([len(s) for s in seqs]).cumsum(0).tolist(), dtype=torch.int32)
+    return torch.cat(seqs), cu, pix, torch.randn(int(cu[-1]), VOCAB, generator=g)
+
+
+def _tp_worker(root, world: int, rank: int) -> None:
+    """Load the checkpoint at TP = ``world``, run forward + backward, save logits and the
+    gradients of the replicated image_newline and of a TP-split projector weight."""
+    from r4b.models import init_model_parallel
+
+    init_model_parallel(world, 1, backend="gloo")
+    model = from_hf(root / "src", tp_size=world)
+    ids, cu, pix, w = _tp_inputs(model.cfg)
+    logits = model(input_ids=ids, cu_seqlens=cu, images=pix)
+    (logits * w).sum().backward()
+    save_file({"logits": logits.detach().contiguous(),
+               "newline_grad": model.image_newline.grad.contiguous(),
+               "linear_2_grad": model.projector.linear_2.weight.grad.contiguous()},
+              str(root / f"out_tp{world}_rank{rank}.safetensors"))
+
+
+def test_anyres_under_tp2_matches_tp1(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from r4b.models.parallel import free_port
+
+    to_hf(tiny_anyres(31), tmp_path / "src")
+    _tp_worker(tmp_path, 1, 0)
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                       OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0].decode(errors="replace"))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, f"TP worker failed (rc={p.returncode}):\n{o[-4000:]}"
+    ref = load_file(str(tmp_path / "out_tp1_rank0.safetensors"))
+    assert ref["newline_grad"].abs().sum() > 0
+    for rank in range(2):
+        got = load_file(str(tmp_path / f"out_tp2_rank{rank}.safetensors"))
+        torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+        # image_newline is replicated: every rank holds the full gradient
+        torch.testing.assert_close(got["newline_grad"], ref["newline_grad"], rtol=1e-4, atol=1e-5)
+        # linear_2 is row-parallel: each rank holds its half of the input dimension
+        half = ref["linear_2_grad"].shape[1] // 2
+        torch.testing.assert_close(got["linear_2_grad"], ref["linear_2_grad"][:, rank * half:(rank + 1) * half],
+                                   rtol=1e-4, atol=1e-5)
+
+
+if __name__ == "__main__":  # a TP worker of test_anyres_under_tp2_matches_tp1
+    import os
+    import sys
+    from pathlib import Path
+
+    _tp_worker(Path(sys.argv[1]), int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]))
