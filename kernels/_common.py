@@ -9,8 +9,10 @@ vllm, so other RL projects can depend on it alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,6 +60,58 @@ def resolve_impl(impl: str, device: torch.device) -> str:
             f"impl='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 in the "
             "environment before triton is imported (or move the tensors to CUDA)")
     return "triton"
+
+
+#: Environment variable that turns on the expensive input checks of the kernels' entry points
+#: (NaN/inf scans of the inputs, id range checks) when a call does not pass ``check_inputs``.
+CHECKS_ENV = "R4B_KERNEL_CHECKS"
+
+
+def checks_enabled(check_inputs: bool | None) -> bool:
+    """Whether a call runs its value checks: ``check_inputs`` if given, else ``$R4B_KERNEL_CHECKS``.
+
+    Value checks read every element of their tensor and end in a host sync (``bool(...)``), so
+    they are off by default; shape, dtype and device checks are free and always run.
+    """
+    if check_inputs is None:
+        return os.environ.get(CHECKS_ENV, "0") not in ("", "0")
+    return bool(check_inputs)
+
+
+def device_guard(device: torch.device):
+    """Context that makes ``device`` the current CUDA device (a no-op for other devices).
+
+    Triton launches on the *current* device, not on the device of its tensor arguments, so
+    every launcher runs under this guard: a tensor on cuda:1 never launches on cuda:0.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+class KernelLaunch(NamedTuple):
+    """One Triton launch as data: ``kernel[grid](*args, **meta)``.
+
+    Launchers build their launches with pure functions of shapes and options and then run
+    them; the ahead-of-time compile check builds the same launches on meta tensors and
+    compiles them for a GPU target without running anything (``r4b_kernels._aot``).
+    """
+
+    kernel: Any
+    grid: tuple
+    args: tuple
+    meta: dict
+
+    def run(self):
+        return self.kernel[self.grid](*self.args, **self.meta)
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, length: int | None = None,

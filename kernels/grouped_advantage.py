@@ -25,7 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import HAS_TRITON, check_finite, check_tensor, resolve_impl
+from ._common import (HAS_TRITON, KernelLaunch, cdiv, check_finite, check_tensor, device_guard,
+                      next_power_of_2, resolve_impl)
 
 if HAS_TRITON:
     import triton
@@ -294,6 +295,32 @@ if HAS_TRITON:
         tl.store(out_weight_ptr + rows, tl.where(has_loss, w, 0.0), mask=in_range)
 
 
+def grouped_advantage_block(max_group_size: int) -> int:
+    """Lanes per program of the grouped-advantage kernel for groups of up to this size.
+
+    One block covers the largest group (typical BPO groups are 2g = 8..32 rollouts); larger
+    groups loop.  The cap bounds the [4, BLOCK] tiles' registers (compiled for sm_80 / sm_90
+    at 256 lanes and 4 warps: no spill, see tests/test_kernels_compile.py).
+    """
+    return min(max(next_power_of_2(max_group_size), 16), 256)
+
+
+#: Warps per program of the grouped-advantage kernel (Triton's default).
+GROUPED_ADVANTAGE_WARPS = 4
+
+
+def _grouped_advantage_launch(n_groups, rewards, modes, order, offsets, outs, eps, baseline,
+                              scale, leave_one_out, block) -> KernelLaunch:
+    adv, inverse, mean, std, flat, mode_mean, mode_count = outs
+    return KernelLaunch(
+        _grouped_advantage_fwd_kernel, (n_groups,),
+        (rewards, modes if modes is not None else rewards, order, offsets,
+         adv, inverse, mean, std, flat, mode_mean, mode_count, float(eps)),
+        dict(HAS_MODES=modes is not None, BASELINE_MODE=(baseline == "mode"),
+             SCALE_STD=(scale == "std"), LOO=bool(leave_one_out), BLOCK=block,
+             num_warps=GROUPED_ADVANTAGE_WARPS))
+
+
 def grouped_advantage_fwd(rewards, group_ids, modes, baseline, scale, leave_one_out, eps):
     """Launcher of the fused kernel: sort ids to segments, allocate, launch one program/group."""
     device = rewards.device
@@ -312,16 +339,11 @@ def grouped_advantage_fwd(rewards, group_ids, modes, baseline, scale, leave_one_
     has_modes = modes is not None
     mode_mean = _alloc(g if has_modes else 1, NUM_MODES, dtype=torch.float32, device=device)
     mode_count = _alloc(g if has_modes else 1, NUM_MODES, dtype=torch.int64, device=device)
-    # One block covers the largest group (typical BPO groups are 2g = 8..32 rollouts); larger
-    # groups loop.  The cap bounds the [4, BLOCK] tiles' register use.
-    block = min(max(triton.next_power_of_2(int(size.max())), 16), 256)
-    _grouped_advantage_fwd_kernel[(g,)](
-        rewards, modes if has_modes else rewards, order, offsets,
-        adv, inverse, mean, std, flat, mode_mean, mode_count,
-        float(eps),
-        HAS_MODES=has_modes, BASELINE_MODE=(baseline == "mode"), SCALE_STD=(scale == "std"),
-        LOO=bool(leave_one_out), BLOCK=block,
-    )
+    block = grouped_advantage_block(int(size.max()))
+    with device_guard(device):
+        _grouped_advantage_launch(g, rewards, modes, order, offsets,
+                                  (adv, inverse, mean, std, flat, mode_mean, mode_count),
+                                  eps, baseline, scale, leave_one_out, block).run()
     return GroupedAdvantage(
         advantages=adv, group_ids=uniq, inverse=inverse, group_mean=mean, group_std=std,
         group_size=size, zero_variance=flat.bool(),
@@ -479,18 +501,65 @@ def _token_advantage_weights_torch(cu, prompt_lens, advantages, seq_weights, tot
     return out_adv, out_w
 
 
+#: Packed rows per program of the token-advantage kernel, and its warps.
+TOKEN_ADVANTAGE_BLOCK = 1024
+TOKEN_ADVANTAGE_WARPS = 4
+
+
+def _token_advantage_weights_launch(cu, prompt_lens, advantages, seq_weights, out_adv, out_w,
+                                    total_tokens) -> KernelLaunch:
+    n = prompt_lens.shape[0]
+    return KernelLaunch(
+        _token_advantage_weights_fwd_kernel, (cdiv(total_tokens, TOKEN_ADVANTAGE_BLOCK),),
+        # n.bit_length() + 1 halvings of [0, n] find any row's sequence.
+        (cu, prompt_lens, advantages, seq_weights, out_adv, out_w, n, total_tokens,
+         n.bit_length() + 1),
+        dict(BLOCK=TOKEN_ADVANTAGE_BLOCK, num_warps=TOKEN_ADVANTAGE_WARPS))
+
+
 def token_advantage_weights_fwd(cu, prompt_lens, advantages, seq_weights, total_tokens):
     """Launcher of the packed-layout kernel: one program per block of 1024 rows."""
-    n = prompt_lens.shape[0]
     out_adv = _alloc(total_tokens, dtype=torch.float32, device=advantages.device)
     out_w = _alloc(total_tokens, dtype=torch.float32, device=advantages.device)
     if total_tokens == 0:
         return out_adv, out_w
-    block = 1024
-    _token_advantage_weights_fwd_kernel[(triton.cdiv(total_tokens, block),)](
-        cu, prompt_lens, advantages, seq_weights, out_adv, out_w,
-        n, total_tokens, n.bit_length() + 1, BLOCK=block)
+    with device_guard(advantages.device):
+        _token_advantage_weights_launch(cu, prompt_lens, advantages, seq_weights, out_adv, out_w,
+                                        total_tokens).run()
     return out_adv, out_w
+
+
+def planned_launches(op: str, *, n: int, max_group_size: int = 16,
+                     modes_dtype: torch.dtype | None = torch.int64, baseline: str = "group",
+                     scale: str = "std", leave_one_out: bool = False,
+                     total_tokens: int | None = None, cu_dtype: torch.dtype = torch.int32,
+                     prompt_dtype: torch.dtype = torch.int64) -> list[KernelLaunch]:
+    """The Triton launch of one call of ``op``, built by the launchers' own functions on meta
+    tensors (nothing is allocated or run), for the ahead-of-time compile check.
+
+    ``"grouped_advantage"``: ``n`` rollouts in groups of up to ``max_group_size``, modes of
+    ``modes_dtype`` (None: no modes).  ``"token_advantage_weights"``: ``n`` sequences packed
+    into ``total_tokens`` rows (default ``8 n``).
+    """
+    dev = torch.device("meta")
+    f32, i64 = torch.float32, torch.int64
+
+    def e(shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=dev)
+
+    if op == "grouped_advantage":
+        g = cdiv(n, max_group_size)
+        has_modes = modes_dtype is not None
+        outs = (e(n, f32), e(n, i64), e(g, f32), e(g, f32), e(g, torch.int8),
+                e((g if has_modes else 1, NUM_MODES), f32), e((g if has_modes else 1, NUM_MODES), i64))
+        return [_grouped_advantage_launch(
+            g, e(n, f32), e(n, modes_dtype) if has_modes else None, e(n, i64), e(g + 1, i64), outs, 1e-6,
+            baseline, scale, leave_one_out, grouped_advantage_block(max_group_size))]
+    if op == "token_advantage_weights":
+        total = total_tokens if total_tokens is not None else 8 * n
+        return [_token_advantage_weights_launch(e(n + 1, cu_dtype), e(n, prompt_dtype), e(n, f32),
+                                                e(n, f32), e(total, f32), e(total, f32), total)]
+    raise ValueError(f"op must be 'grouped_advantage' or 'token_advantage_weights', got {op!r}")
 
 
 def token_advantage_weights(cu_seqlens: torch.Tensor, prompt_lens: torch.Tensor,

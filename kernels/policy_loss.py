@@ -44,16 +44,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from ._common import HAS_TRITON, TRITON_INTERPRET, check_finite, check_tensor, resolve_impl
+from ._common import (HAS_TRITON, TRITON_INTERPRET, KernelLaunch, cdiv, check_finite, check_tensor,
+                      checks_enabled, device_guard, next_power_of_2, resolve_impl)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["PolicyLossOutput", "policy_loss", "token_logprobs", "CHUNK_BUDGET_BYTES"]
+__all__ = ["PolicyLossOutput", "policy_loss", "token_logprobs", "CHUNK_BUDGET_BYTES",
+           "EpilogueTiles", "epilogue_tiles", "default_chunk_rows", "planned_launches"]
 
 #: Bytes the fused path may spend on its per-chunk temporaries (fp32 logits chunk plus, for
 #: bf16 inputs, the bf16 dlogits chunk).  At V_local=151936 and bf16 this gives 576-row chunks
@@ -127,7 +130,9 @@ def _tp_info(tp_group) -> tuple[int, int]:
     return dist.get_world_size(tp_group), dist.get_rank(tp_group)
 
 
-def _check_common(hidden, weight, targets, temperature, vocab_start, tp_group):
+def _check_common(hidden, weight, targets, temperature, vocab_start, tp_group, check):
+    """Shape / dtype / device / option checks (free); with ``check`` also the value checks
+    (finite hidden and weight, target ids in range), which read whole tensors and sync."""
     check_tensor("hidden", hidden, ndim=2, dtypes=_FLOAT_DTYPES)
     dev = hidden.device
     check_tensor("weight", weight, ndim=2, dtypes=_FLOAT_DTYPES, device=dev)
@@ -148,20 +153,23 @@ def _check_common(hidden, weight, targets, temperature, vocab_start, tp_group):
     if not isinstance(vocab_start, int) or vocab_start < 0 or vocab_start + v_local > v_total:
         raise ValueError(f"vocab_start must be an int in [0, {v_total - v_local}] (V_local={v_local}, "
                          f"TP size {world}, equal shards), got {vocab_start!r}")
-    check_finite("hidden", hidden)
-    check_finite("weight", weight)
-    bad = (targets < 0) | (targets >= v_total)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"targets must be token ids in [0, {v_total}), got {int(targets[i])} at index {i}")
+    if check:
+        check_finite("hidden", hidden)
+        check_finite("weight", weight)
+        bad = (targets < 0) | (targets >= v_total)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"targets must be token ids in [0, {v_total}), got {int(targets[i])} "
+                             f"at index {i}")
     return T, v_total
 
 
-def _per_token(name: str, t, T: int, device) -> torch.Tensor:
+def _per_token(name: str, t, T: int, device, check: bool) -> torch.Tensor:
     check_tensor(name, t, ndim=1, length=T, device=device)
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (fp32), got {t.dtype}")
-    check_finite(name, t)
+    if check:
+        check_finite(name, t)
     return t.detach().to(torch.float32).contiguous()
 
 
@@ -239,9 +247,15 @@ def _logp_entropy_torch(hidden, weight, targets, temperature, vocab_start, tp_gr
         if need_entropy:
             ez = _AllReduceReplicated.apply(ez, tp_group)
     lse = m + torch.log(s)
-    logp = zt - lse
+    # A target outside [0, V_total) gets a NaN log-prob (and so a NaN loss) instead of a
+    # silently wrong value; no host sync (check_inputs=True raises with its index instead).
+    logp = torch.where(_target_ok(targets, v_local * world), zt - lse, float("nan"))
     entropy = lse - ez / s if need_entropy else None  # H = lse - sum_j p_j z_j
     return logp, entropy
+
+
+def _target_ok(targets: torch.Tensor, v_total: int) -> torch.Tensor:
+    return (targets >= 0) & (targets < v_total)
 
 
 def _per_token_terms(logp, old, adv, ref, *, kl_estimator, eps_low, eps_high, dual_clip):
@@ -384,15 +398,24 @@ if HAS_TRITON:
         m, s, a, zt = _combine_parts(stats_ptr, stride_part, n_parts, rows, rmask, BLOCK_R)
         log_s = tl.log(s)
         lse = m + log_s
-        logp = zt - lse
+        # A target id outside [0, V_total) is in no shard: its log-prob is NaN (and so is the
+        # loss), never a silently wrong finite value.
+        tgt_glob = tl.load(targets_ptr + t, mask=rmask, other=0).to(tl.int64)
+        tgt_ok = (tgt_glob >= 0) & (tgt_glob < V.to(tl.int64) * n_parts)
+        logp = tl.where(tgt_ok, zt - lse, float("nan"))
         ent = log_s - a / s
         s_mean = m + a / s  # S = sum_j p_j z_j
         adv = tl.load(adv_ptr + t, mask=rmask, other=0.0)
         w = tl.load(w_ptr + t, mask=rmask, other=0.0)
         ratio = tl.exp(logp - tl.load(old_ptr + t, mask=rmask, other=0.0))
         unclipped = -adv * ratio
-        clipped = -adv * tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
-        pg = tl.maximum(unclipped, clipped)
+        # NaN-propagating min/max (as torch.clamp / torch.maximum in the reference): the
+        # hardware min/max would turn a NaN ratio into a finite clipped value, hiding a bad
+        # input that the unchecked default path must surface as a NaN loss.
+        nan_all: tl.constexpr = tl.PropagateNan.ALL
+        clipped = -adv * tl.minimum(tl.maximum(ratio, clip_lo, propagate_nan=nan_all), clip_hi,
+                                    propagate_nan=nan_all)
+        pg = tl.maximum(unclipped, clipped, propagate_nan=nan_all)
         # The gradient flows only through the unclipped branch (the clipped one is constant);
         # ties happen only inside the clip range, where both branches have slope -A r.
         dpg = tl.where(unclipped >= clipped, -adv * ratio, 0.0)
@@ -430,7 +453,7 @@ if HAS_TRITON:
         if WRITE_GRAD:
             alpha = w * g * inv_tau
             beta = w * ent_coef * inv_tau
-            tgt = tl.load(targets_ptr + t, mask=rmask, other=-1).to(tl.int64) - vocab_start
+            tgt = tgt_glob - vocab_start
             offs0 = tl.arange(0, BLOCK_V)
             for start in range(0, V, BLOCK_V):
                 offs = start + offs0
@@ -447,17 +470,31 @@ if HAS_TRITON:
                          gz.to(dl_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiles(v_local: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_V) of the epilogue kernels.
+class EpilogueTiles(NamedTuple):
+    """Launch shape of the two epilogue kernels (stats and grad): rows per program, vocab
+    tile width, warps per program."""
 
-    GPU: one row per program and 4096-wide tiles (16 KB of fp32), a long contiguous stream per
-    program, as in row-wise softmax kernels.  Interpreter: 16 rows x 256 columns, so that the
-    per-program Python overhead is paid once per 16 rows and modest test vocabularies still
+    block_r: int
+    block_v: int
+    num_warps: int
+
+
+def epilogue_tiles(v_local: int, *, interpret: bool | None = None) -> EpilogueTiles:
+    """Tiles of the stats and grad kernels for a vocab shard of ``v_local`` columns.
+
+    GPU: one row per program, 2048-wide fp32 tiles (8 KB), 8 warps: 8 elements per thread per
+    tile.  Compiled for sm_80 and sm_90 (tests/test_kernels_compile.py) this needs 32
+    registers per thread in both kernels, so 8 programs fit on an SM (100% theoretical
+    occupancy) and a 576-row chunk is one wave on an A100 or H100.  4096-wide tiles need 58-64
+    registers in the stats kernel: 4 programs per SM (50%) and 1.09 waves on an H100 (1.33 on
+    an A100), i.e. a second, nearly empty wave per chunk.
+    Interpreter (``interpret``, default ``TRITON_INTERPRET``): 16 rows x 256 columns, so that
+    the per-program Python overhead is paid once per 16 rows and modest test vocabularies still
     span several tiles (exercising the online rescaling).
     """
-    if TRITON_INTERPRET:
-        return 16, min(256, triton.next_power_of_2(v_local))
-    return 1, min(4096, triton.next_power_of_2(v_local))
+    if TRITON_INTERPRET if interpret is None else interpret:
+        return EpilogueTiles(16, min(256, next_power_of_2(v_local)), 8)
+    return EpilogueTiles(1, min(2048, next_power_of_2(v_local)), 8)
 
 
 def default_chunk_rows(n_rows: int, v_local: int, dtype: torch.dtype, with_grad: bool) -> int:
@@ -465,6 +502,86 @@ def default_chunk_rows(n_rows: int, v_local: int, dtype: torch.dtype, with_grad:
     per_row = v_local * (4 + (dtype.itemsize if (with_grad and dtype != torch.float32) else 0))
     c = max(16, CHUNK_BUDGET_BYTES // per_row // 16 * 16)  # multiple of 16 for tensor cores
     return int(min(n_rows, c))
+
+
+def _chunk_spans(n_rows: int, chunk: int):
+    """(first row, rows) of every chunk, in the fixed order that makes dW deterministic."""
+    for c0 in range(0, n_rows, chunk):
+        yield c0, min(chunk, n_rows - c0)
+
+
+def _chunk_buffers(chunk: int, v_local: int, dtype: torch.dtype, with_grad: bool, device):
+    """The per-chunk temporaries: fp32 logits [C, V_local], dlogits in the GEMM dtype (the
+    logits buffer itself for fp32 or without gradients), per-row partials [C, 4]."""
+    logits = _buffer((chunk, v_local), torch.float32, device)
+    dlog = logits if (dtype == torch.float32 or not with_grad) else _buffer((chunk, v_local), dtype, device)
+    return logits, dlog, _buffer((chunk, 4), torch.float32, device)
+
+
+def _stats_launch(tiles: EpilogueTiles, logits, targets, stats, row0: int, vocab_start: int,
+                  inv_tau: float) -> KernelLaunch:
+    """The stats kernel over the ``[n, V_local]`` logits chunk whose first row is ``row0``."""
+    n, v_local = logits.shape
+    return KernelLaunch(
+        _policy_loss_stats_kernel, (cdiv(n, tiles.block_r),),
+        (logits, logits.stride(0), targets, stats, row0, n, v_local, vocab_start, inv_tau),
+        dict(BLOCK_R=tiles.block_r, BLOCK_V=tiles.block_v, num_warps=tiles.num_warps))
+
+
+def _grad_launch(tiles: EpilogueTiles, logits, dlogits, parts, targets, old, adv, w, ref, rows,
+                 row0: int, cfg, with_grad: bool) -> KernelLaunch:
+    """The grad kernel over the chunk: ``parts`` [world, n, 4] are the gathered partials."""
+    n, v_local = logits.shape
+    return KernelLaunch(
+        _policy_loss_grad_kernel, (cdiv(n, tiles.block_r),),
+        (logits, logits.stride(0), dlogits, dlogits.stride(0), parts, parts.stride(0), cfg["world"],
+         targets, old, adv, w, ref if ref is not None else old, rows, rows.stride(0), row0, n,
+         v_local, cfg["vocab_start"], 1.0 / cfg["temperature"], 1.0 - cfg["eps_low"],
+         1.0 + cfg["eps_high"], float(cfg["dual_clip"] or 0.0), float(cfg["kl_coef"]),
+         float(cfg["entropy_coef"])),
+        dict(HAS_REF=ref is not None, KL_EST=_KL_ESTIMATORS[cfg["kl_estimator"]],
+             HAS_DUAL=cfg["dual_clip"] is not None, HAS_ENT=cfg["entropy_coef"] != 0.0,
+             WRITE_GRAD=with_grad, BLOCK_R=tiles.block_r, BLOCK_V=tiles.block_v,
+             num_warps=tiles.num_warps))
+
+
+def planned_launches(op: str, n_rows: int, v_local: int, dtype: torch.dtype, *, world: int = 1,
+                     with_grad: bool = True, has_ref: bool = False, kl_estimator: str = "k3",
+                     dual_clip: float | None = None, entropy_coef: float = 0.0,
+                     temperature: float = 1.0, vocab_start: int = 0, chunk_rows: int | None = None,
+                     interpret: bool | None = None) -> list[KernelLaunch]:
+    """Every Triton launch one call of ``op`` (``"policy_loss"`` | ``"token_logprobs"``) makes
+    at this shape and these options, built by the launchers' own functions on meta tensors
+    (nothing is allocated or run).  The ahead-of-time compile check compiles these for sm_80
+    and sm_90; tests check that they equal what the launchers really launch."""
+    if op not in ("policy_loss", "token_logprobs"):
+        raise ValueError(f"op must be 'policy_loss' or 'token_logprobs', got {op!r}")
+    dev = torch.device("meta")
+    with_grad = with_grad and op == "policy_loss"
+    C = chunk_rows or default_chunk_rows(n_rows, v_local, dtype, with_grad)
+    tiles = epilogue_tiles(v_local, interpret=interpret)
+    targets = torch.empty(n_rows, dtype=torch.int64, device=dev)
+    out = []
+    if op == "token_logprobs":
+        logits = torch.empty((C, v_local), dtype=torch.float32, device=dev)
+        stats = torch.empty((n_rows, 4), dtype=torch.float32, device=dev)
+        for c0, n in _chunk_spans(n_rows, C):
+            out.append(_stats_launch(tiles, logits[:n], targets, stats[c0:c0 + n], c0, vocab_start,
+                                     1.0 / temperature))
+        return out
+    logits, dlog, stats = _chunk_buffers(C, v_local, dtype, with_grad, dev)
+    vec = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    rows = torch.empty((_N_ROWS, n_rows), dtype=torch.float32, device=dev)
+    cfg = dict(world=world, vocab_start=vocab_start, temperature=temperature, eps_low=0.2,
+               eps_high=0.28, dual_clip=dual_clip, kl_coef=0.04 if has_ref else 0.0,
+               entropy_coef=entropy_coef, kl_estimator=kl_estimator)
+    for c0, n in _chunk_spans(n_rows, C):
+        out.append(_stats_launch(tiles, logits[:n], targets, stats[:n], c0, vocab_start,
+                                 1.0 / temperature))
+        parts = torch.empty((world, n, 4), dtype=torch.float32, device=dev)
+        out.append(_grad_launch(tiles, logits[:n], dlog[:n], parts, targets, vec, vec, vec,
+                                vec if has_ref else None, rows, c0, cfg, with_grad))
+    return out
 
 
 _MM_OUT_DTYPE_OK: dict[str, bool] = {}
@@ -514,37 +631,21 @@ def _fused_chunks(hidden, weight, targets, old, adv, w, ref, cfg, need_dh, need_
     world, group = cfg["world"], cfg["tp_group"]
     with_grad = need_dh or need_dw
     C = chunk_rows or default_chunk_rows(T, V, dtype, with_grad)
-    BLOCK_R, BLOCK_V = _tiles(V)
+    tiles = epilogue_tiles(V)
     w_t = weight.t()
     if dev.type != "cuda" and dtype != torch.float32:
         w_t = w_t.float()  # CPU/interpreter: one upcast per call instead of one per chunk
-    logits = _buffer((C, V), torch.float32, dev)
-    dlog = logits if (dtype == torch.float32 or not with_grad) else _buffer((C, V), dtype, dev)
-    stats = _buffer((C, 4), torch.float32, dev)
+    logits, dlog, stats = _chunk_buffers(C, V, dtype, with_grad, dev)
     rows = _buffer((_N_ROWS, T), torch.float32, dev)
     dH = _buffer(hidden.shape, dtype, dev) if need_dh else None
     dW = _buffer(weight.shape, dtype, dev) if need_dw else None
     inv_tau = 1.0 / cfg["temperature"]
-    kl_est = _KL_ESTIMATORS[cfg["kl_estimator"]]
-    ref_arg = ref if ref is not None else old
-    for c0 in range(0, T, C):
-        n = min(C, T - c0)
-        lg, st = logits[:n], stats[:n]
+    for c0, n in _chunk_spans(T, C):
+        lg, st, dl = logits[:n], stats[:n], dlog[:n]
         _logits_mm(hidden[c0:c0 + n], w_t, lg)
-        grid = (triton.cdiv(n, BLOCK_R),)
-        _policy_loss_stats_kernel[grid](
-            lg, lg.stride(0), targets, st, c0, n, V, cfg["vocab_start"], inv_tau,
-            BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=8)
+        _stats_launch(tiles, lg, targets, st, c0, cfg["vocab_start"], inv_tau).run()
         parts = _tp_gather_stats(st, world, group)
-        dl = dlog[:n]
-        _policy_loss_grad_kernel[grid](
-            lg, lg.stride(0), dl, dl.stride(0), parts, parts.stride(0), world,
-            targets, old, adv, w, ref_arg, rows, rows.stride(0), c0, n,
-            V, cfg["vocab_start"], inv_tau, 1.0 - cfg["eps_low"], 1.0 + cfg["eps_high"],
-            float(cfg["dual_clip"] or 0.0), float(cfg["kl_coef"]), float(cfg["entropy_coef"]),
-            HAS_REF=ref is not None, KL_EST=kl_est, HAS_DUAL=cfg["dual_clip"] is not None,
-            HAS_ENT=cfg["entropy_coef"] != 0.0, WRITE_GRAD=with_grad,
-            BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=8)
+        _grad_launch(tiles, lg, dl, parts, targets, old, adv, w, ref, rows, c0, cfg, with_grad).run()
         if need_dh:
             torch.mm(dl, weight, out=dH[c0:c0 + n])
         if need_dw:
@@ -564,8 +665,9 @@ class _FusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, old, adv, w, ref, cfg, need_dh, need_dw, chunk_rows):
-        rows, dH, dW = _fused_chunks(hidden, weight, targets, old, adv, w, ref, cfg,
-                                     need_dh, need_dw, chunk_rows)
+        with device_guard(hidden.device):
+            rows, dH, dW = _fused_chunks(hidden, weight, targets, old, adv, w, ref, cfg,
+                                         need_dh, need_dw, chunk_rows)
         loss = (w * _loss_terms(rows, cfg)).sum()
         ctx.grads = (dH, dW)
         ctx.mark_non_differentiable(rows)
@@ -605,7 +707,8 @@ def _weighted_mean(w: torch.Tensor, x: torch.Tensor, wsum: torch.Tensor) -> torc
 def policy_loss(hidden, weight, targets, old_logprobs, advantages, *, token_weights=None,
                 ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", eps_low=0.2, eps_high=0.2,
                 dual_clip=None, entropy_coef=0.0, temperature=1.0, tp_group=None, vocab_start=0,
-                impl="auto", return_entropy=False, chunk_rows=None) -> PolicyLossOutput:
+                impl="auto", return_entropy=False, chunk_rows=None,
+                check_inputs=None) -> PolicyLossOutput:
     """Clipped-ratio policy loss over an LM head, fused with the head GEMM.
 
     Per row ``t`` (``z = hidden[t] @ weight.T / temperature`` over the full vocab, all shards):
@@ -636,22 +739,29 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, *, token_weig
         return_entropy: also return per-token entropies (implied by ``entropy_coef != 0``).
         chunk_rows: rows per chunk of the fused path (default: from
             :data:`CHUNK_BUDGET_BYTES`); ignored by ``"torch"``.
+        check_inputs: also run the value checks, which read whole tensors and sync with the
+            device: hidden, weight and the per-token inputs finite, target ids in
+            ``[0, V_total)``, token weights ``>= 0``.  Default ``None``: on when the
+            environment sets ``R4B_KERNEL_CHECKS=1``, else off (shape, dtype and device
+            checks always run; they cost nothing).  Unchecked, a NaN input gives a NaN loss
+            and an out-of-range target a NaN log-prob for its row.
 
     Returns:
         :class:`PolicyLossOutput`.  The fused path supports a single backward per call.
     """
-    T, _ = _check_common(hidden, weight, targets, temperature, vocab_start, tp_group)
+    check = checks_enabled(check_inputs)
+    T, _ = _check_common(hidden, weight, targets, temperature, vocab_start, tp_group, check)
     dev = hidden.device
-    old = _per_token("old_logprobs", old_logprobs, T, dev)
-    adv = _per_token("advantages", advantages, T, dev)
+    old = _per_token("old_logprobs", old_logprobs, T, dev, check)
+    adv = _per_token("advantages", advantages, T, dev, check)
     if token_weights is None:
         w = torch.full((T,), 1.0 / T, dtype=torch.float32, device=dev)
     else:
-        w = _per_token("token_weights", token_weights, T, dev)
-        if bool((w < 0).any()):
+        w = _per_token("token_weights", token_weights, T, dev, check)
+        if check and bool((w < 0).any()):
             i = int((w < 0).nonzero()[0])
             raise ValueError(f"token_weights must be >= 0, got {w[i].item()} at index {i}")
-    ref = None if ref_logprobs is None else _per_token("ref_logprobs", ref_logprobs, T, dev)
+    ref = None if ref_logprobs is None else _per_token("ref_logprobs", ref_logprobs, T, dev, check)
     if kl_estimator not in _KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {sorted(_KL_ESTIMATORS)}, got {kl_estimator!r}")
     _check_number("kl_coef", kl_coef)
@@ -709,19 +819,16 @@ def _token_logprobs_triton(hidden, weight, targets, temperature, vocab_start, tp
     dev, dtype = hidden.device, hidden.dtype
     world, _ = _tp_info(tp_group)
     C = chunk_rows or default_chunk_rows(T, V, dtype, with_grad=False)
-    BLOCK_R, BLOCK_V = _tiles(V)
+    tiles = epilogue_tiles(V)
     w_t = weight.t()
     if dev.type != "cuda" and dtype != torch.float32:
         w_t = w_t.float()
     logits = _buffer((C, V), torch.float32, dev)
     stats = _buffer((T, 4), torch.float32, dev)
-    for c0 in range(0, T, C):
-        n = min(C, T - c0)
+    for c0, n in _chunk_spans(T, C):
         lg = logits[:n]
         _logits_mm(hidden[c0:c0 + n], w_t, lg)
-        _policy_loss_stats_kernel[(triton.cdiv(n, BLOCK_R),)](
-            lg, lg.stride(0), targets, stats[c0:c0 + n], c0, n, V, vocab_start, 1.0 / temperature,
-            BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=8)
+        _stats_launch(tiles, lg, targets, stats[c0:c0 + n], c0, vocab_start, 1.0 / temperature).run()
     # One exchange for the whole batch: merge the [T, 4] partials of every shard.
     parts = _tp_gather_stats(stats, world, tp_group)
     m_p, s_p, a_p, zt_p = parts.unbind(-1)
@@ -730,23 +837,25 @@ def _token_logprobs_triton(hidden, weight, targets, temperature, vocab_start, tp
     s = (scale * s_p).sum(0)
     a = (scale * (a_p + s_p * (m_p - m))).sum(0)
     log_s = torch.log(s)
-    logp = zt_p.sum(0) - (m + log_s)
+    logp = torch.where(_target_ok(targets, V * world), zt_p.sum(0) - (m + log_s), float("nan"))
     return logp, log_s - a / s
 
 
 def token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False,
-                   tp_group=None, vocab_start=0, impl="auto", chunk_rows=None):
+                   tp_group=None, vocab_start=0, impl="auto", chunk_rows=None, check_inputs=None):
     """Log-probs of ``targets`` under ``softmax(hidden @ weight.T / temperature)``; no graph.
 
     Same conventions as :func:`policy_loss` (vocab-parallel with ``tp_group`` /
     ``vocab_start``; ``weight`` is this rank's ``[V_local, H]`` shard).  Used for old and
-    reference log-probs and for rollout scoring.
+    reference log-probs and for rollout scoring.  ``check_inputs`` as in :func:`policy_loss`
+    (off by default: an out-of-range target gives a NaN log-prob for its row).
 
     Returns:
         ``logprobs`` ``[T]`` fp32, or the tuple ``(logprobs, entropy)`` (both ``[T]`` fp32)
         when ``return_entropy=True``.  Every TP rank returns the same values.
     """
-    _check_common(hidden, weight, targets, temperature, vocab_start, tp_group)
+    _check_common(hidden, weight, targets, temperature, vocab_start, tp_group,
+                  checks_enabled(check_inputs))
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     targets = targets.contiguous()
@@ -755,6 +864,8 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=F
             logp, ent = _logp_entropy_torch(hidden, weight, targets, float(temperature),
                                             vocab_start, tp_group, bool(return_entropy))
         else:
-            logp, ent = _token_logprobs_triton(hidden.contiguous(), weight, targets,
-                                               float(temperature), vocab_start, tp_group, chunk_rows)
+            with device_guard(hidden.device):
+                logp, ent = _token_logprobs_triton(hidden.contiguous(), weight, targets,
+                                                   float(temperature), vocab_start, tp_group,
+                                                   chunk_rows)
     return (logp, ent) if return_entropy else logp

@@ -292,6 +292,7 @@ def test_large_logits_are_stable():
 
 @pytest.mark.parametrize("impl", ["torch", TRITON])
 def test_argument_errors_name_the_argument(impl):
+    """Shape, dtype, device and option errors: always checked (they cost nothing)."""
     hidden, weight, targets, old, adv, w, ref = make_inputs(6, 16, 50, torch.float32)
 
     def call(**over):
@@ -300,13 +301,6 @@ def test_argument_errors_name_the_argument(impl):
         args.update(over)
         return policy_loss(*args.values(), impl=impl, **kw)
 
-    bad_t = targets.clone()
-    bad_t[3] = 50
-    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 50\), got 50 at index 3"):
-        call(targets=bad_t)
-    bad_t[3] = -1
-    with pytest.raises(ValueError, match="targets"):
-        token_logprobs(hidden, weight, bad_t, impl=impl)
     with pytest.raises(ValueError, match="old_logprobs must have length 6"):
         call(old_logprobs=old[:5])
     with pytest.raises(ValueError, match="weight must have shape"):
@@ -315,6 +309,56 @@ def test_argument_errors_name_the_argument(impl):
         call(targets=targets[:4])
     with pytest.raises(TypeError, match="weight must have the dtype of hidden"):
         call(weight=weight.bfloat16())
+    with pytest.raises(TypeError, match="targets must have dtype"):
+        token_logprobs(hidden, weight, targets.float(), impl=impl)
+    with pytest.raises(ValueError, match="kl_coef=0.1 needs ref_logprobs"):
+        call(kl_coef=0.1)
+    with pytest.raises(ValueError, match="dual_clip must be a finite number in \\(1.0"):
+        call(dual_clip=0.5)
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        call(ref_logprobs=ref, kl_coef=0.1, kl_estimator="k4")
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
+        call(temperature=0)
+    with pytest.raises(ValueError, match="vocab_start must be an int in \\[0, 0\\]"):
+        call(vocab_start=10)
+    with pytest.raises(ValueError, match="eps_low"):
+        call(eps_low=1.0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        policy_loss(hidden, weight, targets, old, adv, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["torch", TRITON])
+@pytest.mark.parametrize("how", ["argument", "env"])
+def test_opt_in_value_checks_name_the_bad_value(impl, how, monkeypatch):
+    """check_inputs=True (or R4B_KERNEL_CHECKS=1) reads the values: NaN/inf inputs, target ids
+    out of range and negative weights are errors that name the argument and the index."""
+    hidden, weight, targets, old, adv, w, ref = make_inputs(6, 16, 50, torch.float32)
+    if how == "env":
+        monkeypatch.setenv("R4B_KERNEL_CHECKS", "1")
+        opt = {}
+    else:
+        monkeypatch.delenv("R4B_KERNEL_CHECKS", raising=False)
+        opt = {"check_inputs": True}
+
+    def call(**over):
+        args = dict(hidden=hidden, weight=weight, targets=targets, old_logprobs=old, advantages=adv)
+        kw = {k: over.pop(k) for k in list(over) if k not in args}
+        args.update(over)
+        return policy_loss(*args.values(), impl=impl, **opt, **kw)
+
+    bad_t = targets.clone()
+    bad_t[3] = 50
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 50\), got 50 at index 3"):
+        call(targets=bad_t)
+    bad_t[3] = -1
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 50\), got -1 at index 3"):
+        token_logprobs(hidden, weight, bad_t, impl=impl, **opt)
+    nan_w = weight.clone()
+    nan_w[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="weight must be finite, got nan at flat index 114"):
+        call(weight=nan_w)
+    with pytest.raises(ValueError, match="weight must be finite"):
+        token_logprobs(hidden, nan_w, targets, impl=impl, **opt)
     nan_adv = adv.clone()
     nan_adv[2] = float("nan")
     with pytest.raises(ValueError, match="advantages must be finite, got nan at flat index 2"):
@@ -325,19 +369,165 @@ def test_argument_errors_name_the_argument(impl):
         call(hidden=inf_h)
     with pytest.raises(ValueError, match="ref_logprobs must be finite"):
         call(ref_logprobs=torch.full((6,), float("-inf")))
-    with pytest.raises(ValueError, match="kl_coef=0.1 needs ref_logprobs"):
-        call(kl_coef=0.1)
-    with pytest.raises(ValueError, match="dual_clip must be a finite number in \\(1.0"):
-        call(dual_clip=0.5)
-    with pytest.raises(ValueError, match="kl_estimator must be one of"):
-        call(ref_logprobs=ref, kl_coef=0.1, kl_estimator="k4")
     with pytest.raises(ValueError, match="token_weights must be >= 0"):
         call(token_weights=-w)
-    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
-        call(temperature=0)
-    with pytest.raises(ValueError, match="vocab_start must be an int in \\[0, 0\\]"):
-        call(vocab_start=10)
-    with pytest.raises(ValueError, match="eps_low"):
-        call(eps_low=1.0)
-    with pytest.raises(ValueError, match="impl must be one of"):
-        policy_loss(hidden, weight, targets, old, adv, impl="cuda")
+    call()  # valid inputs pass the checks
+
+
+@pytest.mark.parametrize("impl", ["torch", TRITON])
+def test_unchecked_bad_values_surface_as_nan(impl, monkeypatch):
+    """Without the opt-in checks nothing is read ahead of the kernels, but bad values are not
+    silently turned into plausible numbers: an out-of-range target gives a NaN log-prob for
+    its row only, and a NaN weight a NaN loss."""
+    monkeypatch.delenv("R4B_KERNEL_CHECKS", raising=False)
+    hidden, weight, targets, old, adv, w, ref = make_inputs(6, 16, 50, torch.float32)
+    good = token_logprobs(hidden, weight, targets, impl=impl)
+    bad_t = targets.clone()
+    bad_t[3], bad_t[5] = 50, -2
+    lp = token_logprobs(hidden, weight, bad_t, impl=impl)
+    assert torch.isnan(lp[[3, 5]]).all()
+    torch.testing.assert_close(lp[[0, 1, 2, 4]], good[[0, 1, 2, 4]])
+    out = policy_loss(hidden, weight, bad_t, old, adv, impl=impl)
+    assert torch.isnan(out.logprobs[[3, 5]]).all() and torch.isnan(out.loss)
+    assert torch.isfinite(out.logprobs[[0, 1, 2, 4]]).all()
+    nan_w = weight.clone()
+    nan_w[7, 2] = float("nan")
+    assert torch.isnan(policy_loss(hidden, nan_w, targets, old, adv, impl=impl).loss)
+
+
+# ----------------------------------------------------------------- default path: no sync, no scan
+_SYNCS = {  # calls that wait for the device (on CUDA) before they return
+    "torch.Tensor.item", "torch.Tensor.tolist", "torch.Tensor.__bool__", "torch.Tensor.__int__",
+    "torch.Tensor.__float__", "torch.Tensor.__index__", "torch.Tensor.__complex__",
+    "torch.Tensor.nonzero", "torch.nonzero", "torch.argwhere", "torch.Tensor.cpu",
+    "torch.Tensor.numpy", "torch.equal", "torch.allclose", "torch.is_nonzero", "torch.unique",
+    "torch.Tensor.unique", "torch.unique_consecutive", "torch.masked_select",
+    "torch.Tensor.masked_select", "torch.Tensor.__repr__", "torch.Tensor.__format__",
+}
+_NO_DATA = {  # calls that read no element of their tensor
+    "torch.Tensor.size", "torch.Tensor.stride", "torch.Tensor.dim", "torch.Tensor.t",
+    "torch.Tensor.view", "torch.Tensor.view_as", "torch.Tensor.detach", "torch.Tensor.numel",
+    "torch.Tensor.is_contiguous", "torch.Tensor.storage_offset", "torch.Tensor.element_size",
+    "torch.Tensor.data_ptr", "torch.Tensor.untyped_storage", "torch.Tensor.is_floating_point",
+    "torch.Tensor.requires_grad_", "torch.Tensor.__len__", "torch.Tensor.unsqueeze",
+    "torch.Tensor.__getitem__",  # basic (slice) indexing only: a tensor index is a sync, below
+}
+_GEMMS = {torch.mm, torch.Tensor.mm, torch.Tensor.addmm_, torch.matmul, torch.Tensor.__matmul__}
+
+
+class HostSyncCounter(torch.overrides.TorchFunctionMode):
+    """Records every torch call that syncs with the device, and every call that reads the data
+    of the watched (large) tensors, e.g. hidden and the LM-head weight, other than a GEMM.
+
+    TorchFunctionMode sees Python-level calls, Tensor methods and dunders included
+    (``.item()``, ``bool(t)``, ``int(t)``), so a planted sync or scan is caught on CPU, where
+    nothing ever waits for a device."""
+
+    def __init__(self, *watched):
+        super().__init__()
+        self.storages = {t.untyped_storage().data_ptr() for t in watched}
+        self.syncs, self.scans, self.gemms = [], [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = torch.overrides.resolve_name(func) or repr(func)
+        flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))]
+        if name in _SYNCS:
+            self.syncs.append(name)
+        elif name in ("torch.Tensor.__getitem__", "torch.Tensor.__setitem__") and any(
+                isinstance(a, torch.Tensor) for a in torch.utils._pytree.tree_leaves(args[1:2])):
+            self.syncs.append(name + "[tensor index]")
+        touches = any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.storages
+                      for a in flat)
+        no_copy = func is torch.Tensor.contiguous and args[0].is_contiguous()  # returns self
+        if touches and not (name.endswith(".__get__") or name in _NO_DATA or no_copy):
+            (self.gemms if func in _GEMMS else self.scans).append(name)
+        return func(*args, **kwargs)
+
+
+def _default_path_calls(impl, monkeypatch, T=37, chunk_rows=16):
+    """Run policy_loss fwd+bwd and token_logprobs on the default path under the counter.  The
+    Triton launches are stubbed out (the interpreter converts tensors to NumPy, which a
+    compiled launch never does): only the host code of the launchers is measured."""
+    from r4b_kernels._common import KernelLaunch
+
+    monkeypatch.delenv("R4B_KERNEL_CHECKS", raising=False)
+    if impl == "triton":
+        monkeypatch.setattr(KernelLaunch, "run", lambda self: None)
+    hidden, weight, targets, old, adv, w, ref = make_inputs(T, 16, 300, torch.float32)
+    h, W = hidden.requires_grad_(), weight.requires_grad_()
+    with HostSyncCounter(h, W) as counter:
+        out = policy_loss(h, W, targets, old, adv, token_weights=w, ref_logprobs=ref, kl_coef=0.1,
+                          dual_clip=3.0, entropy_coef=0.01, return_entropy=True, impl=impl,
+                          chunk_rows=chunk_rows)
+        out.loss.backward()
+        token_logprobs(h.detach(), W.detach(), targets, return_entropy=True, impl=impl,
+                       chunk_rows=chunk_rows)
+    return counter
+
+
+@pytest.mark.parametrize("impl", ["torch", TRITON])
+def test_default_path_has_no_host_sync_and_no_scan_of_the_weights(impl, monkeypatch):
+    counter = _default_path_calls(impl, monkeypatch)
+    assert counter.syncs == [], f"host syncs on the default path: {counter.syncs}"
+    if impl == "triton":
+        # The fused path reads hidden and the weight only in its GEMMs: per chunk the logits
+        # GEMM, dH = dlogits @ W and dW += dlogits^T @ H (fwd+bwd), the logits GEMM (log-probs).
+        chunks = -(-37 // 16)
+        assert counter.scans == [], f"passes over hidden / weight besides the GEMMs: {counter.scans}"
+        assert len(counter.gemms) == 3 * chunks + chunks, counter.gemms
+
+
+@pytest.mark.parametrize("plant", ["item", "bool", "scan"])
+def test_sync_counter_catches_a_planted_sync_or_scan(plant, monkeypatch):
+    """The counter is not blind: a planted .item(), bool() or full pass over the weight in the
+    entry checks of the default path is reported."""
+    real_common, real_per_token = pl._check_common, pl._per_token
+
+    def per_token(name, t, *a):
+        if plant == "item":
+            t.sum().item()
+        elif plant == "bool":
+            bool((t > 0).any())
+        return real_per_token(name, t, *a)
+
+    def check_common(hidden, weight, *a):
+        if plant == "scan":
+            torch.isfinite(weight).all()  # no sync, but a pass over all of the weight
+        return real_common(hidden, weight, *a)
+
+    monkeypatch.setattr(pl, "_per_token", per_token)
+    monkeypatch.setattr(pl, "_check_common", check_common)
+    counter = _default_path_calls("triton" if pl.HAS_TRITON else "torch", monkeypatch)
+    if plant == "scan":
+        assert "torch.isfinite" in counter.scans and counter.syncs == []
+    else:
+        assert counter.syncs and set(counter.syncs) == {
+            {"item": "torch.Tensor.item", "bool": "torch.Tensor.__bool__"}[plant]}
+
+
+@pytest.mark.gpu
+def test_tensors_on_a_second_gpu_launch_on_that_gpu():
+    """Every launcher makes its tensors' device current: with cuda:0 current, inputs on cuda:1
+    give the reference's results (a launch on cuda:0 would read foreign pointers)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    dev = torch.device("cuda:1")
+    hidden, weight, targets, old, adv, w, ref = (t.to(dev) for t in make_inputs(70, 32, 300, torch.float32))
+    with torch.cuda.device(0):
+        out_k, dh_k, dw_k = run_impl("triton", hidden, weight, targets, old, adv, token_weights=w)
+        lp_k = token_logprobs(hidden, weight, targets, impl="triton")
+        adv_k = _grouped_adv(adv, dev)
+    out_r, dh_r, dw_r = run_impl("torch", hidden, weight, targets, old, adv, token_weights=w)
+    torch.testing.assert_close(out_k.loss, out_r.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dh_k, dh_r, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(dw_k, dw_r, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(lp_k, token_logprobs(hidden, weight, targets, impl="torch"),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(adv_k, _grouped_adv(adv, dev, impl="torch"))
+
+
+def _grouped_adv(x, dev, impl="triton"):
+    from r4b_kernels import grouped_advantage
+
+    return grouped_advantage(x, torch.arange(x.shape[0], device=dev) // 7, impl=impl).advantages

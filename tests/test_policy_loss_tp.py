@@ -86,11 +86,19 @@ def _worker(rank, port, seed, cases):
             bad = targets.clone()
             bad[0] = V  # one past the last id of the last shard
             try:
-                pl.token_logprobs(hidden, shard, bad, tp_group=group, vocab_start=lo, impl=impl)
+                pl.token_logprobs(hidden, shard, bad, tp_group=group, vocab_start=lo, impl=impl,
+                                  check_inputs=True)
             except ValueError as e:
                 assert f"[0, {V})" in str(e), str(e)
             else:
                 raise AssertionError(f"{tag}: out-of-range target accepted")
+            # Unchecked (the default), that row's log-prob is NaN on every rank, the rest exact.
+            lp_bad = pl.token_logprobs(hidden, shard, bad, temperature=0.8, tp_group=group,
+                                       vocab_start=lo, impl=impl, chunk_rows=16)
+            assert torch.isnan(lp_bad[0]) and torch.equal(lp_bad[1:], lp[1:]), f"{tag}: {lp_bad[:3]}"
+            out_bad = pl.policy_loss(hidden, shard, bad, old, adv, tp_group=group, vocab_start=lo,
+                                     impl=impl, chunk_rows=16)
+            assert torch.isnan(out_bad.logprobs[0]) and torch.isnan(out_bad.loss), tag
     finally:
         dist.destroy_process_group()
 
