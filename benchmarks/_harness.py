@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -42,14 +43,34 @@ def time_fn(fn: Callable[[], object], *, device="cpu", warmup: int = 2, iters: i
     return times[len(times) // 2]
 
 
-def peak_extra_memory(fn: Callable[[], object], device="cuda") -> int:
-    """Peak CUDA memory allocated during ``fn()`` above what was allocated before (bytes)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+def peak_extra_memory(fn: Callable[[], object], device="cuda",
+                      reset: Callable[[], object] | None = None) -> int:
+    """Peak CUDA memory allocated during ``fn()`` above a clean baseline (bytes).
+
+    ``reset()`` runs first and must drop what earlier calls left behind (gradients of a
+    previous backward): anything still held when the baseline is taken and freed inside the
+    measured call would make the peak read low by its size.  Then garbage is collected, the
+    caching allocator emptied, the peak statistics reset and the baseline read.  The inputs of
+    ``fn`` must be allocated before (they are part of the baseline, not of the result).
+    """
+    if reset is not None:
+        reset()
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
     fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def copy_gbps(nbytes: int = 2 * 2**30, device="cuda") -> float:
+    """Measured device-memory bandwidth (GB/s) of a large copy: bytes read + bytes written."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    t = time_fn(lambda: b.copy_(a), device=device, warmup=2, iters=10)
+    return 2 * a.numel() / t / 1e9
 
 
 def matmul_tflops(m: int, n: int, k: int, dtype=torch.bfloat16, device="cuda") -> float:
