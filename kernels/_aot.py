@@ -27,9 +27,11 @@ decorated, so nothing compiles in such a process)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -76,8 +78,20 @@ def occupancy(target: Target, regs: int, shared: int, num_warps: int) -> tuple[i
     return blocks, blocks * num_warps * 32 / target.max_threads_per_sm
 
 
+def _parse_ptxas_log(log: str) -> dict | None:
+    """Registers, spill stores / loads and stack frame from a ``ptxas -v`` log (None if the
+    log has no such report)."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    if regs is None or spill is None:
+        return None
+    return {"regs": int(regs.group(1)), "spill_stores": int(spill.group(1)),
+            "spill_loads": int(spill.group(2)), "stack": int(stack.group(1)) if stack else 0}
+
+
 def _ptxas_stats(ptx: str, arch: int) -> dict:
-    """Registers, spills and stack of the PTX, from ``ptxas -v`` with Triton's flags."""
+    """:func:`_parse_ptxas_log` of ``ptxas -v`` run on the PTX with Triton's flags."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as d:
@@ -86,27 +100,38 @@ def _ptxas_stats(ptx: str, arch: int) -> dict:
         cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
                f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(Path(d) / "k.o")]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    log = r.stderr + r.stdout
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    stack = re.search(r"(\d+) bytes stack frame", log)
-    if regs is None or spill is None:
-        raise RuntimeError(f"could not read register / spill counts from ptxas -v:\n{log}")
-    return {"regs": int(regs.group(1)), "spill_stores": int(spill.group(1)),
-            "spill_loads": int(spill.group(2)), "stack": int(stack.group(1)) if stack else 0}
+    stats = _parse_ptxas_log(r.stderr + r.stdout)
+    if stats is None:
+        raise RuntimeError(f"could not read register / spill counts from ptxas -v:\n{r.stderr}")
+    return stats
 
 
-def _ptxas_stats_cached(ck, arch: int) -> dict:
-    """:func:`_ptxas_stats` of a compiled kernel, remembered beside Triton's cache by the
-    kernel's compile hash (a Triton cache hit skips ptxas, so its log is not available)."""
+def _compile(src, target, options):
+    """``triton.compile`` with Triton's own ptxas log captured (it runs ``ptxas -v``; the log
+    is printed only when asked for): (compiled kernel, log or "" on a cache hit)."""
+    import triton
+    from triton import knobs
+
+    buf = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(buf):
+        knobs.nvidia.dump_ptxas_log = True
+        ck = triton.compile(src, target=target, options=options.__dict__)
+    return ck, buf.getvalue()
+
+
+def _ptxas_stats_cached(ck, arch: int, log: str = "") -> dict:
+    """Register / spill report of a compiled kernel: from the log of the compile that just
+    ran, else remembered beside Triton's cache by the kernel's compile hash (a Triton cache
+    hit runs no ptxas), else from running ptxas again on its PTX."""
     from triton import knobs
 
     path = Path(knobs.cache.dir) / "r4b_aot" / f"{ck.hash}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        pass
-    stats = _ptxas_stats(ck.asm["ptx"], arch)
+    stats = _parse_ptxas_log(log)
+    if stats is None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            stats = _ptxas_stats(ck.asm["ptx"], arch)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -165,8 +190,6 @@ def compile_plans(plans, archs=(80, 90), log=None) -> list[dict]:
     shared, num_warps, seconds, error (None when it compiled), and, from registers, shared
     memory and warps: blocks_per_sm, occupancy, and programs / waves of its largest launch.
     """
-    import triton
-
     records: dict[str, dict] = {}
     for arch in archs:
         limits = TARGETS[arch]
@@ -187,9 +210,9 @@ def compile_plans(plans, archs=(80, 90), log=None) -> list[dict]:
                    "launches": [[label, programs]]}
             t0 = time.perf_counter()
             try:
-                ck = triton.compile(src, target=target, options=options.__dict__)
+                ck, ptxas_log = _compile(src, target, options)
                 rec.update(error=None, shared=int(ck.metadata.shared),
-                           num_warps=int(ck.metadata.num_warps), **_ptxas_stats_cached(ck, arch))
+                           num_warps=int(ck.metadata.num_warps), **_ptxas_stats_cached(ck, arch, ptxas_log))
             except Exception as e:  # noqa: BLE001 - every failure is a reported result
                 msg = str(e).strip().splitlines()
                 rec["error"] = f"{type(e).__name__}: " + " | ".join(msg[:6])
