@@ -48,6 +48,7 @@ from .rollout.engine import EmbeddedEngine, RolloutRequest
 from .rollout.sampling import SamplingParams
 from .runtime import Runtime, broadcast_object, init_runtime
 from .sft import Example, OptimConfig, make_optimizer, train_sft
+from .training import shard_model
 
 log = get_logger(__name__)
 
@@ -291,10 +292,22 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
     template = make_template(tok, mcfg, setup.model)
     train, evals = anneal_items(job)
     model = build_policy(setup.model, mcfg, rt, seed=setup.seed)
+    resume = latest_checkpoint(ckpt_dir) is not None
+    # 1. vision alignment (before the first SFT step only; every rank runs the same steps on
+    # its full copy of the tower, before the model is sharded)
+    if not resume and cfg.vision_align_steps and getattr(model, "has_vision", False):
+        labels = cell_token_labels(train, tok, mcfg.tokens_per_image)
+        if labels is None:
+            log.info("vision alignment skipped: items carry no per-cell digit labels")
+        else:
+            loss = align_vision(model, train, labels, steps=cfg.vision_align_steps,
+                                batch_size=cfg.batch_size, lr=cfg.optim.lr, seed=setup.seed + 3)
+            log.info("vision alignment: %d steps, final loss %.4f", cfg.vision_align_steps, loss)
+    shard_model(model, rt, setup.training)
     engine = anneal_engine(job, model, template, tok, train[:cfg.curate_items] + evals)
     optimizer = make_optimizer(model, cfg.optim)
     state = {"phase": "warmup", "step": 0}
-    if latest_checkpoint(ckpt_dir) is not None:
+    if resume:
         loaded = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer)
         state = loaded.state["anneal"]
         log.info("resuming annealing from %s (phase %s, step %d)", loaded.path, state["phase"],
@@ -310,16 +323,7 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
                                 state={"anneal": {"phase": phase, "step": step}})
         return on_step
 
-    # 1. vision alignment (before the first SFT step only) and warm-up
-    if state["phase"] == "warmup" and state["step"] == 0 and cfg.vision_align_steps and \
-            getattr(model, "has_vision", False):
-        labels = cell_token_labels(train, tok, mcfg.tokens_per_image)
-        if labels is None:
-            log.info("vision alignment skipped: items carry no per-cell digit labels")
-        else:
-            loss = align_vision(model, train, labels, steps=cfg.vision_align_steps,
-                                batch_size=cfg.batch_size, lr=cfg.optim.lr, seed=setup.seed + 3)
-            log.info("vision alignment: %d steps, final loss %.4f", cfg.vision_align_steps, loss)
+    # 1b. warm-up
     if state["phase"] == "warmup":
         if cfg.warmup_steps:
             log.info("warm-up: %d SFT steps (%s forms)", cfg.warmup_steps, cfg.warmup_forms)

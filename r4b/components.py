@@ -33,6 +33,7 @@ from .config import require_choice, require_range
 from .data import BuiltinTokenizer, ChatTemplate, HFTokenizer, Sample, TaskConfig
 from .data.template import CHAT_TEMPLATES
 from .log import get_logger
+from .training import TrainingConfig
 
 log = get_logger(__name__)
 
@@ -114,11 +115,17 @@ class RolloutConfig:
     prefill_tokens: int = 65536
     """Prompt tokens per prefill forward: rows of equal prompt length share a forward up to
     this many tokens (a longer single prompt still runs alone)."""
+    kv_budget_tokens: int | None = None
+    """Most KV-cache tokens one rank holds at once (rows x per-row capacity): larger batches
+    generate in waves with the same samples.  None: all requests at once.  KiB per token: see
+    ``python -m r4b.plan``."""
 
     def __post_init__(self):
         if self.max_seqlen is not None:
             require_range("rollout.max_seqlen", self.max_seqlen, 2)
         require_range("rollout.prefill_tokens", self.prefill_tokens, 1)
+        if self.kv_budget_tokens is not None:
+            require_range("rollout.kv_budget_tokens", self.kv_budget_tokens, 2)
 
 
 def default_task() -> TaskConfig:
@@ -136,6 +143,8 @@ class Setup:
     """The embedded task (used when no data files are given)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout engine limits."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Sharding over data-parallel ranks and activation recomputation of the trained model."""
     seed: int = 0
     """Global seed: model init, task generation and sampling derive from it."""
     tp_size: int = 1
@@ -236,21 +245,32 @@ def make_template(tokenizer, cfg, choice: ModelChoice | None = None) -> ChatTemp
 
 # ---------------------------------------------------------------- the model on its device
 def build_policy(choice: ModelChoice, cfg, rt, *, seed: int):
-    """This rank's model on ``rt.device``: loaded from ``choice.hf_path`` (cut and cast as
-    ``cfg`` says) or freshly initialised from ``seed`` (weights drawn on the CPU, so every
-    device and TP layout gets the same values)."""
+    """This rank's trainable model on ``rt.device`` with fp32 master parameters (compute dtype
+    ``cfg.params_dtype``, applied by :func:`r4b.training.shard_model`): loaded from
+    ``choice.hf_path`` (cut as ``cfg`` says) or freshly initialised from ``seed`` (weights drawn
+    on the CPU, so every device and TP layout gets the same values)."""
     from .models import build_model, from_hf
 
     if choice.hf_path is not None:
         model = from_hf(choice.hf_path, tp_size=rt.tp_size, dtype=cfg.params_dtype,
                         device=rt.device, num_layers=choice.num_layers,
-                        vision_num_layers=choice.vision_num_layers)
+                        vision_num_layers=choice.vision_num_layers, master_dtype=torch.float32)
         if model.cfg != cfg:
             raise RuntimeError(f"the model loaded from {choice.hf_path!r} does not match its "
                                f"config: {model.cfg} vs {cfg}")
         return model
     torch.manual_seed(seed)
-    return build_model(cfg, device=rt.device)
+    return build_model(cfg, device=rt.device, master_dtype=torch.float32)
+
+
+def build_trainable(cfg, rt, training: TrainingConfig):
+    """An fp32-master model of ``cfg`` on ``rt.device`` with no weights drawn, sharded for
+    training (to load a run's checkpoint into)."""
+    from .models import build_model
+    from .training import shard_model
+
+    model = build_model(cfg, init_weights=False, device=rt.device, master_dtype=torch.float32)
+    return shard_model(model, rt, training)
 
 
 # ---------------------------------------------------------------- engine and data
@@ -283,7 +303,8 @@ def build_engine(model, template, tokenizer, *, max_seqlen: int,
     return EmbeddedEngine(model, stop_ids=[tokenizer.im_end_id, tokenizer.eos_id],
                           mode_classifier=template.classify_mode, max_seqlen=max_seqlen,
                           vocab_limit=tokenizer.vocab_size, banned_ids=[tokenizer.image_token_id],
-                          prefill_tokens=rollout.prefill_tokens)
+                          prefill_tokens=rollout.prefill_tokens,
+                          kv_budget_tokens=rollout.kv_budget_tokens)
 
 
 def load_items(setup: Setup, data: str | None, *, n_train: int, n_eval: int

@@ -22,12 +22,11 @@ import torch
 
 from .anneal import AnnealConfig, AnnealJob, anneal_items, run_anneal
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .components import (Setup, build_engine, engine_max_seqlen, make_template, make_tokenizer,
-                         model_config, prompt_budget)
+from .components import (Setup, build_engine, build_trainable, engine_max_seqlen, make_template,
+                         make_tokenizer, model_config, prompt_budget)
 from .config import config_to_dict, parse_cli, require_range
 from .evaluate import EvalConfig, evaluate, log_report
 from .log import MetricsWriter, get_logger, progress, setup_logging
-from .models import build_model
 from .report import write_report
 from .rl.bpo import BPOTrainer, frozen_copy
 from .rl.config import RLConfig
@@ -86,7 +85,7 @@ def annealed_model(job: BPOJob, rt: Runtime):
     if ck is not None and json.loads((ck / "meta.json").read_text())["state"]["anneal"]["phase"] == "done":
         tok = make_tokenizer(job.setup.model)
         cfg = model_config(job.setup.model, tok, job.setup.task, tp_size=job.setup.tp_size)
-        model = build_model(cfg, init_weights=False, device=rt.device)
+        model = build_trainable(cfg, rt, job.setup.training)
         load_checkpoint(ck, model=model, restore_rng_state=False)
         log.info("reusing annealed model from %s", ck)
         return model

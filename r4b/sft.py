@@ -20,7 +20,8 @@ import torch
 from .batching import forward_rows, pack, plan
 from .config import require_range
 from .log import get_logger
-from .runtime import Runtime, all_reduce_grads, all_true, clip_grads
+from .runtime import Runtime, all_true
+from .training import clip_grads, reduce_grads
 
 log = get_logger(__name__)
 
@@ -103,7 +104,7 @@ def sft_step(model, optimizer, examples: Sequence[Example], rt: Runtime, *, lr: 
         acc[0] += loss.detach()
         if rt.tp_size == 1:
             acc[1] += (logits.argmax(-1) == targets).sum()
-    all_reduce_grads(model, rt)
+    reduce_grads(model, rt)
     norm = clip_grads(model, grad_clip, rt)
     if rt.dp_size > 1:
         torch.distributed.all_reduce(acc, group=rt.dp_group)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..log import get_logger
@@ -282,6 +283,9 @@ class ParallelSelfAttention(nn.Module):
         self.o_proj = row_linear(num_heads * head_dim, hidden, config=config, tp_group=tp_group,
                                  std=init_std / math.sqrt(2 * num_layers))
 
+    recompute_core: bool = False
+    """Recompute the attention core in backward (selective recomputation)."""
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 meta: AttnMeta | None = None, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 step: CacheStep | None = None) -> torch.Tensor:
@@ -296,6 +300,11 @@ class ParallelSelfAttention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
             o = cached_attention(q, k, v, cache[0], cache[1], step, self.scale)
+        elif self.recompute_core and torch.is_grad_enabled():
+            # selective recomputation: the core's saved tensors (SDPA's padded copies and its
+            # softmax statistics) are rebuilt from q, k, v in backward
+            o = torch.utils.checkpoint.checkpoint(packed_attention, q, k, v, meta, self.scale,
+                                                  use_reentrant=False)
         else:
             o = packed_attention(q, k, v, meta, self.scale)
         return self.o_proj(o.reshape(t, self.hq * d))[0]

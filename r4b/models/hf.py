@@ -462,7 +462,8 @@ def _load_into(model: R4BModel, reader: Mapping, lay: CheckpointLayout) -> None:
 
 def from_hf(path: str | Path, *, tp_size: int = 1, dtype: torch.dtype | str | None = None,
             device: torch.device | str | None = None, num_layers: int | None = None,
-            vision_num_layers: int | None = None) -> R4BModel:
+            vision_num_layers: int | None = None,
+            master_dtype: torch.dtype | None = None) -> R4BModel:
     """Load a transformers checkpoint directory into this rank's model stage.
 
     Args:
@@ -471,6 +472,8 @@ def from_hf(path: str | Path, *, tp_size: int = 1, dtype: torch.dtype | str | No
         tp_size: tensor-parallel size; must match the initialised process groups (with 1 and
             nothing initialised, a one-process group is set up).
         dtype: parameter dtype (default: the checkpoint's ``dtype`` / ``torch_dtype``).
+        master_dtype: store the parameters in this dtype instead (fp32 master weights for
+            sharded training; ``dtype`` stays the compute dtype, see ``build_model``).
         device: where to put the model (default CPU).
         num_layers, vision_num_layers: cut the language model / vision tower to their first
             ``n`` layers (every width, token and format unchanged; the checkpoint's deeper
@@ -501,7 +504,7 @@ def from_hf(path: str | Path, *, tp_size: int = 1, dtype: torch.dtype | str | No
     if num_layers is not None or vision_num_layers is not None:
         cfg = cut_depth(cfg, num_layers=num_layers, vision_num_layers=vision_num_layers)
         reader = _DepthCut(reader, lay, cfg)
-    model = build_model(cfg, init_weights=False, device=device)
+    model = build_model(cfg, init_weights=False, device=device, master_dtype=master_dtype)
     _load_into(model, reader, lay)
     model.hf_config_source = raw
     model.hf_layout = lay.name

@@ -27,6 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..log import get_logger
@@ -224,8 +225,16 @@ class ParallelSwiGLUMLP(nn.Module):
         self.down = row_linear(intermediate, hidden, config=config, tp_group=tp_group,
                                std=init_std / math.sqrt(2 * num_layers))
 
+    recompute_act: bool = False
+    """Recompute the SwiGLU product in backward (selective recomputation): the gate/up outputs
+    are kept, the activation and the product are not."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, hidden]`` -> ``[T, hidden]`` (all-reduced over TP)."""
         gu = self.gate_up(x)[0]
         gate, up = gu.split(self.inter_local, dim=-1)
-        return self.down(swiglu(gate, up))[0]
+        if self.recompute_act and torch.is_grad_enabled():
+            act = torch.utils.checkpoint.checkpoint(swiglu, gate, up, use_reentrant=False)
+        else:
+            act = swiglu(gate, up)
+        return self.down(act)[0]

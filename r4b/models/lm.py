@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 
 from .attention import AttnMeta, CacheStep, KVCache, ParallelSelfAttention
@@ -45,9 +46,29 @@ class DecoderLayer(nn.Module):
                                      tp_group=tp_group, tp_size=tp_size, init_std=INIT_STD,
                                      num_layers=cfg.num_layers)
 
+    _recompute: str = "none"
+
+    @property
+    def recompute(self) -> str:
+        """'full': keep only this layer's input and recompute the layer in backward;
+        'selective': recompute the attention core and the MLP activation; 'none' (see
+        r4b.training)."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        self._recompute = mode
+        self.self_attn.recompute_core = self.mlp.recompute_act = mode == "selective"
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 meta: AttnMeta | None = None, cache=None, step: CacheStep | None = None) -> torch.Tensor:
         """``x [T, hidden]`` → ``[T, hidden]``."""
+        if self.recompute == "full" and cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._block, x, cos, sin, meta,
+                                                     use_reentrant=False)
+        return self._block(x, cos, sin, meta, cache, step)
+
+    def _block(self, x, cos, sin, meta=None, cache=None, step=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta=meta, cache=cache, step=step)
         return x + self.mlp(self.post_attention_layernorm(x))
 

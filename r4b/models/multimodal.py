@@ -155,10 +155,14 @@ class R4BModel(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, pre_process: bool, post_process: bool,
-                 layer_range: tuple[int, int], init_weights: bool = True, device=None):
+                 layer_range: tuple[int, int], init_weights: bool = True, device=None,
+                 master_dtype: torch.dtype | None = None):
         super().__init__()
         info = parallel_info()
-        dtype = cfg.torch_dtype
+        # Parameters are stored in master_dtype (fp32 master weights for sharded training) or
+        # in the compute dtype; r4b.training.shard_model gathers them in the compute dtype.
+        dtype = master_dtype or cfg.torch_dtype
+        self.compute_dtype = cfg.torch_dtype
         self.cfg = cfg
         self.config = megatron_config(dtype, tp_size=info.tp_size, pp_size=info.pp_size,
                                       perform_initialization=init_weights)
@@ -220,12 +224,13 @@ class R4BModel(nn.Module):
     # ------------------------------------------------------------ KV cache
     def new_kv_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache with ``batch_size`` rows of ``max_seqlen`` tokens (dtype defaults to
-        the parameters'), on the model's device; ``cache.lengths`` starts at 0."""
+        the compute dtype), on the model's device; ``cache.lengths`` starts at 0."""
         if max_seqlen > self.cfg.lm.max_position_embeddings:
             raise ValueError(f"max_seqlen {max_seqlen} exceeds lm.max_position_embeddings "
                              f"{self.cfg.lm.max_position_embeddings}")
         p = next(self.parameters())
-        return self.language_model.new_kv_cache(batch_size, max_seqlen, dtype or p.dtype, p.device)
+        return self.language_model.new_kv_cache(batch_size, max_seqlen,
+                                                dtype or self.compute_dtype, p.device)
 
     # ------------------------------------------------------------ images
     def image_token_counts(self, images: ImageBatch) -> list[int]:
@@ -525,7 +530,7 @@ def _positions_from_cu(cu: torch.Tensor, t: int | None) -> torch.Tensor:
 
 def build_model(cfg: ModelConfig, *, pre_process: bool | None = None, post_process: bool | None = None,
                 layer_range: tuple[int, int] | None = None, device: torch.device | str | None = None,
-                init_weights: bool = True) -> R4BModel:
+                init_weights: bool = True, master_dtype: torch.dtype | None = None) -> R4BModel:
     """Build this rank's stage of the model described by ``cfg``.
 
     Process groups come from megatron's ``parallel_state`` (a one-process TP=1/PP=1 world is set
@@ -533,7 +538,9 @@ def build_model(cfg: ModelConfig, *, pre_process: bool | None = None, post_proce
     default to this rank's pipeline stage (layers split evenly, earlier stages taking the
     remainder); pass them to build a stage explicitly.  Weights are drawn on CPU from the
     default torch generator (``init_weights=False`` skips that, for loading checkpoints) and
-    the model is then moved to ``device``.
+    the model is then moved to ``device``.  ``master_dtype`` stores the parameters in another
+    dtype than ``cfg.params_dtype`` (fp32 master weights; the compute dtype stays
+    ``cfg.params_dtype`` and is ``model.compute_dtype``).
     """
     from .pipeline import stage_layer_range
 
@@ -546,7 +553,8 @@ def build_model(cfg: ModelConfig, *, pre_process: bool | None = None, post_proce
     if layer_range is None:
         layer_range = stage_layer_range(cfg.lm.num_layers, info.pp_rank, info.pp_size)
     model = R4BModel(cfg, pre_process=pre_process, post_process=post_process,
-                     layer_range=layer_range, init_weights=init_weights, device=device)
+                     layer_range=layer_range, init_weights=init_weights, device=device,
+                     master_dtype=master_dtype)
     if device is not None:
         model = model.to(device)
     return model

@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
@@ -361,8 +362,18 @@ class VisionEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(h, eps=eps, dtype=dt)
         self.mlp = VisionMLP(cfg, pc, group)
 
+    recompute: str = "none"
+    """'full' or 'selective': keep only this block's input and recompute it in backward (the
+    tower's blocks are small next to the language model's; both modes recompute whole blocks);
+    'none' (see r4b.training)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [N, T, hidden]`` -> ``[N, T, hidden]``."""
+        if self.recompute != "none" and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._block, x, use_reentrant=False)
+        return self._block(x)
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
