@@ -432,3 +432,23 @@ def test_vllm_glue_maps_requests_and_outputs():
 
 if __name__ == "__main__":
     tp_worker(Path(sys.argv[1]), int(os.environ["RANK"]))
+
+
+def test_kv_budget_waves_give_the_same_samples(text):
+    """A batch whose unbounded cache is 4x the budget runs in waves within it, with exactly
+    the samples (and log-probs) of the unbounded run for the same seed."""
+    reqs = _mixed_requests(text, 4)
+    free = _engine(text.model, text)
+    want = free.generate(reqs, PARAMS, torch.Generator().manual_seed(8))
+    unbounded = free.last_stats["kv_tokens_peak"]
+    budget = unbounded // 4
+    eng = _engine(text.model, text, kv_budget_tokens=budget)
+    got = eng.generate(reqs, PARAMS, torch.Generator().manual_seed(8))
+    assert eng.last_stats["waves"] >= 4 and eng.last_stats["kv_tokens_peak"] <= budget
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    for a, b in zip(got, want):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert a.behaviour_logprobs == pytest.approx(b.behaviour_logprobs, abs=1e-5)
+    with pytest.raises(ValueError, match="kv_budget_tokens"):
+        _engine(text.model, text, kv_budget_tokens=8).generate(reqs, PARAMS,
+                                                               torch.Generator().manual_seed(8))

@@ -159,3 +159,61 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="mode"):
         params.max_new_tokens("long")
     assert params.max_new_tokens("no_think") == params.max_new_tokens_no_think
+
+
+# ---------------------------------------------------------------- counter-based draws
+@pytest.mark.parametrize("T,top_k,top_p,vocab_limit,banned", [
+    (1.0, 0, 1.0, None, ()), (0.7, 0, 0.6, None, ()), (0.9, 4, 0.9, 13, (0, 2))])
+def test_inverse_cdf_draws_follow_the_truncated_distribution(T, top_k, top_p, vocab_limit, banned):
+    from r4b.rollout.sampling import row_uniforms, sample_with_behaviour
+
+    V = 17
+    row = torch.randn(V, generator=torch.Generator().manual_seed(11)) * 2
+    params = SamplingParams(temperature=T, top_k=top_k, top_p=top_p)
+    probs = _reference_support_probs(row, T=T, top_k=top_k, top_p=top_p,
+                                     vocab_limit=vocab_limit, banned=banned)
+    seeds = torch.randint(0, 2**62, (N_DRAWS,), generator=torch.Generator().manual_seed(3))
+    ban = torch.tensor(list(banned), dtype=torch.long) if banned else None
+    tokens, lp, blp = sample_with_behaviour(row.expand(N_DRAWS, V), params,
+                                            uniforms=row_uniforms(seeds, 0),
+                                            vocab_limit=vocab_limit, banned=ban)
+    _check_frequencies(probs, tokens)
+    # policy: full tempered distribution; behaviour: the renormalised truncated one
+    full = torch.log_softmax(row.double() / T, -1)
+    torch.testing.assert_close(lp.double(), full[tokens], rtol=0, atol=1e-5)
+    torch.testing.assert_close(blp.double(), probs.log()[tokens], rtol=0, atol=1e-5)
+
+
+def test_top_p_importance_weight_is_the_kept_mass():
+    """With top-p < 1 the weight exp(policy - behaviour) that corrects the truncation equals
+    S, the probability mass top-p kept (not 1, which the policy log-prob alone would give)."""
+    from r4b.rollout.sampling import row_uniforms, sample_with_behaviour
+
+    V = 50
+    row = torch.randn(V, generator=torch.Generator().manual_seed(4))
+    params = SamplingParams(top_p=0.7)
+    seeds = torch.arange(64, dtype=torch.long)
+    tokens, lp, blp = sample_with_behaviour(row.expand(64, V), params,
+                                            uniforms=row_uniforms(seeds, 5))
+    kept = torch.isfinite(truncated_logits(row[None], params))[0]
+    S = float(torch.softmax(row.double(), -1)[kept].sum())
+    assert 0.69 <= S < 0.99
+    torch.testing.assert_close(torch.exp(lp - blp).double(), torch.full((64,), S, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    # forced tokens were not drawn: their behaviour log-prob is their policy one
+    forced = torch.full((64,), -1, dtype=torch.long)
+    forced[:5] = V - 1
+    t2, lp2, blp2 = sample_with_behaviour(row.expand(64, V), params, forced=forced,
+                                          uniforms=row_uniforms(seeds, 5))
+    assert (t2[:5] == V - 1).all() and torch.equal(lp2[:5], blp2[:5])
+
+
+def test_row_uniforms_are_uniform_independent_and_reproducible():
+    from r4b.rollout.sampling import row_uniforms
+
+    seeds = torch.randint(0, 2**62, (200_000,), generator=torch.Generator().manual_seed(0))
+    a, b = row_uniforms(seeds, 0), row_uniforms(seeds, 1)
+    assert 0 <= float(a.min()) and float(a.max()) < 1
+    assert abs(float(a.mean()) - 0.5) < 0.005 and abs(float(a.std()) - 12 ** -0.5) < 0.005
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.01
+    assert torch.equal(row_uniforms(seeds[:7], 3), row_uniforms(seeds, 3)[:7])

@@ -21,8 +21,10 @@ One step (DESIGN.md §2):
 7. **Sync** the engine's weights (a no-op for the embedded engine, which samples from the
    policy module itself).
 
-Importance corrections: truncated IS ``min(exp(old - engine), tis_cap)`` multiplies every
-token's weight (engine vs trainer numerics, top-p truncation).  With ``routing="token"`` the
+Importance corrections: truncated IS ``min(exp(old - behaviour), tis_cap)`` multiplies every
+token's weight, where ``behaviour`` is the engine's log-prob of the token under the
+distribution it was drawn from (after top-k / top-p; :mod:`r4b.rollout.sampling`): it corrects
+engine vs trainer numerics and the truncation (with top-p the weight is about the kept mass S).  With ``routing="token"`` the
 forced routing token was drawn from the forcing distribution (1/2 per mode), not from the
 policy; its weight is multiplied by ``pi_old(token) / 0.5`` (≤ 2), which makes its gradient an
 unbiased estimate of the auto-mode objective's routing gradient.
@@ -45,7 +47,8 @@ from ..batching import PackedMicroBatch, forward_rows, pack, plan
 from ..rewards import verify
 from ..rollout.engine import RolloutRequest
 from ..rollout.sampling import SamplingParams
-from ..runtime import Runtime, all_gather_objects, all_reduce_grads, all_true, clip_grads
+from ..runtime import Runtime, all_gather_objects, all_true
+from ..training import clip_grads, full_params, full_state_dict, reduce_grads
 from .config import RLConfig
 
 log = get_logger(__name__)
@@ -61,6 +64,10 @@ class Seq:
     prompt_ids: list[int]
     response_ids: list[int]
     engine_logprobs: list[float]
+    """Per response token: the engine's policy log-prob (full tempered distribution)."""
+    behaviour_logprobs: list[float]
+    """Per response token: log-prob under the distribution the token was drawn from (after
+    top-k / top-p): the denominator of truncated importance sampling."""
     mode: int
     """Requested mode id (0 no-think, 1 think, 2 auto)."""
     chosen: str | None
@@ -113,7 +120,10 @@ def score(rollouts, items_by_uid: dict, template) -> list[Seq]:
         text = template.assistant_text_of(r.response_ids, prompt_mode)
         reward = verify(text, item.answer) if r.finished else 0.0
         out.append(Seq(prompt_ids=list(req.prompt_ids), response_ids=list(r.response_ids),
-                       engine_logprobs=list(r.logprobs), mode=MODE_ID[req.mode],
+                       engine_logprobs=list(r.logprobs),
+                       behaviour_logprobs=list(r.behaviour_logprobs if r.behaviour_logprobs
+                                               is not None else r.logprobs),
+                       mode=MODE_ID[req.mode],
                        chosen=r.mode_chosen, group=req.group_id, level=level, reward=float(reward),
                        finished=r.finished, forced=len(req.forced_ids), uid=uid,
                        images=list(item.images)))
@@ -129,6 +139,7 @@ class MicroBatch:
     advantages: torch.Tensor
     weights: torch.Tensor
     engine_lp: torch.Tensor
+    behaviour_lp: torch.Tensor
     routing_rows: torch.Tensor
     """Bool per scored row: the forced routing token of a forced-mode rollout."""
     modes: torch.Tensor
@@ -139,12 +150,13 @@ class MicroBatch:
 
 
 def frozen_copy(model):
-    """A frozen reference copy of ``model`` on its device (same config, same TP shards, no
-    gradients): the reference policy of the KL term."""
+    """A frozen reference copy of ``model`` on its device, in the compute dtype (same config,
+    same TP shards, DP shards gathered, no gradients): the reference policy of the KL term.
+    A collective over DP when ``model`` is sharded."""
     from ..models import build_model
 
     ref = build_model(model.cfg, init_weights=False, device=next(model.parameters()).device)
-    ref.load_state_dict(model.state_dict())
+    ref.load_state_dict(full_state_dict(model))
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -242,18 +254,21 @@ class BPOTrainer:
             tok_adv, tok_w = K.token_advantage_weights(
                 pk.cu_seqlens, plens_t[sel], adv_k[sel], w_k[sel],
                 total_tokens=pk.input_ids.shape[0])
-            eng = torch.tensor([kept[seqs[j]].engine_logprobs[k]
-                                for j, k in zip(pk.row_seq.tolist(), pk.row_token.tolist())],
+            at = list(zip(pk.row_seq.tolist(), pk.row_token.tolist()))
+            eng = torch.tensor([kept[seqs[j]].engine_logprobs[k] for j, k in at],
+                               dtype=torch.float32, device="cpu")
+            beh = torch.tensor([kept[seqs[j]].behaviour_logprobs[k] for j, k in at],
                                dtype=torch.float32, device="cpu")
             forced = torch.tensor([kept[j].forced > 0 and kept[j].mode != MODE_ID["auto"]
                                    for j in seqs], dtype=torch.bool, device="cpu")
             routing = (pk.row_token == 0) & forced[pk.row_seq]
             rows = pk.rows
-            host = (tok_adv[rows], tok_w[rows], eng, routing, modes_k[sel][pk.row_seq])
-            d_adv, d_w, d_eng, d_routing, d_modes = (t.to(dev) for t in host)
+            host = (tok_adv[rows], tok_w[rows], eng, beh, routing, modes_k[sel][pk.row_seq])
+            d_adv, d_w, d_eng, d_beh, d_routing, d_modes = (t.to(dev) for t in host)
             dpk = pk.to(dev)
             out.append(MicroBatch(pk=dpk, targets=dpk.targets, advantages=d_adv, weights=d_w,
-                                  engine_lp=d_eng, routing_rows=d_routing, modes=d_modes,
+                                  engine_lp=d_eng, behaviour_lp=d_beh, routing_rows=d_routing,
+                                  modes=d_modes,
                                   has_routing=bool(routing.any())))
         return out, {"imbalance": imbalance}
 
@@ -261,11 +276,13 @@ class BPOTrainer:
     @torch.no_grad()
     def score_old_and_ref(self, mbs: list[MicroBatch]) -> tuple[float, float]:
         t_old = t_ref = 0.0
-        for mb in mbs:
-            t0 = time.perf_counter()
-            mb.old_lp = self._logprobs(self.policy, mb)
-            t_old += time.perf_counter() - t0
-            if self.cfg.kl_coef > 0:
+        with full_params(self.policy):  # gathered once for all micro-batches
+            for mb in mbs:
+                t0 = time.perf_counter()
+                mb.old_lp = self._logprobs(self.policy, mb)
+                t_old += time.perf_counter() - t0
+        if self.cfg.kl_coef > 0:
+            for mb in mbs:
                 t0 = time.perf_counter()
                 mb.ref_lp = self._logprobs(self.ref, mb)
                 t_ref += time.perf_counter() - t0
@@ -281,10 +298,12 @@ class BPOTrainer:
     # ------------------------------------------------------------ 6. update
     def token_weights(self, mb: MicroBatch) -> torch.Tensor:
         """Loss weight of each scored row: the sequence weight, times the truncated importance
-        weight against the engine, times ``pi_old / 0.5`` on forced routing tokens."""
+        weight ``min(pi_old / behaviour, tis_cap)`` (behaviour: what the engine drew from,
+        after top-k / top-p, so a truncation is corrected too), times ``pi_old / 0.5`` on
+        forced routing tokens."""
         w = mb.weights
         if self.cfg.tis_cap is not None:
-            w = w * torch.exp(mb.old_lp - mb.engine_lp).clamp(max=self.cfg.tis_cap)
+            w = w * torch.exp(mb.old_lp - mb.behaviour_lp).clamp(max=self.cfg.tis_cap)
         if mb.has_routing:
             w = torch.where(mb.routing_rows, w * torch.exp(mb.old_lp - math.log(0.5)), w)
         return w
@@ -317,7 +336,7 @@ class BPOTrainer:
                     out.loss.backward()
                     loss_sum += out.loss.detach()
                     self._accumulate(stats, mb, out)
-                all_reduce_grads(self.policy, rt)
+                reduce_grads(self.policy, rt)
                 norm = clip_grads(self.policy, cfg.grad_clip, rt)
                 loss_host = float(loss_sum)
                 ok = all_true(math.isfinite(loss_host) and math.isfinite(norm), rt)

@@ -23,9 +23,16 @@ Log-probs are ``log_softmax(logits / T)[token]`` over the full vocabulary (see
 :mod:`r4b.rollout.sampling`), for sampled and forced tokens alike.  Some ids are never drawn:
 padding rows of the LM head (``vocab_limit``) and the image placeholder (``banned_ids``).
 
-Random stream: ``generator`` may live on any device.  When it is not on the model's device a
-device generator is seeded from one draw of it, so a CPU generator with a fixed seed gives
-reproducible rollouts on any device (and advances by one draw per call).
+Random stream: one draw of ``generator`` (any device) gives every request its own seed, and
+each row draws its tokens from a counter-based hash of (seed, step)
+(:func:`r4b.rollout.sampling.row_uniforms`).  A row's samples therefore depend only on the
+generator's state and its position in the request list — not on which other rows share its
+batch, on the device, or on how a KV budget splits the batch into waves.
+
+KV budget: with ``kv_budget_tokens`` the engine never holds more than that many cached tokens
+(rows x capacity, each row reserving its prompt plus response budget): requests run in
+*waves*, largest capacity first, each wave filled up to the budget.  Without it, all requests
+form one wave.
 
 TP: the model returns full-vocabulary logits on every TP rank; every rank of a TP group must
 pass a generator with the same seed and state, so all ranks draw the same tokens and feed the
@@ -42,7 +49,8 @@ import numpy as np
 import torch
 
 from ..log import get_logger
-from .sampling import SamplingParams, sample
+from ..training import full_params
+from .sampling import SamplingParams, row_uniforms, sample_with_behaviour
 
 log = get_logger(__name__)
 
@@ -77,12 +85,17 @@ class Rollout:
     response_ids: list[int]
     """Response tokens (forced tokens first), ending with the stop token when finished."""
     logprobs: list[float]
-    """Per response token: log-prob under the tempered full-vocabulary distribution."""
+    """Per response token: policy log-prob, under the tempered full-vocabulary distribution."""
     finished: bool
     """True when the row emitted a stop token; False when it hit its token budget."""
     mode_chosen: str | None = None
     """'think' / 'no_think' as read from the response by the engine's ``mode_classifier``;
     None when malformed or when the engine has no classifier."""
+    behaviour_logprobs: list[float] | None = None
+    """Per response token: log-prob under the distribution it was drawn from (top-k / top-p /
+    vocabulary limit applied and renormalised); equal to ``logprobs`` for forced tokens and
+    when nothing is truncated.  The trainer's truncated importance sampling divides by it.
+    None: the same as ``logprobs``."""
 
 
 def validate_requests(requests: Sequence[RolloutRequest], params: SamplingParams, *,
@@ -138,6 +151,13 @@ def _as_tiles(images, i: int) -> torch.Tensor | None:
     return t
 
 
+def row_seeds(generator: torch.Generator | None, n: int) -> torch.Tensor:
+    """One int64 seed per request from one draw of ``generator`` (any device; None: torch's
+    default CPU stream), on the host."""
+    dev = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(0, 2**62, (n,), generator=generator, device=dev).cpu()
+
+
 class EmbeddedEngine:
     """KV-cache sampler over an r4b model.
 
@@ -158,16 +178,24 @@ class EmbeddedEngine:
             template tokenizer's ``image_token_id``) — a response cannot contain an image.
         prefill_tokens: prompt tokens per prefill forward (rows of one prompt length are
             split into forwards of at most this many tokens; one row always fits).
+        kv_budget_tokens: most KV-cache tokens held at once (None: no bound); see above.
     """
 
     def __init__(self, model: torch.nn.Module, *, stop_ids: Sequence[int],
                  mode_classifier: Callable[[list[int], list[int]], str | None] | None = None,
                  max_seqlen: int = 512, vocab_limit: int | None = None,
-                 banned_ids: Sequence[int] | None = None, prefill_tokens: int = 65536):
+                 banned_ids: Sequence[int] | None = None, prefill_tokens: int = 65536,
+                 kv_budget_tokens: int | None = None):
         if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int) \
                 or prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be an int >= 1, got {prefill_tokens!r}")
+        if kv_budget_tokens is not None and (isinstance(kv_budget_tokens, bool)
+                                             or not isinstance(kv_budget_tokens, int)
+                                             or kv_budget_tokens < 2):
+            raise ValueError(f"kv_budget_tokens must be an int >= 2 or None, got "
+                             f"{kv_budget_tokens!r}")
         self.prefill_tokens = prefill_tokens
+        self.kv_budget_tokens = kv_budget_tokens
         self.model = model
         self.stop_ids = set(int(i) for i in stop_ids)
         if not self.stop_ids:
@@ -252,18 +280,52 @@ class EmbeddedEngine:
             return []
         images = [_as_tiles(r.images, i) for i, r in enumerate(requests)]
         self._check_images(requests, images)
+        seeds = row_seeds(generator, len(requests))
+        waves = self._waves(requests, budgets)
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
+        out: list[Rollout | None] = [None] * len(requests)
+        stats = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "decode_steps": 0}
         try:
-            out, stats = self._generate(requests, budgets, images, params, generator)
+            # A sharded policy gathers its weights once for the whole rollout, not per step.
+            with full_params(self.model):
+                for wave in waves:
+                    got, st = self._generate([requests[i] for i in wave], [budgets[i] for i in wave],
+                                             [images[i] for i in wave], params, seeds[wave])
+                    for i, r in zip(wave, got):
+                        out[i] = r
+                    for k in stats:
+                        stats[k] += st[k]
         finally:
             self.model.train(was_training)
         n_tok = sum(len(r.response_ids) for r in out)
         dt = time.perf_counter() - t0
+        kv = max(len(wave) * max(len(requests[i].prompt_ids) + budgets[i] for i in wave)
+                 for wave in waves)
         self.last_stats = {"seconds": dt, **stats, "rows": len(out), "response_tokens": n_tok,
-                           "tokens_per_s": n_tok / max(dt, 1e-9)}
+                           "tokens_per_s": n_tok / max(dt, 1e-9), "waves": len(waves),
+                           "kv_tokens_peak": kv}
         return out
+
+    def _waves(self, reqs: list[RolloutRequest], budgets: list[int]) -> list[list[int]]:
+        """Request indices per wave: largest capacity first, each wave's rows x capacity within
+        ``kv_budget_tokens`` (one wave of everything without a budget)."""
+        cap = [len(r.prompt_ids) + b for r, b in zip(reqs, budgets)]
+        if self.kv_budget_tokens is None:
+            return [list(range(len(reqs)))]
+        order = sorted(range(len(reqs)), key=lambda i: (-cap[i], i))
+        waves: list[list[int]] = []
+        for i in order:
+            if cap[i] > self.kv_budget_tokens:
+                raise ValueError(f"requests[{i}] needs {cap[i]} KV-cache tokens (prompt "
+                                 f"{len(reqs[i].prompt_ids)} + budget {budgets[i]}), more than "
+                                 f"the engine's kv_budget_tokens {self.kv_budget_tokens}")
+            if waves and (len(waves[-1]) + 1) * cap[waves[-1][0]] <= self.kv_budget_tokens:
+                waves[-1].append(i)
+            else:
+                waves.append([i])
+        return [sorted(w) for w in waves]
 
     def _check_images(self, reqs: list[RolloutRequest], images: list[torch.Tensor | None]) -> None:
         """Per-request placeholder count check, so a mismatch names its request."""
@@ -282,17 +344,11 @@ class EmbeddedEngine:
                                  f"{img_id}) but its {n_tiles} image tiles need {n_tiles} x {tpi} "
                                  f"= {n_tiles * tpi}")
 
-    def _device_generator(self, generator: torch.Generator | None, dev: torch.device):
-        if generator is None or generator.device.type == dev.type:
-            return generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        return torch.Generator(device=dev).manual_seed(seed)
-
     def _generate(self, reqs: list[RolloutRequest], budgets: list[int],
                   images: list[torch.Tensor | None], params: SamplingParams,
-                  generator: torch.Generator | None):
+                  seeds: torch.Tensor):
         dev = self._device()
-        gen = self._device_generator(generator, dev)
+        seeds = seeds.to(dev)
         banned = (torch.tensor(self.banned_ids, dtype=torch.long, device=dev)
                   if self.banned_ids else None)
         B = len(reqs)
@@ -335,22 +391,26 @@ class EmbeddedEngine:
         stop = self.stop_ids
         resp: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
+        blps: list[list[float]] = [[] for _ in range(B)]
         finished = [False] * B
         active = list(range(B))
+        active_d = torch.arange(B, device=dev)
         step = 0
         while True:
             forced = None
             if forced_mat is not None and step < n_forced_max:
                 forced = forced_mat[active, step].to(dev, non_blocking=True)
-            tok, lp = sample(logits, params, gen, forced=forced, vocab_limit=self.vocab_limit,
-                             banned=banned)
+            u = row_uniforms(seeds[active_d], step)
+            tok, lp, blp = sample_with_behaviour(logits, params, uniforms=u, forced=forced,
+                                                 vocab_limit=self.vocab_limit, banned=banned)
             # One device->host copy per step (ids < 2**53 are exact in float64).
-            host = torch.stack([tok.double(), lp.double()]).tolist()
+            host = torch.stack([tok.double(), lp.double(), blp.double()]).tolist()
             keep_pos, keep_rows = [], []
             for j, i in enumerate(active):
                 t = int(host[0][j])
                 resp[i].append(t)
                 lps[i].append(host[1][j])
+                blps[i].append(host[2][j])
                 if t in stop and step >= n_forced[i]:
                     finished[i] = True
                 elif step + 1 < budgets[i]:
@@ -362,7 +422,9 @@ class EmbeddedEngine:
             if len(keep_rows) == len(active):
                 ids = tok[:, None]
             else:
-                ids = tok[torch.tensor(keep_pos, device=dev)][:, None]
+                keep = torch.tensor(keep_pos, device=dev)
+                ids = tok[keep][:, None]
+                active_d = active_d[keep]
             active = keep_rows
             logits = self.model(input_ids=ids, kv_cache=cache,
                                 cache_rows=torch.tensor(active, dtype=torch.long, device="cpu"))[:, -1]
@@ -374,6 +436,7 @@ class EmbeddedEngine:
             if self.mode_classifier is not None:
                 chosen = self.mode_classifier(list(r.prompt_ids), resp[i])
             out.append(Rollout(request=r, response_ids=resp[i], logprobs=lps[i],
-                               finished=finished[i], mode_chosen=chosen))
+                               finished=finished[i], mode_chosen=chosen,
+                               behaviour_logprobs=blps[i]))
         stats = {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "decode_steps": step}
         return out, stats

@@ -1,10 +1,22 @@
 """Token sampling: temperature, top-k, top-p, with the log-probs the trainer needs.
 
-The returned log-prob of a token is taken under the *tempered full-vocabulary* distribution
-``log_softmax(logits / temperature)`` — the quantity the trainer recomputes with
-``r4b_kernels.token_logprobs(..., temperature=T)``.  Top-k / top-p (and a vocabulary limit or
-banned ids) only restrict which tokens can be *drawn*: the behaviour distribution is then the
-truncated, renormalised one, and the trainer's truncated importance sampling covers that gap.
+Two log-probs per drawn token (:func:`sample_with_behaviour`):
+
+* the **policy** log-prob ``log_softmax(logits / T)[token]`` over the full vocabulary — the
+  quantity the trainer recomputes with ``r4b_kernels.token_logprobs(..., temperature=T)``;
+* the **behaviour** log-prob: the token's log-probability under the distribution it was
+  actually drawn from, the truncated and renormalised one, ``policy - log S`` with ``S`` the
+  probability mass the filters kept (top-k, top-p, vocabulary limit, banned ids).
+
+The importance weight that corrects sampling from the truncated distribution is
+``exp(policy_trainer - behaviour) = S * pi_trainer / pi_engine``: with top-p 0.9 it is about
+``S`` (the kept mass), not 1; computing it against the policy log-prob would silently drop
+the correction.  Forced tokens were not drawn: their behaviour log-prob is their policy one.
+
+**Random streams** (:func:`row_uniforms`): the engine draws with one uniform per row and step,
+a counter-based hash of the row's seed and the step, by inverse CDF.  A row's draws therefore
+do not depend on which other rows share its batch, so splitting a batch into waves (a KV-cache
+budget) gives the same samples as one big batch.
 
 Order of the filters (as in vLLM and transformers): vocabulary limit and banned ids, then
 top-k on the tempered logits, then top-p on the distribution that remains.  Ties at the k-th
@@ -123,6 +135,90 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         vocab_limit: tokens ``>= vocab_limit`` (padding rows of the LM head) are never drawn.
         banned: LongTensor of token ids that are never drawn (e.g. the image placeholder).
     """
+    _check_logits(params, logits, vocab_limit, banned)
+    zt = logits.float() / params.temperature
+    z = _truncate(zt, params, vocab_limit, banned)
+    if params.greedy:
+        tokens = z.argmax(dim=-1)
+    else:
+        tokens = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)[:, 0]
+    tokens = _apply_forced(tokens, forced, logits.shape[0])
+    logp = torch.log_softmax(zt, dim=-1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+# ---------------------------------------------------------------- counter-based uniforms
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in [0, 1) per row: splitmix64 of ``(seed, step)``, computed with int64
+    tensor ops on ``seeds``' device (wrapping multiplication), 53 bits of mantissa."""
+    z = seeds.long() + _i64(((int(step) + 1) * _GOLDEN) & _MASK64)
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return _shr(z, 11).double() * (1.0 / (1 << 53))
+
+
+def sample_with_behaviour(logits: torch.Tensor, params: SamplingParams, *,
+                          uniforms: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None,
+                          forced: torch.Tensor | None = None, vocab_limit: int | None = None,
+                          banned: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tokens [B], policy log-probs [B], behaviour log-probs [B])`` (see the module
+    docstring).  ``uniforms [B]`` in [0, 1) draw by inverse CDF (one per row, e.g. from
+    :func:`row_uniforms`); without them tokens are drawn with ``generator`` as in
+    :func:`sample`.  Greedy decoding ignores both."""
+    if uniforms is None:
+        tokens, logp = sample(logits, params, generator, forced=forced, vocab_limit=vocab_limit,
+                              banned=banned)
+        z = truncated_logits(logits, params, vocab_limit, banned)
+    else:
+        _check_logits(params, logits, vocab_limit, banned)
+        z = truncated_logits(logits, params, vocab_limit, banned)
+        if params.greedy:
+            tokens = z.argmax(dim=-1)
+        else:
+            probs = torch.softmax(z, dim=-1)
+            cdf = probs.cumsum(-1)
+            u = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1].double())[:, None]
+            # first index whose cumulative mass exceeds u (zero-mass tokens are never picked)
+            tokens = torch.searchsorted(cdf.double(), u, right=True)[:, 0].clamp_(max=z.shape[-1] - 1)
+        tokens = _apply_forced(tokens, forced, logits.shape[0])
+        logp = torch.log_softmax(logits.float() / params.temperature, dim=-1) \
+            .gather(-1, tokens[:, None])[:, 0]
+    behaviour = torch.log_softmax(z, dim=-1).gather(-1, tokens[:, None])[:, 0]
+    if forced is not None:
+        behaviour = torch.where(forced.to(behaviour.device) >= 0, logp, behaviour)
+    return tokens, logp, behaviour
+
+
+def _apply_forced(tokens: torch.Tensor, forced: torch.Tensor | None, B: int) -> torch.Tensor:
+    if forced is None:
+        return tokens
+    if forced.shape != (B,):
+        raise ValueError(f"forced must be a LongTensor [{B}], got shape {tuple(forced.shape)}")
+    forced = forced.to(device=tokens.device, dtype=torch.long)
+    return torch.where(forced >= 0, forced, tokens)
+
+
+def _check_logits(params, logits, vocab_limit, banned) -> None:
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
@@ -136,16 +232,3 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if banned is not None and banned.device.type == "cpu" and banned.numel():
         if int(banned.min()) < 0 or int(banned.max()) >= V:  # (device tensors: no sync)
             raise ValueError(f"banned ids must lie in [0, {V}), got {banned.tolist()}")
-    zt = logits.float() / params.temperature
-    z = _truncate(zt, params, vocab_limit, banned)
-    if params.greedy:
-        tokens = z.argmax(dim=-1)
-    else:
-        tokens = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)[:, 0]
-    if forced is not None:
-        if forced.shape != (B,):
-            raise ValueError(f"forced must be a LongTensor [{B}], got shape {tuple(forced.shape)}")
-        forced = forced.to(device=tokens.device, dtype=torch.long)
-        tokens = torch.where(forced >= 0, forced, tokens)
-    logp = torch.log_softmax(zt, dim=-1)
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
