@@ -190,10 +190,8 @@ def curate(items: Sequence[Sample], engine: EmbeddedEngine, template, *, n_sampl
     for i, it in enumerate(items):
         if not it.verifiable:
             needs[i] = bool(judge(it))
-    reqs = [RolloutRequest(prompt_ids=template.prompt_ids(items[i].question, items[i].n_images,
-                                                           "no_think"),
-                           mode="no_think", uid=i,
-                           images=np.stack(items[i].images) if items[i].images else None)
+    reqs = [RolloutRequest(prompt_ids=template.item_prompt_ids(items[i], "no_think"),
+                           mode="no_think", uid=i, images=list(items[i].images) or None)
             for i in verif for _ in range(n_samples)]
     params = SamplingParams(temperature=temperature, max_new_tokens_no_think=max_new_tokens)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -224,14 +222,12 @@ def annealing_examples(items: Sequence[Sample], needs: Sequence[bool], template,
     for it, think in zip(items, needs):
         has_r = bool(it.reasoning and it.reasoning.strip())
         form = "think" if (think and has_r) else "no_think"
-        ex = template.sft_example(it.question, it.answer, it.reasoning if form == "think" else None,
-                                  it.n_images)
+        ex = template.item_sft_example(it, it.reasoning if form == "think" else None)
         out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), int(form == "think")))
         other = "no_think" if form == "think" else "think"
         if rng.random() < forced_mode_fraction and (other == "no_think" or has_r):
-            ex = template.sft_example(it.question, it.answer,
-                                      it.reasoning if other == "think" else None, it.n_images,
-                                      prompt_mode=other)
+            ex = template.item_sft_example(it, it.reasoning if other == "think" else None,
+                                           prompt_mode=other)
             out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), int(other == "think")))
     return out
 
@@ -242,11 +238,10 @@ def direct_examples(items: Sequence[Sample], template, *, both_forms: bool = Fal
     reference reasoning).  Forced prompts keep the routing token out of the loss."""
     out = []
     for it in items:
-        ex = template.sft_example(it.question, it.answer, None, it.n_images, prompt_mode="no_think")
+        ex = template.item_sft_example(it, None, prompt_mode="no_think")
         out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), 0))
         if both_forms and it.reasoning and it.reasoning.strip():
-            ex = template.sft_example(it.question, it.answer, it.reasoning, it.n_images,
-                                      prompt_mode="think")
+            ex = template.item_sft_example(it, it.reasoning, prompt_mode="think")
             out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), 1))
     return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,8 +36,9 @@ class PackedMicroBatch:
     """For each scored row: position of its sequence in ``seqs``."""
     row_token: torch.Tensor
     """For each scored row: index of the predicted token within its sequence's response."""
-    images: list
-    """``[pixel tiles [N, C, H, W]]`` of the packed sequences in order, or ``[]``."""
+    images: object
+    """The packed sequences' images in order, as one :class:`~r4b.models.ImageBatch`, or
+    None."""
 
     @property
     def targets(self) -> torch.Tensor:
@@ -59,7 +60,7 @@ class PackedMicroBatch:
         return dataclasses.replace(
             self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
             cu_seqlens=move(self.cu_seqlens), labels=move(self.labels), rows=move(self.rows),
-            images=[move(im) for im in self.images])
+            images=None if self.images is None else self.images.to(dev))
 
 
 def plan(lengths: Sequence[int], *, dp_rank: int, dp_size: int, tokens_per_microbatch: int,
@@ -75,34 +76,44 @@ def plan(lengths: Sequence[int], *, dp_rank: int, dp_size: int, tokens_per_micro
 
 
 def pack(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], images: Sequence[list],
-         microbatches: Sequence[Sequence[int]]) -> list[PackedMicroBatch]:
-    """Pack this rank's micro-batches (lists of indices into the per-sequence lists) in one call."""
+         microbatches: Sequence[Sequence[int]], *,
+         process: Callable[[list], list] | None = None) -> list[PackedMicroBatch]:
+    """Pack this rank's micro-batches (lists of indices into the per-sequence lists) in one call.
+
+    ``images[j]``: sequence ``j``'s images as ``ImageBatch.collate`` takes them (processed
+    images, or fixed-layout ``[C, H, W]`` tiles); with ``process`` (e.g.
+    ``r4b.components.image_processor``) they are raw images, processed per micro-batch here."""
     flat, offsets = flatten_sequences(token_ids)
     plens = np.asarray(prompt_lens, dtype=np.int64)
     packed = pack_microbatches(flat, offsets, plens,
                                [np.asarray(mb, dtype=np.int64) for mb in microbatches])
-    return [_with_rows(pk, plens, images) for pk in packed]
+    return [_with_rows(pk, plens, images, process) for pk in packed]
 
 
-def _with_rows(pk, plens: np.ndarray, images: Sequence[list]) -> PackedMicroBatch:
+def _with_rows(pk, plens: np.ndarray, images: Sequence[list], process) -> PackedMicroBatch:
+    from .models.multimodal import ImageBatch
+
     seqs = [int(j) for j in pk.seq_indices.tolist()]  # packed order
     rows = pk.response_rows.to(torch.long)
     row_seq = pk.seq_index.to(torch.long).index_select(0, rows)
     starts = pk.cu_seqlens.to(torch.long)
     pl = torch.from_numpy(plens[np.asarray(seqs, dtype=np.int64)]).long()
     row_token = rows - starts.index_select(0, row_seq) + 1 - pl.index_select(0, row_seq)
-    imgs = [img for j in seqs for img in images[j]]
+    per_seq = [list(images[j]) for j in seqs]
+    if process is not None:
+        per_seq = [process(ims) if ims else [] for ims in per_seq]
+    flat_imgs = [im for ims in per_seq for im in ims]
     return PackedMicroBatch(
         input_ids=pk.input_ids, position_ids=pk.position_ids, cu_seqlens=pk.cu_seqlens,
         max_seqlen=int(pk.max_seqlen), labels=pk.labels.to(torch.long), rows=rows, seqs=seqs,
         row_seq=row_seq, row_token=row_token,
-        images=[torch.from_numpy(np.stack(imgs))] if imgs else [])
+        images=ImageBatch.collate(flat_imgs) if flat_imgs else None)
 
 
 def forward_rows(model, mb: PackedMicroBatch, *, return_hidden: bool = True,
                  gather_logits: bool = True) -> torch.Tensor:
     """Hidden states (or logits) of ``model`` at the scored rows of ``mb``."""
     out = model(input_ids=mb.input_ids, cu_seqlens=mb.cu_seqlens, position_ids=mb.position_ids,
-                max_seqlen=mb.max_seqlen, images=mb.images or None, return_hidden=return_hidden,
+                max_seqlen=mb.max_seqlen, images=mb.images, return_hidden=return_hidden,
                 gather_logits=gather_logits)
     return out.reshape(-1, out.shape[-1]).index_select(0, mb.rows)

@@ -236,11 +236,30 @@ def _check_r4b_widths(cfg, source: str) -> None:
                          "checkpoint as it is)")
 
 
+def image_counter(cfg):
+    """``f(images) -> placeholder tokens per image`` of one prompt for model ``cfg`` (None for
+    text-only models); images are ``[C, H, W]`` arrays (their size is all that is read)."""
+    if cfg.vision is None:
+        return None
+    from .data.images import prompt_image_tokens
+
+    return lambda images: prompt_image_tokens([tuple(im.shape[-2:]) for im in images], cfg)
+
+
+def image_processor(cfg):
+    """``f(images) -> processed images`` of one prompt for model ``cfg`` (tiles, sizes and
+    token counts; :func:`r4b.data.images.process_prompt_images`)."""
+    from .data.images import process_prompt_images
+
+    return lambda images: process_prompt_images(images, cfg)
+
+
 def make_template(tokenizer, cfg, choice: ModelChoice | None = None) -> ChatTemplate:
     """The chat template for ``tokenizer`` and model ``cfg`` (the tokenizer's own Jinja template
-    when ``choice.chat_template`` allows it)."""
+    when ``choice.chat_template`` allows it; images expanded to the model's token counts)."""
     mode = "builtin" if choice is None else choice.chat_template
-    return ChatTemplate(tokenizer, max(1, cfg.tokens_per_image), chat_template=mode)
+    return ChatTemplate(tokenizer, max(1, cfg.tokens_per_image), chat_template=mode,
+                        image_counter=image_counter(cfg))
 
 
 # ---------------------------------------------------------------- the model on its device
@@ -275,9 +294,8 @@ def build_trainable(cfg, rt, training: TrainingConfig):
 
 # ---------------------------------------------------------------- engine and data
 def prompt_budget(items: Sequence[Sample], template) -> int:
-    """Longest prompt (forced-thinking form, the longest mode prefix) over ``items``."""
-    return max((len(template.prompt_ids(it.question, it.n_images, "no_think"))
-                for it in items), default=1)
+    """Longest prompt (forced non-thinking form, the longest mode prefix) over ``items``."""
+    return max((len(template.item_prompt_ids(it, "no_think")) for it in items), default=1)
 
 
 def engine_max_seqlen(rollout: RolloutConfig, cfg, *, longest_prompt: int,

@@ -68,8 +68,8 @@ class EvalConfig:
 def eval_records(engine: EmbeddedEngine, template, items: Sequence, cfg: EvalConfig, *,
                  seed: int = 0) -> list[dict]:
     """One record per (item, mode): ``{mode, level, correct, tokens, thought, well_formed}``."""
-    reqs = [RolloutRequest(prompt_ids=template.prompt_ids(it.question, it.n_images, m), mode=m,
-                           images=np.stack(it.images) if it.images else None, uid=k)
+    reqs = [RolloutRequest(prompt_ids=template.item_prompt_ids(it, m), mode=m,
+                           images=list(it.images) or None, uid=k)
             for m in cfg.modes for k, it in enumerate(items)]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []

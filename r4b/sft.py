@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .batching import forward_rows, pack, plan
+from .components import image_processor
 from .config import require_range
 from .log import get_logger
 from .runtime import Runtime, all_true
@@ -94,7 +95,9 @@ def sft_step(model, optimizer, examples: Sequence[Example], rt: Runtime, *, lr: 
     optimizer.zero_grad(set_to_none=True)
     # [loss sum, correct tokens] of this rank, reduced over DP after the last micro-batch.
     acc = torch.zeros(2, dtype=torch.float64, device=dev)
-    for mb in pack(tokens, plens, [e.images for e in examples], mine):
+    cfg = getattr(model, "cfg", None)
+    process = image_processor(cfg) if getattr(cfg, "vision", None) is not None else None
+    for mb in pack(tokens, plens, [e.images for e in examples], mine, process=process):
         mb = mb.to(dev)
         logits = forward_rows(model, mb, return_hidden=False, gather_logits=False).float()
         targets = mb.targets

@@ -15,7 +15,7 @@ from r4b.rl.config import RLConfig
 from r4b.runtime import init_runtime
 from r4b.sft import Example, make_optimizer, OptimConfig, sft_step
 
-TASK = TaskConfig(vision=False)
+TASK = TaskConfig(image_size=18)  # images: the vision tower and projector take part
 
 
 @pytest.fixture(scope="module")

@@ -217,8 +217,12 @@ class ChatTemplate:
     """
 
     def __init__(self, tokenizer: Tokenizer, tokens_per_image: int, *,
-                 chat_template: str = "builtin", mode_argument: str = "auto"):
+                 chat_template: str = "builtin", mode_argument: str = "auto",
+                 image_counter=None):
         require_range("tokens_per_image", tokens_per_image, 1)
+        self.image_counter = image_counter
+        """``f(images) -> placeholder tokens per image`` of one prompt (the model's image
+        layout); None: ``tokens_per_image`` each."""
         if chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"chat_template must be one of {CHAT_TEMPLATES}, got {chat_template!r}")
         if mode_argument not in MODE_ARGUMENTS:
@@ -349,6 +353,24 @@ class ChatTemplate:
         placeholders, default ``tokens_per_image``), assistant opening, mode prefix."""
         return self.expand_images(self.tok.encode(self.prompt_text(question, n_images, mode)),
                                   image_tokens)
+
+    def image_tokens_of(self, images) -> list[int] | None:
+        """Placeholder tokens per image of one prompt's ``images`` (None: the default)."""
+        if not images or self.image_counter is None:
+            return None
+        return list(self.image_counter(images))
+
+    def item_prompt_ids(self, item, mode: str = "auto") -> list[int]:
+        """:meth:`prompt_ids` of a data item (``question`` and ``images``)."""
+        return self.prompt_ids(item.question, item.n_images, mode,
+                               image_tokens=self.image_tokens_of(item.images))
+
+    def item_sft_example(self, item, reasoning: str | None = None, *,
+                         prompt_mode: str = "auto") -> "SFTExample":
+        """:meth:`sft_example` of a data item with its answer and the given reasoning."""
+        return self.sft_example(item.question, item.answer, reasoning, item.n_images,
+                                prompt_mode=prompt_mode,
+                                image_tokens=self.image_tokens_of(item.images))
 
     def forced_ids(self, mode: str) -> list[int]:
         """Ids that follow ``<think>`` in ``mode``'s prefix ([] for auto): the tokens forced

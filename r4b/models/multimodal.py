@@ -75,13 +75,13 @@ class ImageBatch:
             shape = tuple(pv.shape) if isinstance(pv, torch.Tensor) else type(pv).__name__
             raise ValueError(f"pixel_values must be a float tensor [N_tiles, C, H, W], got {shape}")
         if self.tiles_per_image is not None:
-            t = torch.as_tensor(self.tiles_per_image, dtype=torch.long)
+            t = torch.as_tensor(self.tiles_per_image, dtype=torch.long, device="cpu")
             if t.dim() != 1 or int(t.sum()) != pv.shape[0] or (t.numel() and int(t.min()) < 1):
                 raise ValueError(f"tiles_per_image must be positive counts summing to N_tiles="
                                  f"{pv.shape[0]}, got {t.tolist()}")
             self.tiles_per_image = t
         if self.image_sizes is not None:
-            sz = torch.as_tensor(self.image_sizes, dtype=torch.long).cpu()
+            sz = torch.as_tensor(self.image_sizes, dtype=torch.long, device="cpu")
             if sz.shape != (self.num_images, 2) or (sz.numel() and int(sz.min()) < 1):
                 raise ValueError(f"image_sizes must be positive (height, width) pairs, one per "
                                  f"image: shape ({self.num_images}, 2), got "
@@ -99,6 +99,14 @@ class ImageBatch:
         """Number of tiles."""
         return int(self.pixel_values.shape[0])
 
+    def to(self, device) -> "ImageBatch":
+        """The pixels on ``device`` (tile counts and sizes stay host metadata)."""
+        dev = torch.device(device)
+        if self.pixel_values.device == dev:
+            return self
+        return ImageBatch(self.pixel_values.to(dev, non_blocking=dev.type == "cuda"),
+                          self.tiles_per_image, self.image_sizes)
+
     def tile_counts(self) -> list[int]:
         """Tiles of each image."""
         if self.tiles_per_image is None:
@@ -114,7 +122,8 @@ class ImageBatch:
             return images
         if isinstance(images, ProcessedImage):
             return cls(torch.from_numpy(np.ascontiguousarray(images.pixel_values)),
-                       torch.tensor([images.num_tiles]), torch.tensor([images.image_size]))
+                       torch.tensor([images.num_tiles], device="cpu"),
+                       torch.tensor([images.image_size], device="cpu"))
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         if isinstance(images, torch.Tensor):
@@ -135,7 +144,8 @@ class ImageBatch:
                                  f"{[i for i, w in enumerate(with_sizes) if not w]} of the batch "
                                  "have none")
             pv = torch.cat([it.pixel_values for it in items])
-            tiles = torch.cat([torch.tensor(it.tile_counts(), dtype=torch.long) for it in items])
+            tiles = torch.cat([torch.tensor(it.tile_counts(), dtype=torch.long, device="cpu")
+                               for it in items])
             sizes = torch.cat([it.image_sizes for it in items]) if all(with_sizes) else None
             return cls(pv, tiles, sizes)
 
@@ -471,8 +481,10 @@ class R4BModel(nn.Module):
             if b != cache.batch_size:
                 raise ValueError(f"without cache_rows, input_ids must have one row per cache row "
                                  f"({cache.batch_size}), got {b}")
-            rows = torch.arange(b)
-        rows = torch.as_tensor(rows, dtype=torch.long)
+            rows = torch.arange(b, device="cpu")
+        if not isinstance(rows, torch.Tensor):
+            rows = torch.tensor(rows, dtype=torch.long, device="cpu")
+        rows = rows.long()
         if rows.shape != (b,):
             raise ValueError(f"cache_rows must be a LongTensor [{b}] (one per input row), got "
                              f"shape {tuple(rows.shape)}")

@@ -44,6 +44,7 @@ import r4b_kernels as K
 
 from ..log import get_logger
 from ..batching import PackedMicroBatch, forward_rows, pack, plan
+from ..components import image_processor
 from ..rewards import verify
 from ..rollout.engine import RolloutRequest
 from ..rollout.sampling import SamplingParams
@@ -90,13 +91,13 @@ def build_requests(items: Sequence[Any], template, cfg: RLConfig, group_base: in
             modes = ["think"] * cfg.group_size + ["no_think"] * cfg.group_size
         else:
             modes = ["auto"] * (2 * cfg.group_size)
-        auto_prompt = template.prompt_ids(it.question, it.n_images, "auto")
-        imgs = np.stack(it.images) if it.images else None
+        auto_prompt = template.item_prompt_ids(it, "auto")
+        imgs = list(it.images) or None
         for m in modes:
             if cfg.routing == "token" or m == "auto":
                 prompt, forced = auto_prompt, template.forced_ids(m)
             else:
-                prompt, forced = template.prompt_ids(it.question, it.n_images, m), []
+                prompt, forced = template.item_prompt_ids(it, m), []
             reqs.append(RolloutRequest(prompt_ids=prompt, mode=m, forced_ids=forced, images=imgs,
                                        group_id=group_base + k, uid=(it.uid, it.level)))
     return reqs
@@ -248,7 +249,8 @@ class BPOTrainer:
         modes_k = torch.tensor([s.mode for s in kept], dtype=torch.int8, device="cpu")
         plens_t = torch.tensor(plens, dtype=torch.long, device="cpu")
         out = []
-        for pk in pack(tokens, plens, [s.images for s in kept], mine):
+        process = image_processor(self.policy.cfg) if self.policy.cfg.vision is not None else None
+        for pk in pack(tokens, plens, [s.images for s in kept], mine, process=process):
             seqs = pk.seqs  # packed order: cu_seqlens and row_seq refer to it
             sel = torch.tensor(seqs, dtype=torch.long, device="cpu")
             tok_adv, tok_w = K.token_advantage_weights(

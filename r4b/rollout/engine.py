@@ -69,7 +69,9 @@ class RolloutRequest:
     forced_ids: list[int] = field(default_factory=list)
     """Tokens forced at the start of the response (token routing); scored, not sampled."""
     images: Any = None
-    """Pixel tiles of this request's images, [n_tiles, C, H, W] (tensor or array), or None."""
+    """This request's images: the prompt's raw ``[C, H, W]`` images (the engine processes them
+    for the model's image layout), processed images, or fixed-layout tiles
+    ``[n_tiles, C, H, W]``; None: no image."""
     group_id: int = 0
     """Prompt group (rollouts of one prompt share it)."""
     uid: Any = None
@@ -132,23 +134,31 @@ def validate_requests(requests: Sequence[RolloutRequest], params: SamplingParams
     return budgets
 
 
-def _as_tiles(images, i: int) -> torch.Tensor | None:
-    """A request's images as a float32 CPU tensor [n_tiles, C, H, W] (None: no image)."""
-    if images is None:
+def _as_images(images, i: int, cfg=None):
+    """A request's images as an :class:`~r4b.models.ImageBatch` (None: no image).
+
+    ``images``: a list of raw ``[C, H, W]`` images of one prompt, processed here for the
+    model's image layout (``cfg``: its ``ModelConfig``; r4b.data.images), or what
+    ``ImageBatch.collate`` takes (processed images, fixed-layout tiles ``[n, C, H, W]``)."""
+    from ..models.multimodal import ImageBatch
+
+    if images is None or (isinstance(images, (list, tuple)) and not images):
         return None
-    if isinstance(images, (list, tuple)):
-        if not images:
-            return None
-        t = torch.stack([torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x,
-                                         dtype=torch.float32) for x in images])
-    else:
-        t = torch.as_tensor(images, dtype=torch.float32)
-    if t.dim() == 3:
-        t = t.unsqueeze(0)
-    if t.dim() != 4 or t.shape[0] == 0:
-        raise ValueError(f"requests[{i}].images must be tiles [n_tiles, C, H, W] (or one [C, H, W] "
-                         f"tile), got shape {tuple(t.shape)}")
-    return t
+    raw = isinstance(images, (list, tuple)) and all(
+        isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 3 for x in images)
+    try:
+        if raw and cfg is not None and getattr(cfg, "vision", None) is not None:
+            from ..data.images import process_prompt_images
+
+            images = process_prompt_images(list(images), cfg)
+        elif raw:
+            images = [torch.as_tensor(x, dtype=torch.float32, device="cpu")[None] for x in images]
+        batch = ImageBatch.collate(images)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"requests[{i}].images: {e}") from e
+    if batch is not None and batch.pixel_values.shape[0] == 0:
+        raise ValueError(f"requests[{i}].images holds no tiles")
+    return batch
 
 
 def row_seeds(generator: torch.Generator | None, n: int) -> torch.Tensor:
@@ -278,7 +288,8 @@ class EmbeddedEngine:
                                "decode_steps": 0, "rows": 0, "response_tokens": 0,
                                "tokens_per_s": 0.0}
             return []
-        images = [_as_tiles(r.images, i) for i, r in enumerate(requests)]
+        cfg = getattr(self.model, "cfg", None)
+        images = [_as_images(r.images, i, cfg) for i, r in enumerate(requests)]
         self._check_images(requests, images)
         seeds = row_seeds(generator, len(requests))
         waves = self._waves(requests, budgets)
@@ -327,26 +338,31 @@ class EmbeddedEngine:
                 waves.append([i])
         return [sorted(w) for w in waves]
 
-    def _check_images(self, reqs: list[RolloutRequest], images: list[torch.Tensor | None]) -> None:
+    def _check_images(self, reqs: list[RolloutRequest], images: list) -> None:
         """Per-request placeholder count check, so a mismatch names its request."""
         cfg = getattr(self.model, "cfg", None)
         img_id = getattr(cfg, "image_token_id", None)
-        tpi = getattr(cfg, "tokens_per_image", None)
+        counter = getattr(self.model, "image_token_counts", None)
+        if counter is None and getattr(cfg, "tokens_per_image", 0):
+            counter = lambda batch: [n * cfg.tokens_per_image for n in batch.tile_counts()]  # noqa: E731
         for i, (r, im) in enumerate(zip(reqs, images)):
             if im is not None and (cfg is None or getattr(cfg, "vision", None) is None):
                 raise ValueError(f"requests[{i}] has images but the model is text-only")
-            if img_id is None or not tpi:
+            if img_id is None or counter is None:
                 continue
             n_ph = sum(1 for t in r.prompt_ids if int(t) == img_id)
-            n_tiles = 0 if im is None else im.shape[0]
-            if n_ph != n_tiles * tpi:
+            try:
+                need = [] if im is None else counter(im)
+            except ValueError as e:
+                raise ValueError(f"requests[{i}].images: {e}") from e
+            if n_ph != sum(need):
                 raise ValueError(f"requests[{i}]: prompt_ids hold {n_ph} image placeholders (id "
-                                 f"{img_id}) but its {n_tiles} image tiles need {n_tiles} x {tpi} "
-                                 f"= {n_tiles * tpi}")
+                                 f"{img_id}) but its {len(need)} images need {need} = {sum(need)}")
 
-    def _generate(self, reqs: list[RolloutRequest], budgets: list[int],
-                  images: list[torch.Tensor | None], params: SamplingParams,
-                  seeds: torch.Tensor):
+    def _generate(self, reqs: list[RolloutRequest], budgets: list[int], images: list,
+                  params: SamplingParams, seeds: torch.Tensor):
+        from ..models.multimodal import ImageBatch
+
         dev = self._device()
         seeds = seeds.to(dev)
         banned = (torch.tensor(self.banned_ids, dtype=torch.long, device=dev)
@@ -367,8 +383,8 @@ class EmbeddedEngine:
                 rows = group[s:s + per]
                 ids = torch.tensor([[int(t) for t in reqs[i].prompt_ids] for i in rows],
                                    dtype=torch.long, device="cpu").to(dev, non_blocking=True)
-                tiles = [images[i] for i in rows if images[i] is not None]
-                pix = torch.cat(tiles).to(dev, non_blocking=True) if tiles else None
+                batch = ImageBatch.collate([images[i] for i in rows if images[i] is not None])
+                pix = None if batch is None else batch.to(dev)
                 # Hidden states, not logits: only each row's last position needs the LM head.
                 h = self.model(input_ids=ids, kv_cache=cache, images=pix, return_hidden=True,
                                cache_rows=torch.tensor(rows, dtype=torch.long, device="cpu"))[:, -1]

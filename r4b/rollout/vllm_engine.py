@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from ..log import get_logger
-from .engine import Rollout, RolloutRequest, _as_tiles, validate_requests
+from .engine import Rollout, RolloutRequest, validate_requests
 from .sampling import SamplingParams
 
 log = get_logger(__name__)
@@ -197,9 +197,9 @@ class VLLMEngine:
         for i, (r, seed) in enumerate(zip(requests, seeds)):
             prompt: dict[str, Any] = {"prompt_token_ids": [int(t) for t in r.prompt_ids]
                                       + [int(t) for t in r.forced_ids]}
-            tiles = _as_tiles(r.images, i)
-            if tiles is not None:
-                imgs = tiles_to_images(tiles)
+            if r.images is not None and len(r.images):
+                imgs = tiles_to_images(torch.stack([torch.as_tensor(np.asarray(x), device="cpu")
+                                                    for x in r.images]))
                 prompt["multi_modal_data"] = {"image": imgs[0] if len(imgs) == 1 else imgs}
             prompts.append(prompt)
             sps.append(self._sampling_params(r, params, seed))
