@@ -104,6 +104,7 @@ setup(
         "safetensors>=0.4",
         "tyro>=1.0,<2",
         "tqdm>=4.66",
+        "pillow>=10",  # image decoding and AnyRes resizing (r4b.data.images)
     ],
     extras_require={
         "test": [

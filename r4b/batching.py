@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .packing import flatten_sequences, pack_microbatches, plan_microbatches
+from .packing import IGNORE_INDEX, flatten_sequences, pack_microbatches, plan_microbatches
 
 
 @dataclass
@@ -66,13 +66,19 @@ class PackedMicroBatch:
 def plan(lengths: Sequence[int], *, dp_rank: int, dp_size: int, tokens_per_microbatch: int,
          group_ids: Sequence[int] | None = None, modes: Sequence[int] | None = None
          ) -> tuple[list[list[int]], float]:
-    """This rank's micro-batches (lists of sequence indices) and the plan's imbalance."""
+    """This rank's micro-batches (lists of sequence indices) and the plan's imbalance.
+
+    Every rank gets the same number of micro-batches, at least one: ranks with fewer get empty
+    ones (:func:`pack` turns them into one-token batches that score nothing), so sharded
+    models run the same collectives on every rank."""
     lens = np.asarray(lengths, dtype=np.int64)
     budget = int(max(tokens_per_microbatch, int(lens.max(initial=1))))
     p = plan_microbatches(lens, num_ranks=dp_size, tokens_per_microbatch=budget,
                           group_ids=None if group_ids is None else np.asarray(group_ids, np.int64),
-                          modes=None if modes is None else np.asarray(modes, np.int8))
-    return [list(map(int, mb)) for mb in p.microbatches[dp_rank]], float(p.imbalance)
+                          modes=None if modes is None else np.asarray(modes, np.int8),
+                          equal_microbatches=True)
+    mine = [list(map(int, mb)) for mb in p.microbatches[dp_rank]] or [[]]
+    return mine, float(p.imbalance)
 
 
 def pack(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], images: Sequence[list],
@@ -83,11 +89,28 @@ def pack(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], images:
     ``images[j]``: sequence ``j``'s images as ``ImageBatch.collate`` takes them (processed
     images, or fixed-layout ``[C, H, W]`` tiles); with ``process`` (e.g.
     ``r4b.components.image_processor``) they are raw images, processed per micro-batch here."""
-    flat, offsets = flatten_sequences(token_ids)
-    plens = np.asarray(prompt_lens, dtype=np.int64)
-    packed = pack_microbatches(flat, offsets, plens,
-                               [np.asarray(mb, dtype=np.int64) for mb in microbatches])
-    return [_with_rows(pk, plens, images, process) for pk in packed]
+    full = [mb for mb in microbatches if len(mb)]
+    packed = []
+    if full:
+        flat, offsets = flatten_sequences(token_ids)
+        plens = np.asarray(prompt_lens, dtype=np.int64)
+        packed = [_with_rows(pk, plens, images, process) for pk in
+                  pack_microbatches(flat, offsets, plens,
+                                    [np.asarray(mb, dtype=np.int64) for mb in full])]
+    it = iter(packed)
+    return [next(it) if len(mb) else empty_microbatch() for mb in microbatches]
+
+
+def empty_microbatch() -> PackedMicroBatch:
+    """A one-token batch with no scored rows: what a rank without work runs, so its sharded
+    model takes part in the step's collectives (its loss is 0, its gradients zero)."""
+    z = torch.zeros(0, dtype=torch.long, device="cpu")
+    return PackedMicroBatch(
+        input_ids=torch.zeros(1, dtype=torch.long, device="cpu"),
+        position_ids=torch.zeros(1, dtype=torch.long, device="cpu"),
+        cu_seqlens=torch.tensor([0, 1], dtype=torch.int32, device="cpu"), max_seqlen=1,
+        labels=torch.full((1,), IGNORE_INDEX, dtype=torch.long, device="cpu"), rows=z, seqs=[],
+        row_seq=z, row_token=z, images=None)
 
 
 def _with_rows(pk, plens: np.ndarray, images: Sequence[list], process) -> PackedMicroBatch:

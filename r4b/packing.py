@@ -150,6 +150,23 @@ def _modes(x, n: int) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------- plan
+MAX_SEQ_LEN = 2**40
+"""Longest sequence the planner takes: costs and rank loads are int64 sums (2**40 tokens times
+up to 2**22 sequences stays below 2**62, so no sum can wrap)."""
+
+
+def _check_sums(lens: np.ndarray, pad: int) -> None:
+    if lens.size:
+        i = int(np.argmax(lens))
+        if int(lens[i]) > MAX_SEQ_LEN:
+            raise ValueError(f"seq_lens must be <= 2**40 (the planner sums lengths in int64), got "
+                             f"{int(lens[i])} at index {i}")
+    if lens.size > 2**22:
+        raise ValueError(f"at most 2**22 sequences per plan, got {lens.size}")
+    if pad > 2**20:  # (pad < 1 is reported by each implementation)
+        raise ValueError(f"pad_to_multiple must be <= {2**20}, got {pad}")
+
+
 @dataclass
 class Plan:
     """Assignment of sequences to data-parallel ranks and micro-batches."""
@@ -217,6 +234,7 @@ def plan_microbatches(seq_lens, *, num_ranks: int, tokens_per_microbatch: int, g
         raise ValueError(f"flops_a must be in [0, {2**24}], got {flops_a}")
     lens = _ints("seq_lens", seq_lens)
     n = lens.shape[0]
+    _check_sums(lens, int(pad_to_multiple))
     gids = None if group_ids is None else _ints("group_ids", group_ids)
     md = _modes(modes, n)
     args = dict(num_ranks=int(num_ranks), tokens_per_microbatch=int(tokens_per_microbatch),

@@ -22,7 +22,7 @@ from .components import image_processor
 from .config import require_range
 from .log import get_logger
 from .runtime import Runtime, all_true
-from .training import clip_grads, reduce_grads
+from .training import backward_nothing, clip_grads, reduce_grads
 
 log = get_logger(__name__)
 
@@ -82,6 +82,12 @@ def sft_step(model, optimizer, examples: Sequence[Example], rt: Runtime, *, lr: 
 
     Micro-batches go to the model's device with one copy each; loss and accuracy accumulate on
     the device, and the step syncs with the host once, after the last micro-batch."""
+    with rt.phase("update"):
+        return _sft_step(model, optimizer, examples, rt, lr=lr, grad_clip=grad_clip,
+                         tokens_per_microbatch=tokens_per_microbatch)
+
+
+def _sft_step(model, optimizer, examples, rt, *, lr, grad_clip, tokens_per_microbatch) -> dict:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     for g in optimizer.param_groups:
@@ -101,6 +107,9 @@ def sft_step(model, optimizer, examples: Sequence[Example], rt: Runtime, *, lr: 
         mb = mb.to(dev)
         logits = forward_rows(model, mb, return_hidden=False, gather_logits=False).float()
         targets = mb.targets
+        if targets.numel() == 0:  # an empty micro-batch: zero loss, same collectives
+            backward_nothing(logits)
+            continue
         ce = vocab_parallel_cross_entropy(logits, targets)
         loss = ce.sum() / n_target
         loss.backward()

@@ -158,19 +158,23 @@ def shard_model(model: torch.nn.Module, rt, cfg: TrainingConfig | None = None,
 @contextlib.contextmanager
 def full_params(model: torch.nn.Module) -> Iterator[None]:
     """Gather every FSDP unit's weights once for the whole block (generation): forwards inside
-    run without further all-gathers; the shards are restored on exit.  No-op for unsharded
-    models."""
+    run without further all-gathers; the shards are restored on exit.  A collective over DP:
+    every rank enters the same blocks, whatever its share of the work (an empty one
+    included).  Nested blocks are free; no-op for unsharded models."""
     FSDPModule = _fsdp()[0]
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not units:
+    depth = getattr(model, "_r4b_full_depth", 0)
+    if not units or depth:  # unsharded model, or already inside full_params: nothing to do
         yield
         return
     for m in units:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
+    model._r4b_full_depth = 1
     try:
         yield
     finally:
+        model._r4b_full_depth = 0
         for m in units:
             m.reshard()
         for m in units:
@@ -196,6 +200,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def backward_nothing(*outs: torch.Tensor) -> None:
+    """Backward through ``out`` with zero gradients: what a rank runs for an empty micro-batch,
+    so every shard unit takes part in the step's collectives while adding nothing to any
+    parameter's gradient (``0 * sum`` keeps the graph, unlike ``detach``)."""
+    (sum(o.float().sum() for o in outs) * 0.0).backward()
 
 
 def reduce_grads(model: torch.nn.Module, rt) -> None:

@@ -65,6 +65,15 @@ def _steps(model, opt, examples, rt, steps: range):
     return out
 
 
+def _lone_step(model, opt, examples, rt):
+    """A step on one example: under DP=2 the second rank runs an empty micro-batch, which must
+    join the collectives and add nothing to the gradients."""
+    from r4b.sft import sft_step
+
+    m = sft_step(model, opt, examples[:1], rt, lr=1e-3, grad_clip=1.0, tokens_per_microbatch=64)
+    return [m["loss"], m["grad_norm"]]
+
+
 def _opt_bytes(opt) -> int:
     from r4b.training import _local
 
@@ -97,6 +106,7 @@ def _worker(scenario: str, out: Path) -> None:
         save_checkpoint(out / "ckpt", 3, model=model, optimizer=opt)
         res["after3"] = {k: v.tolist() for k, v in list(_full(model).items())[:3]}
         res["more"] = _steps(model, opt, ex, rt, range(3, 5))
+        res["lone"] = _lone_step(model, opt, ex, rt)
     elif scenario == "resume":
         model = _model(cfg, rt, shard=True)
         opt = make_optimizer(model, OptimConfig())
@@ -136,12 +146,14 @@ def runs(tmp_path_factory):
     model = _model(cfg, rt, shard=False)
     opt = make_optimizer(model, OptimConfig())
     plain = _steps(model, opt, _examples(tmpl, items), rt, range(5))
+    plain.append(_lone_step(model, opt, _examples(tmpl, items), rt))
     return out, train2, resume1, resume2, plain, _opt_bytes(opt)
 
 
 def test_sharded_steps_match_unsharded(runs):
     _, train2, _, _, plain, _ = runs
-    got = train2["losses"] + train2["more"]
+    got = train2["losses"] + train2["more"] + [train2["lone"]]
+    assert len(got) == len(plain) == 6
     for (l, n), (lw, nw) in zip(got, plain):
         assert abs(l - lw) <= 1e-5 * max(1.0, abs(lw)), (got, plain)
         assert abs(n - nw) <= 1e-4 * max(1.0, abs(nw)), (got, plain)
@@ -168,6 +180,33 @@ def test_checkpoint_holds_one_copy_and_resumes_on_any_dp(runs):
     for (l, n), (lw, nw) in zip(resume1["more"] + resume2["more"], train2["more"] * 2):
         assert abs(l - lw) <= 1e-5 * max(1.0, abs(lw)) and abs(n - nw) <= 1e-4 * max(1.0, nw)
     assert resume2["more"] == train2["more"]  # same layout: bit-exact resume
+
+
+def test_export_of_a_dp2_checkpoint_loads_in_transformers_with_the_same_logits(runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from r4b.checkpoint import latest_checkpoint, load_checkpoint
+    from r4b.components import Setup
+    from r4b.config import config_to_dict
+    from r4b.data import TaskConfig
+    from r4b.export import ExportCLI, export
+    from r4b.models import build_model
+    from r4b.runtime import init_runtime
+
+    out = runs[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.json").write_text(json.dumps({"setup": config_to_dict(Setup(task=TaskConfig(vision=False)))}))
+    rt = init_runtime(1)
+    hf_dir = export(ExportCLI(run_dir=str(run), out_dir=str(tmp_path / "hf"),
+                              checkpoint=str(latest_checkpoint(out / "ckpt"))), rt)
+    cfg, _, _ = _parts()
+    ours = build_model(cfg, init_weights=False)
+    load_checkpoint(latest_checkpoint(out / "ckpt"), model=ours, restore_rng_state=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids), ref(input_ids=ids).logits
+    assert (a - b).abs().max().item() <= 1e-4
 
 
 # ---------------------------------------------------------------- recomputation

@@ -360,9 +360,21 @@ class R4BModel(nn.Module):
         mask = ids_flat == self.cfg.image_token_id
         self._check_placeholders(mask, images)
         if images is None:
+            if self.has_vision and torch.is_grad_enabled():
+                # A micro-batch without images still runs the tower (one blank tile, weight 0):
+                # every rank then reduces the tower's gradients in the same collectives (FSDP
+                # units that sit out a backward would leave their peers waiting).
+                emb = emb + 0.0 * self._blank_tile_features().sum()
             return emb
         feats = self.encode_images(images).to(emb.dtype)
         return emb.masked_scatter(mask[:, None], feats)
+
+    def _blank_tile_features(self) -> torch.Tensor:
+        v = self.cfg.vision
+        p = self.vision_tower.patch_embedding.weight
+        blank = torch.zeros((1, v.num_channels, v.image_size, v.image_size), dtype=p.dtype,
+                            device=p.device)
+        return self.projector(self.vision_tower(blank))
 
     # ------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor | None = None, *, images=None,

@@ -284,6 +284,8 @@ class EmbeddedEngine:
         budgets = validate_requests(requests, params, max_seqlen=self.max_seqlen,
                                     vocab_size=self.vocab_size)
         if not requests:
+            with full_params(self.model):  # a sharded model's gathers are collective
+                pass
             self.last_stats = {"seconds": 0.0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
                                "decode_steps": 0, "rows": 0, "response_tokens": 0,
                                "tokens_per_s": 0.0}
