@@ -37,16 +37,17 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .components import (Setup, build_engine, build_policy, engine_max_seqlen, load_items,
-                         make_template, make_tokenizer, model_config, prompt_budget)
+                         make_template, make_tokenizer, model_config, preflight, prompt_budget)
 from .config import config_to_dict, parse_cli, require_choice, require_range
-from .data import Sample
+from .data import ReaderConfig, Sample
 from .evaluate import EvalConfig, evaluate, log_report
 from .log import MetricsWriter, get_logger, setup_logging
 from .report import write_report
 from .rewards import verify
 from .rollout.engine import EmbeddedEngine, RolloutRequest
 from .rollout.sampling import SamplingParams
-from .runtime import Runtime, broadcast_object, init_runtime
+from .runtime import Runtime, broadcast_object, init_runtime, run_entry
+from .rundir import lock_run_dir
 from .sft import Example, OptimConfig, make_optimizer, train_sft
 from .training import shard_model
 
@@ -130,8 +131,14 @@ class AnnealJob:
     data: str | None = None
     """JSON Lines / Parquet file of ``{images, question, answer, reasoning?, topic?,
     verifiable?}`` rows; None uses the embedded task."""
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    """How the data file is read: limits, skipping bad rows, image paths."""
     out_dir: str = "runs/anneal"
     """Run directory: checkpoints, curated set, metrics, report."""
+
+    def __post_init__(self):
+        if self.data is not None and not Path(self.data).is_file():
+            raise ValueError(f"data {self.data!r} is not a file")
 
 
 # ---------------------------------------------------------------- vision alignment
@@ -258,14 +265,19 @@ class AnnealResult:
 def anneal_items(job: AnnealJob) -> tuple[list[Sample], list[Sample]]:
     """(train, eval) items of an annealing job."""
     return load_items(job.setup, job.data, n_train=job.anneal.n_train_items,
-                      n_eval=job.eval.n_items)
+                      n_eval=job.eval.n_items, reader=job.reader)
+
+
+def anneal_budget(job: AnnealJob) -> int:
+    """The largest response budget of the annealing stage (curation and evaluation)."""
+    ev = job.eval
+    return max(job.anneal.curation_max_new_tokens, ev.max_new_tokens_think,
+               ev.max_new_tokens_no_think, ev.max_new_tokens_auto)
 
 
 def anneal_engine(job: AnnealJob, model, template, tokenizer, items: Sequence[Sample]):
     """The rollout engine of the annealing stage, sized for curation and evaluation."""
-    ev = job.eval
-    budget = max(job.anneal.curation_max_new_tokens, ev.max_new_tokens_think,
-                 ev.max_new_tokens_no_think, ev.max_new_tokens_auto)
+    budget = anneal_budget(job)
     max_seqlen = engine_max_seqlen(job.setup.rollout, model.cfg,
                                    longest_prompt=prompt_budget(items, template),
                                    largest_budget=budget)
@@ -274,7 +286,13 @@ def anneal_engine(job: AnnealJob, model, template, tokenizer, items: Sequence[Sa
 
 
 def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasoning_judge) -> AnnealResult:
-    """Run (or resume) the whole annealing stage; returns the annealed model and its report."""
+    """Run (or resume) the whole annealing stage, holding ``job.out_dir`` for this job;
+    returns the annealed model and its report."""
+    with lock_run_dir(job.out_dir, rt):
+        return _run_anneal(job, rt, judge)
+
+
+def _run_anneal(job: AnnealJob, rt: Runtime, judge: Judge) -> AnnealResult:
     t_start = time.perf_counter()
     cfg, setup = job.anneal, job.setup
     out = Path(job.out_dir)
@@ -286,6 +304,11 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
     mcfg = model_config(setup.model, tok, setup.task, tp_size=setup.tp_size)
     template = make_template(tok, mcfg, setup.model)
     train, evals = anneal_items(job)
+    skip = job.reader.skip_bad_rows
+    train = preflight(setup, template, mcfg, train, largest_budget=anneal_budget(job),
+                      skip_bad=skip, what="training items")
+    evals = preflight(setup, template, mcfg, evals, largest_budget=anneal_budget(job),
+                      skip_bad=skip, what="eval items")
     model = build_policy(setup.model, mcfg, rt, seed=setup.seed)
     resume = latest_checkpoint(ckpt_dir) is not None
     # 1. vision alignment (before the first SFT step only; every rank runs the same steps on
@@ -303,7 +326,8 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
     optimizer = make_optimizer(model, cfg.optim)
     state = {"phase": "warmup", "step": 0}
     if resume:
-        loaded = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer)
+        with rt.phase("checkpoint"):
+            loaded = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer)
         state = loaded.state["anneal"]
         log.info("resuming annealing from %s (phase %s, step %d)", loaded.path, state["phase"],
                  state["step"])
@@ -313,9 +337,10 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
         def on_step(step, m):
             metrics.write(_global_step({"phase": phase, "step": step}, cfg), phase=phase, **m)
             if step % cfg.ckpt_every == 0:
-                save_checkpoint(ckpt_dir, _global_step({"phase": phase, "step": step}, cfg),
-                                model=model, optimizer=optimizer,
-                                state={"anneal": {"phase": phase, "step": step}})
+                with rt.phase("checkpoint"):
+                    save_checkpoint(ckpt_dir, _global_step({"phase": phase, "step": step}, cfg),
+                                    model=model, optimizer=optimizer,
+                                    state={"anneal": {"phase": phase, "step": step}})
         return on_step
 
     # 1b. warm-up
@@ -329,8 +354,9 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
                       on_step=saver("warmup"), progress_desc="warm-up")
         state = {"phase": "curate", "step": 0}
         optimizer = make_optimizer(model, cfg.optim)  # the anneal phase starts a fresh schedule
-        save_checkpoint(ckpt_dir, _global_step(state, cfg), model=model, optimizer=optimizer,
-                        state={"anneal": state})
+        with rt.phase("checkpoint"):
+            save_checkpoint(ckpt_dir, _global_step(state, cfg), model=model, optimizer=optimizer,
+                            state={"anneal": state})
 
     # 2. curation (deterministic; its result is stored so a resume reuses it)
     cur_path = out / "curation.json"
@@ -364,8 +390,9 @@ def run_anneal(job: AnnealJob, rt: Runtime, *, judge: Judge = reference_reasonin
                   tokens_per_microbatch=cfg.tokens_per_microbatch, on_step=saver("anneal"),
                   progress_desc="anneal")
         state = {"phase": "done", "step": 0}
-        save_checkpoint(ckpt_dir, _global_step(state, cfg), model=model, optimizer=optimizer,
-                        state={"anneal": state})
+        with rt.phase("checkpoint"):
+            save_checkpoint(ckpt_dir, _global_step(state, cfg), model=model, optimizer=optimizer,
+                            state={"anneal": state})
     metrics.close()
 
     # 4. evaluation per mode and level
@@ -394,10 +421,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     job = parse_cli(AnnealJob, argv, prog="python -m r4b.anneal",
                     description="Bi-mode annealing (R-4B stage one).")
-    rt = init_runtime(job.setup.tp_size)
-    res = run_anneal(job, rt)
-    log.info("annealing done in %.1f s", res.seconds)
-    return 0
+    rt = init_runtime(job.setup.tp_size, timeouts=job.setup.timeouts())
+
+    def run(job, rt):
+        res = run_anneal(job, rt)
+        log.info("annealing done in %.1f s", res.seconds)
+
+    return run_entry(run, job, rt)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ class ModelChoice:
         if self.params_dtype is not None:
             require_choice("model.params_dtype", self.params_dtype,
                            ("float32", "bfloat16", "float16"))
+            if self.params_dtype == "float16":
+                raise ValueError("model.params_dtype 'float16' is not supported for training: it "
+                                 "needs loss scaling, which r4b does not implement (every step "
+                                 "overflows); use 'bfloat16' (GPU) or 'float32'")
         require_choice("model.chat_template", self.chat_template, CHAT_TEMPLATES)
         for name in ("num_layers", "vision_num_layers"):
             if getattr(self, name) is not None:
@@ -149,10 +153,24 @@ class Setup:
     """Global seed: model init, task generation and sampling derive from it."""
     tp_size: int = 1
     """Tensor-parallel size (the launch's process count must be a multiple of it)."""
+    timeout_rollout_s: float = 3600.0
+    """Longest wait for a peer rank during rollouts and evaluation (ranks generate at their
+    own pace), in seconds; a stuck or dead peer then ends the job naming its rank."""
+    timeout_update_s: float = 900.0
+    """Longest wait for a peer during updates (collectives every layer), in seconds."""
+    timeout_checkpoint_s: float = 3600.0
+    """Longest wait for a peer while a checkpoint is written or read, in seconds."""
 
     def __post_init__(self):
-        require_range("seed", self.seed, 0)
-        require_range("tp_size", self.tp_size, 1)
+        require_range("setup.seed", self.seed, 0, 2**31 - 1)
+        require_range("setup.tp_size", self.tp_size, 1, 1024)
+        for name in ("timeout_rollout_s", "timeout_update_s", "timeout_checkpoint_s"):
+            require_range(f"setup.{name}", getattr(self, name), 1.0, 7 * 24 * 3600.0)
+
+    def timeouts(self) -> dict[str, float]:
+        """Seconds per phase, for :func:`r4b.runtime.init_runtime`."""
+        return {"rollout": self.timeout_rollout_s, "update": self.timeout_update_s,
+                "checkpoint": self.timeout_checkpoint_s}
 
 
 # ---------------------------------------------------------------- tokenizer and model config
@@ -325,14 +343,15 @@ def build_engine(model, template, tokenizer, *, max_seqlen: int,
                           kv_budget_tokens=rollout.kv_budget_tokens)
 
 
-def load_items(setup: Setup, data: str | None, *, n_train: int, n_eval: int
-               ) -> tuple[list[Sample], list[Sample]]:
-    """(train, eval) items: the embedded task, or a data file split 90/10 by row order."""
+def load_items(setup: Setup, data: str | None, *, n_train: int, n_eval: int,
+               reader=None) -> tuple[list[Sample], list[Sample]]:
+    """(train, eval) items: the embedded task, or a data file (read with ``reader``, a
+    :class:`r4b.data.ReaderConfig`) split 90/10 by row order."""
     from .data import read_samples, train_eval_split
 
     if data is None:
         return train_eval_split(setup.seed, n_train, n_eval, config=setup.task)
-    samples, stats = read_samples(data)
+    samples, stats = read_samples(data, config=reader)
     log.info("read %d rows from %s (%d skipped)", stats.rows_read, data, stats.rows_skipped)
     if len(samples) < 2:
         raise ValueError(f"{data}: {len(samples)} usable rows; training needs at least 2 (one "
@@ -340,3 +359,13 @@ def load_items(setup: Setup, data: str | None, *, n_train: int, n_eval: int
     n = max(1, len(samples) // 10)
     return samples[n:], samples[:n]
 
+
+
+def preflight(setup: Setup, template, cfg, items: Sequence[Sample], *, largest_budget: int,
+              skip_bad: bool = False, what: str = "items") -> list[Sample]:
+    """:func:`r4b.preflight.check_items` with the run's engine limit; the usable items."""
+    from .preflight import check_items
+
+    kept, _ = check_items(items, template, cfg, largest_budget=largest_budget,
+                          max_seqlen=setup.rollout.max_seqlen, skip_bad=skip_bad, what=what)
+    return kept

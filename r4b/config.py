@@ -14,8 +14,10 @@ them into one top-level dataclass and call :func:`parse_cli`, which
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Iterable, Sequence, TypeVar
@@ -26,7 +28,12 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- validation helpers
 def require_range(name: str, value, lo=None, hi=None, *, lo_open: bool = False,
                   hi_open: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``lo <=/< value <=/< hi``."""
+    """Raise ``ValueError`` naming ``name`` unless ``lo <=/< value <=/< hi`` (NaN and
+    infinities are never in range; a bool is not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     ok = True
     if lo is not None:
         ok &= value > lo if lo_open else value >= lo
@@ -53,13 +60,91 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + repr(args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "none"
+    if origin is tuple:
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if dataclasses.is_dataclass(hint):
+        return f"a table of {hint.__name__} fields"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_value(path: str, value, hint):
+    """``value`` as a field of type ``hint`` wants it (ints widened to float, lists to tuples),
+    or ``TypeError`` / ``ValueError`` naming ``path``, the value and the expected type.  A
+    recipe gets exactly the checks the command line applies: no string for a bool, no float
+    for an int, no scalar for a table."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise TypeError(f"{path} must be {_type_name(hint)}, got none")
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return check_value(path, value, arm)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(f"{path} must be {_type_name(hint)}, got {type(value).__name__} "
+                        f"{value!r}")
+    if origin is typing.Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ValueError(f"{path} must be one of {args}, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"{path} must be true or false, got {type(value).__name__} {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(f"{path} must be an integer, got {type(value).__name__} {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"{path} must be a number, got {type(value).__name__} {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"{path} must be a string, got {type(value).__name__} {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{path} must be {_type_name(hint)}, got {type(value).__name__} "
+                            f"{value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(check_value(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise ValueError(f"{path} must have {len(args)} entries, got {len(value)}")
+        return tuple(check_value(f"{path}[{i}]", v, a) for i, (v, a) in
+                     enumerate(zip(value, args))) if args else tuple(value)
+    if dataclasses.is_dataclass(hint):
+        raise TypeError(f"{path} must be {_type_name(hint)}, got {type(value).__name__} "
+                        f"{value!r}")
+    return value
+
+
 def config_from_dict(cls: type[T], data: dict, *, base: T | None = None, _path: str = "") -> T:
     """Build ``cls`` from a (partial) nested dict on top of ``base`` (or the defaults).
 
-    Unknown keys raise ``KeyError`` listing them with their dotted path.
+    Every value is type-checked against the field's annotation (:func:`check_value`); unknown
+    keys raise ``KeyError`` listing them with their dotted path; the dataclasses' own
+    validation (``__post_init__``) then runs as for the command line.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls} is not a dataclass")
+    if not isinstance(data, dict):
+        raise TypeError(f"{_path.rstrip('.') or cls.__name__} must be a table of {cls.__name__} "
+                        f"fields, got {type(data).__name__} {data!r}")
     base = base if base is not None else cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
@@ -75,12 +160,18 @@ def config_from_dict(cls: type[T], data: dict, *, base: T | None = None, _path: 
             continue
         val = data[name]
         sub = hints.get(name)
-        if dataclasses.is_dataclass(sub) and isinstance(val, dict):
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(val, dict):
+                raise TypeError(f"{_path}{name} must be a table of {sub.__name__} fields, got "
+                                f"{type(val).__name__} {val!r}")
             kwargs[name] = config_from_dict(sub, val, base=cur, _path=f"{_path}{name}.")
-        elif isinstance(cur, tuple) and isinstance(val, list):
-            kwargs[name] = tuple(val)
+        elif typing.get_origin(sub) in (typing.Union, types.UnionType) and isinstance(val, dict) \
+                and any(dataclasses.is_dataclass(a) for a in typing.get_args(sub)):
+            arm = next(a for a in typing.get_args(sub) if dataclasses.is_dataclass(a))
+            kwargs[name] = config_from_dict(arm, val, base=cur if isinstance(cur, arm) else None,
+                                            _path=f"{_path}{name}.")
         else:
-            kwargs[name] = val
+            kwargs[name] = check_value(f"{_path}{name}", val, sub)
     return cls(**kwargs)
 
 
@@ -121,7 +212,14 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, *, default: T | N
             break
     base = default if default is not None else cls()
     if recipe is not None:
-        base = config_from_dict(cls, load_recipe(recipe), base=base)
+        try:
+            base = config_from_dict(cls, load_recipe(recipe), base=base)
+        except (TypeError, ValueError, KeyError, tomllib.TOMLDecodeError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise SystemExit(f"error: --config {recipe}: {msg}") from None
+    description = ((description or "") + "\n\nRecipes: --config FILE (TOML, or YAML with "
+                   "PyYAML) sets fields by the same nesting before the flags below apply; "
+                   "every value is type-checked.").strip()
     # Booleans take an explicit value (``--rl.filter_zero_variance True``), like every other field.
     return tyro.cli(cls, args=argv, default=base, prog=prog, description=description,
                     use_underscores=True, config=(tyro.conf.FlagConversionOff,))

@@ -54,9 +54,19 @@ class EvalConfig:
     def __post_init__(self):
         require_range("eval.n_items", self.n_items, 1)
         require_range("eval.batch_size", self.batch_size, 1)
+        require_range("eval.temperature", self.temperature, 0.0, lo_open=True)
+        for m in ("think", "no_think", "auto"):
+            require_range(f"eval.max_new_tokens_{m}", getattr(self, f"max_new_tokens_{m}"), 1)
+        if not isinstance(self.greedy, bool):
+            raise TypeError(f"eval.greedy must be true or false, got {self.greedy!r}")
+        self.modes = tuple(self.modes)
+        if not self.modes:
+            raise ValueError(f"eval.modes must name at least one of {EVAL_MODES}, got ()")
         for m in self.modes:
             if m not in EVAL_MODES:
                 raise ValueError(f"eval.modes entries must be in {EVAL_MODES}, got {m!r}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"eval.modes must not repeat a mode, got {self.modes}")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, greedy=self.greedy,
@@ -98,7 +108,12 @@ def evaluate(engine: EmbeddedEngine, template, items: Sequence, cfg: EvalConfig,
         return summarize(eval_records(engine, template, items, cfg, seed=seed))
     from .runtime import all_gather_objects
 
-    mine = eval_records(engine, template, items[rt.dp_rank::rt.dp_size], cfg, seed=seed)
+    from .training import full_params
+
+    # One gather of a sharded model for all of this rank's generate calls (their number
+    # differs between ranks when the items do not split evenly).
+    with rt.phase("rollout"), full_params(engine.model):
+        mine = eval_records(engine, template, items[rt.dp_rank::rt.dp_size], cfg, seed=seed)
     return summarize([r for part in all_gather_objects(mine, rt) for r in part])
 
 
@@ -167,7 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     cli = parse_cli(EvaluateCLI, argv, prog="python -m r4b.evaluate",
                     description="Evaluate an r4b checkpoint per mode and difficulty level.")
-    engine, template, items, history = load_run(Path(cli.run_dir), cli.eval)
+    from .runtime import _expected_errors
+
+    try:
+        engine, template, items, history = load_run(Path(cli.run_dir), cli.eval)
+    except (*_expected_errors(), FileNotFoundError) as e:
+        log.error("%s", e)
+        return 1
     report = evaluate(engine, template, items, cli.eval)
     out = Path(cli.out_dir or Path(cli.run_dir) / "report")
     write_report(report, out, history=history)

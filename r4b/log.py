@@ -58,13 +58,51 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith("r4b") else f"r4b.{name}")
 
 
+class LogProgress:
+    """Progress for non-terminal output (a log file, CI): one INFO line at most every
+    ``interval`` seconds and one at the end, instead of a redrawn bar."""
+
+    def __init__(self, total: int | None, desc: str | None, initial: int = 0,
+                 interval: float = 60.0, enabled: bool = True):
+        self.total, self.desc, self.n, self.interval = total, desc or "progress", initial, interval
+        self.enabled, self._postfix, self._start_n = enabled, "", initial
+        self._start = self._last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if self.enabled and now - self._last >= self.interval:
+            self._last = now
+            self._emit()
+
+    def set_postfix(self, **kw) -> None:
+        self._postfix = " ".join(f"{k}={v}" for k, v in kw.items())
+
+    def _emit(self) -> None:
+        done = self.n - self._start_n
+        rate = (time.monotonic() - self._start) / done if done else float("nan")
+        of = f"/{self.total}" if self.total is not None else ""
+        get_logger("r4b.progress").info("%s: %d%s (%.2f s/it) %s", self.desc, self.n, of, rate,
+                                        self._postfix)
+
+    def close(self) -> None:
+        if self.enabled and self.n > self._start_n:
+            self._emit()
+        self.enabled = False
+
+
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str | None = None,
              **kwargs):
-    """A tqdm progress bar on rank 0; a silent pass-through on other ranks."""
+    """A tqdm progress bar on rank 0 when stderr is a terminal; on other output (log files)
+    a :class:`LogProgress` line at most every ``R4B_PROGRESS_INTERVAL`` seconds (default
+    60); silent on other ranks and with ``R4B_NO_PROGRESS=1``."""
+    disable = get_rank() != 0 or os.environ.get("R4B_NO_PROGRESS", "0") not in ("", "0")
+    if iterable is None and not sys.stderr.isatty():
+        interval = float(os.environ.get("R4B_PROGRESS_INTERVAL", "60"))
+        return LogProgress(total, desc, kwargs.get("initial", 0), interval, enabled=not disable)
     from tqdm.auto import tqdm
 
-    disable = get_rank() != 0 or os.environ.get("R4B_NO_PROGRESS", "0") not in ("", "0")
-    kwargs.setdefault("mininterval", 1.0 if sys.stderr.isatty() else 10.0)
+    kwargs.setdefault("mininterval", 1.0)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)
 

@@ -20,17 +20,19 @@ from typing import Sequence
 
 import torch
 
-from .anneal import AnnealConfig, AnnealJob, anneal_items, run_anneal
+from .anneal import AnnealConfig, AnnealJob, anneal_budget, anneal_items, run_anneal
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .components import (Setup, build_engine, build_trainable, engine_max_seqlen, make_template,
-                         make_tokenizer, model_config, prompt_budget)
+                         make_tokenizer, model_config, preflight, prompt_budget)
+from .data import ReaderConfig
 from .config import config_to_dict, parse_cli, require_range
 from .evaluate import EvalConfig, evaluate, log_report
 from .log import MetricsWriter, get_logger, progress, setup_logging
 from .report import write_report
 from .rl.bpo import BPOTrainer, frozen_copy
 from .rl.config import RLConfig
-from .runtime import Runtime, init_runtime
+from .runtime import Runtime, init_runtime, run_entry
+from .rundir import lock_run_dir
 from .sft import batch_indices
 
 log = get_logger(__name__)
@@ -62,6 +64,8 @@ class BPOJob:
     """Annealing run to reuse or create (default ``<out_dir>/anneal``)."""
     data: str | None = None
     """JSON Lines / Parquet data file; None uses the embedded task."""
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    """How the data file is read: limits, skipping bad rows, image paths."""
     tensorboard: bool = True
     """Also write TensorBoard scalars to ``<out_dir>/tb`` (needs the tensorboard package)."""
 
@@ -70,10 +74,15 @@ class BPOJob:
         require_range("eval_every", self.eval_every, 1)
         require_range("eval_items_during", self.eval_items_during, 1)
         require_range("ckpt_every", self.ckpt_every, 1)
+        if not isinstance(self.tensorboard, bool):
+            raise TypeError(f"tensorboard must be true or false, got {self.tensorboard!r}")
+        if self.data is not None and not Path(self.data).is_file():
+            raise ValueError(f"data {self.data!r} is not a file")
 
 
 def anneal_job_of(job: BPOJob) -> AnnealJob:
     return AnnealJob(setup=job.setup, anneal=job.anneal, eval=job.eval, data=job.data,
+                     reader=job.reader,
                      out_dir=job.anneal_dir or str(Path(job.out_dir) / "anneal"))
 
 
@@ -86,17 +95,40 @@ def annealed_model(job: BPOJob, rt: Runtime):
         tok = make_tokenizer(job.setup.model)
         cfg = model_config(job.setup.model, tok, job.setup.task, tp_size=job.setup.tp_size)
         model = build_trainable(cfg, rt, job.setup.training)
-        load_checkpoint(ck, model=model, restore_rng_state=False)
+        with rt.phase("checkpoint"):
+            load_checkpoint(ck, model=model, restore_rng_state=False)
         log.info("reusing annealed model from %s", ck)
         return model
     return run_anneal(aj, rt).model
 
 
+def bpo_budget(job: BPOJob) -> int:
+    """The largest response budget of the BPO stage (rollouts and evaluation)."""
+    rl, ev = job.rl, job.eval
+    return max(rl.max_new_tokens_think, rl.max_new_tokens_no_think, rl.max_new_tokens_auto,
+               ev.max_new_tokens_think, ev.max_new_tokens_no_think, ev.max_new_tokens_auto)
+
+
+def bpo_items(job: BPOJob, template, cfg):
+    """(train, eval) items of the BPO stage, checked against its limits (the dry pass runs
+    before annealing, so a bad row or a budget over the engine's limit fails in seconds)."""
+    train, evals = anneal_items(anneal_job_of(job))
+    skip = job.reader.skip_bad_rows
+    budget = max(bpo_budget(job), anneal_budget(anneal_job_of(job)))
+    train = preflight(job.setup, template, cfg, train, largest_budget=budget, skip_bad=skip,
+                      what="training items")
+    evals = preflight(job.setup, template, cfg, evals, largest_budget=budget, skip_bad=skip,
+                      what="eval items")
+    if job.rl.levels is not None:
+        train = [it for it in train if it.level in job.rl.levels]
+        if not train:
+            raise ValueError(f"rl.levels {job.rl.levels} leaves no training item")
+    return train, evals
+
+
 def bpo_engine(job: BPOJob, policy, template, tok, items):
     """The rollout engine of the BPO stage, sized for its rollouts and evaluation."""
-    rl, ev = job.rl, job.eval
-    budget = max(rl.max_new_tokens_think, rl.max_new_tokens_no_think, rl.max_new_tokens_auto,
-                 ev.max_new_tokens_think, ev.max_new_tokens_no_think, ev.max_new_tokens_auto)
+    budget = bpo_budget(job)
     max_seqlen = engine_max_seqlen(job.setup.rollout, policy.cfg,
                                    longest_prompt=prompt_budget(items, template),
                                    largest_budget=budget)
@@ -104,7 +136,13 @@ def bpo_engine(job: BPOJob, policy, template, tok, items):
 
 
 def run_bpo(job: BPOJob, rt: Runtime) -> dict:
-    """Stage two plus the final report; returns the report."""
+    """Stage two plus the final report (holding ``job.out_dir`` for this job); returns the
+    report."""
+    with lock_run_dir(job.out_dir, rt):
+        return _run_bpo(job, rt)
+
+
+def _run_bpo(job: BPOJob, rt: Runtime) -> dict:
     t0 = time.perf_counter()
     out = Path(job.out_dir)
     if rt.is_main:
@@ -112,19 +150,21 @@ def run_bpo(job: BPOJob, rt: Runtime) -> dict:
         (out / "job.json").write_text(json.dumps(config_to_dict(job), indent=1) + "\n")
     setup, cfg = job.setup, job.rl
     tok = make_tokenizer(setup.model)
+    mcfg = model_config(setup.model, tok, setup.task, tp_size=setup.tp_size)
+    template = make_template(tok, mcfg, setup.model)
+    train, evals = bpo_items(job, template, mcfg)
     policy = annealed_model(job, rt)
-    template = make_template(tok, policy.cfg, setup.model)
     ref = None
     if cfg.kl_coef > 0:
         ref = frozen_copy(policy)
-    train, evals = anneal_items(anneal_job_of(job))
     engine = bpo_engine(job, policy, template, tok, train + evals)
     trainer = BPOTrainer(cfg, policy=policy, engine=engine, template=template, rt=rt, ref_model=ref)
     history: list[dict] = []
     start = 0
     ckpt_dir = out / "ckpt"
     if latest_checkpoint(ckpt_dir) is not None:
-        loaded = load_checkpoint(ckpt_dir, model=policy, optimizer=trainer.opt)
+        with rt.phase("checkpoint"):
+            loaded = load_checkpoint(ckpt_dir, model=policy, optimizer=trainer.opt)
         start = loaded.step
         history = loaded.state.get("history", [])
         trainer.skipped_steps = loaded.state.get("skipped_steps", 0)
@@ -154,8 +194,9 @@ def run_bpo(job: BPOJob, rt: Runtime) -> dict:
         bar.set_postfix(reward=f"{m['reward']:.2f}",
                         think=f"{m.get('auto/think_rate', m.get('think/reward', 0)):.2f}")
         if done % job.ckpt_every == 0 or done == job.steps:
-            save_checkpoint(ckpt_dir, done, model=policy, optimizer=trainer.opt,
-                            state={"history": history, "skipped_steps": trainer.skipped_steps})
+            with rt.phase("checkpoint"):
+                save_checkpoint(ckpt_dir, done, model=policy, optimizer=trainer.opt,
+                                state={"history": history, "skipped_steps": trainer.skipped_steps})
     bar.close()
     metrics.close()
     report = evaluate(engine, template, evals, job.eval, seed=setup.seed, rt=rt)
@@ -172,12 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     job = parse_cli(BPOJob, argv, prog="torchrun --nproc-per-node N -m r4b.pretrain_bpo",
                     description="R-4B stage two: Bi-mode Policy Optimization (with annealing first "
                                 "when no annealed checkpoint exists), then the evaluation report.")
-    rt = init_runtime(job.setup.tp_size)
-    run_bpo(job, rt)
-    if torch.distributed.is_initialized():
+    rt = init_runtime(job.setup.tp_size, timeouts=job.setup.timeouts())
+    code = run_entry(run_bpo, job, rt)
+    if torch.distributed.is_initialized() and code == 0:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

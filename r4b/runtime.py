@@ -7,10 +7,13 @@ backend is gloo, on GPU nccl with one device per local rank.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,30 +37,130 @@ class Runtime:
     device: torch.device
     dp_group: Any = None
     tp_group: Any = None
+    health_group: Any = None
+    """A gloo group over all ranks for health checks (monitored barriers name silent ranks)."""
+    timeouts: dict[str, float] = field(default_factory=dict)
+    """Seconds a rank waits for its peers, per phase (see :meth:`phase`)."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Collectives inside wait at most ``timeouts[name]`` seconds for a peer (rollouts wait
+        long: ranks generate at their own pace; updates exchange every layer and wait short).
+        An error inside names the phase and, after a health check, the ranks that stopped
+        answering."""
+        prev = self._phase
+        self._phase = name
+        self._set_timeout(self.timeouts.get(name))
+        try:
+            yield
+        except Exception as e:  # a peer that died or hangs surfaces as a collective error
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) or getattr(e, "_r4b_diagnosed", False):
+                raise
+            silent = self.silent_ranks()
+            if silent:
+                err = PeerError(f"rank {self.rank}: during {name}, rank(s) {silent} stopped "
+                                f"answering ({type(e).__name__}: {str(e)[:300]})")
+                err._r4b_diagnosed = True
+                raise err from e
+            e._r4b_diagnosed = True
+            raise
+        finally:
+            self._phase = prev
+            self._set_timeout(self.timeouts.get(prev) if prev else None)
 
-def init_runtime(tp_size: int = 1, *, device: str = "auto") -> Runtime:
+    _phase: str | None = field(default=None, init=False, repr=False)
+
+    def _set_timeout(self, seconds: float | None) -> None:
+        if seconds is None or self.world_size == 1 or not dist.is_initialized():
+            return
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        td = datetime.timedelta(seconds=seconds)
+        groups: list = [None]
+        for g in (self.dp_group, self.tp_group):
+            if g is not None and all(g is not h for h in groups):
+                groups.append(g)
+        for g in groups:
+            try:
+                _set_pg_timeout(td, g)
+            except (RuntimeError, ValueError, AttributeError):  # backends without per-group timeouts
+                pass
+
+    def silent_ranks(self, timeout_s: float = 20.0) -> list[int]:
+        """Ranks that do not reach a monitored barrier within ``timeout_s`` (empty: all
+        answer).  Collective: every live rank calls it when a collective failed."""
+        if self.world_size == 1 or self.health_group is None:
+            return []
+        try:
+            dist.monitored_barrier(self.health_group, timeout=datetime.timedelta(seconds=timeout_s),
+                                   wait_all_ranks=True)
+            return []
+        except RuntimeError as e:
+            found: set[int] = set()
+            for group in re.findall(r"Ranks? ([\d, ]+) failed", str(e)):
+                found.update(int(x) for x in group.replace(",", " ").split())
+            return sorted(found - {self.rank}) or ["unknown"]
+
+
+class PeerError(RuntimeError):
+    """A peer rank died or stopped answering; the message names it and the phase."""
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to end this process when its parent (torchrun's agent) dies, so workers
+    never outlive a killed launcher (Linux; elsewhere a no-op).  Exits at once when the parent
+    is already gone."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # pragma: no cover - libc without prctl
+        return
+    if os.getppid() != parent or parent == 1:
+        log.error("the launcher (pid %d) is gone; exiting", parent)
+        os._exit(1)
+
+
+def init_runtime(tp_size: int = 1, *, device: str = "auto",
+                 timeouts: dict[str, float] | None = None) -> Runtime:
     """Initialise torch.distributed and megatron's model-parallel groups (TP only; PP runs
     through megatron's schedules on GPU) and return this rank's :class:`Runtime`.  On CPU the
-    node's cores are split evenly among its processes."""
+    node's cores are split evenly among its processes.  Under torchrun the worker ends when its
+    launcher dies.  ``timeouts``: seconds per phase (``"rollout"``, ``"update"``); the process
+    group's default is the longest."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":  # share the machine's cores among the processes of this node
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    init_model_parallel(tp_size, 1, backend="nccl" if device == "cuda" else "gloo")
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        die_with_parent()
+    timeouts = dict(timeouts or {})
+    init_model_parallel(tp_size, 1, backend="nccl" if device == "cuda" else "gloo",
+                        timeout_s=max(timeouts.values()) if timeouts else None)
     ps = _parallel_state()
     dev = torch.device(device, int(os.environ.get("LOCAL_RANK", "0"))) if device == "cuda" \
         else torch.device("cpu")
+    health = None
+    if dist.get_world_size() > 1:
+        health = dist.new_group(backend="gloo")  # its own connections: usable after a timeout
     rt = Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(),
                  dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                  tp_rank=ps.get_tensor_model_parallel_rank(),
                  tp_size=ps.get_tensor_model_parallel_world_size(), device=dev,
-                 dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group())
+                 dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group(),
+                 health_group=health, timeouts=timeouts)
     log.info("runtime: world=%d dp=%d tp=%d device=%s", rt.world_size, rt.dp_size, rt.tp_size, dev)
     return rt
 
@@ -139,3 +242,24 @@ def broadcast_object(obj: Any, rt: Runtime, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+#: Errors whose message says everything: an entry point logs them without a traceback.
+def _expected_errors() -> tuple[type, ...]:
+    from .checkpoint import CheckpointError
+    from .preflight import PreflightError
+    from .rundir import RunDirBusy
+
+    return (PeerError, RunDirBusy, PreflightError, CheckpointError)
+
+
+def run_entry(fn, job, rt: Runtime) -> int:
+    """Run an entry point's ``fn(job, rt)``: 0 on success; 1 with one error line (no
+    traceback) for errors that name their cause (a busy run directory, a bad data item, an
+    unloadable checkpoint, a silent peer); anything else propagates with its traceback."""
+    try:
+        fn(job, rt)
+        return 0
+    except _expected_errors() as e:
+        log.error("%s", e)
+        return 1

@@ -614,7 +614,7 @@ def _build_sample(row: dict, path, row_number: int, cfg: ReaderConfig, uid: str,
     if uid_field == "uid" and row.get("id") is not None:
         meta["id"] = row["id"]
     return Sample(uid=uid, question=q, answer=a, reasoning=r, images=images, level=None,
-                  topic=topic, verifiable=ver, meta=meta)
+                  topic=topic, verifiable=ver, meta=meta, source=f"{path}: row {row_number}")
 
 
 def row_to_sample(row: dict, *, path: str | os.PathLike, row_number: int,

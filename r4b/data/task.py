@@ -63,6 +63,8 @@ class Sample:
     """True when the rule-based verifier (``r4b.rewards``) can check the answer."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Extra fields (task: digits, steps, variant; readers: unknown columns)."""
+    source: str | None = None
+    """Where the item came from (readers: ``<file>: row <n>``), for error messages."""
 
     @property
     def image(self) -> np.ndarray | None:

@@ -15,6 +15,7 @@ without any ceremony.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import warnings
@@ -49,7 +50,7 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str | None = None) -> None:
+def init_distributed(backend: str | None = None, *, timeout_s: float | None = None) -> None:
     """Initialise ``torch.distributed`` once (no-op when already initialised).
 
     Reads ``RANK``/``WORLD_SIZE`` (default 0/1) and ``MASTER_ADDR``/``MASTER_PORT`` (default
@@ -70,11 +71,13 @@ def init_distributed(backend: str | None = None) -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group(backend, rank=rank, world_size=world, **kw)
     log.info("torch.distributed initialised: backend=%s rank=%d world=%d", backend, rank, world)
 
 
-def init_model_parallel(tp_size: int = 1, pp_size: int = 1, *, backend: str | None = None) -> None:
+def init_model_parallel(tp_size: int = 1, pp_size: int = 1, *, backend: str | None = None,
+                        timeout_s: float | None = None) -> None:
     """Initialise torch.distributed (if needed) and megatron-core's model-parallel groups.
 
     Raises ``ValueError`` when the world size is not a multiple of ``tp_size * pp_size`` and
@@ -82,7 +85,7 @@ def init_model_parallel(tp_size: int = 1, pp_size: int = 1, *, backend: str | No
     """
     if tp_size < 1 or pp_size < 1:
         raise ValueError(f"tp_size and pp_size must be >= 1, got tp_size={tp_size}, pp_size={pp_size}")
-    init_distributed(backend)
+    init_distributed(backend, timeout_s=timeout_s)
     ps = _parallel_state()
     if ps.model_parallel_is_initialized():
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
@@ -94,8 +97,9 @@ def init_model_parallel(tp_size: int = 1, pp_size: int = 1, *, backend: str | No
     if world % (tp_size * pp_size):
         raise ValueError(f"world size {world} is not a multiple of tp_size*pp_size = "
                          f"{tp_size}*{pp_size}")
+    kw = {} if timeout_s is None else {"distributed_timeout_minutes": max(1, int(timeout_s // 60))}
     ps.initialize_model_parallel(tensor_model_parallel_size=tp_size,
-                                 pipeline_model_parallel_size=pp_size)
+                                 pipeline_model_parallel_size=pp_size, **kw)
 
 
 def ensure_model_parallel() -> None:

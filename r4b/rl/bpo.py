@@ -49,7 +49,8 @@ from ..rewards import verify
 from ..rollout.engine import RolloutRequest
 from ..rollout.sampling import SamplingParams
 from ..runtime import Runtime, all_gather_objects, all_true
-from ..training import clip_grads, full_params, full_state_dict, reduce_grads
+from ..training import (backward_nothing, clip_grads, full_params, full_state_dict,
+                        reduce_grads)
 from .config import RLConfig
 
 log = get_logger(__name__)
@@ -186,6 +187,11 @@ class BPOTrainer:
         """Generate and score this rank's share of ``items``; return the global batch."""
         rt, cfg = self.rt, self.cfg
         share = items[rt.dp_rank::rt.dp_size]
+        uids = [it.uid for it in share]
+        if len(set(uids)) != len(uids):
+            dup = sorted({u for u in uids if uids.count(u) > 1})
+            raise ValueError(f"items {dup[:5]} appear more than once in one rollout batch: rewards "
+                             f"are looked up by uid, so uids must be unique")
         group_base = step * 1_000_000 + rt.dp_rank * 10_000
         reqs = build_requests(share, self.template, cfg, group_base)
         rollouts = self.engine.generate(reqs, sampling_params(cfg), generator)
@@ -252,6 +258,14 @@ class BPOTrainer:
         process = image_processor(self.policy.cfg) if self.policy.cfg.vision is not None else None
         for pk in pack(tokens, plens, [s.images for s in kept], mine, process=process):
             seqs = pk.seqs  # packed order: cu_seqlens and row_seq refer to it
+            if not seqs:  # this rank's share ran out: an empty micro-batch, same collectives
+                dpk = pk.to(dev)
+                e = torch.zeros(0, dtype=torch.float32, device=dev)
+                out.append(MicroBatch(pk=dpk, targets=dpk.targets, advantages=e, weights=e,
+                                      engine_lp=e, behaviour_lp=e,
+                                      routing_rows=torch.zeros(0, dtype=torch.bool, device=dev),
+                                      modes=torch.zeros(0, dtype=torch.int8, device=dev)))
+                continue
             sel = torch.tensor(seqs, dtype=torch.long, device="cpu")
             tok_adv, tok_w = K.token_advantage_weights(
                 pk.cu_seqlens, plens_t[sel], adv_k[sel], w_k[sel],
@@ -291,6 +305,8 @@ class BPOTrainer:
         return t_old, t_ref
 
     def _logprobs(self, model, mb: MicroBatch) -> torch.Tensor:
+        if mb.targets.numel() == 0:
+            return torch.zeros(0, dtype=torch.float32, device=self.rt.device)
         h = forward_rows(model, mb.pk)
         lp = K.token_logprobs(h, model.lm_head_weight(), mb.targets, temperature=self.cfg.temperature,
                               tp_group=self.rt.tp_group if self.rt.tp_size > 1 else None,
@@ -325,8 +341,11 @@ class BPOTrainer:
                 loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
                 for i in part.tolist():
                     mb = mbs[i]
-                    w = self.token_weights(mb)
                     h = forward_rows(self.policy, mb.pk)
+                    if mb.targets.numel() == 0:  # empty micro-batch: zero loss, same collectives
+                        backward_nothing(h, self.policy.lm_head_weight())
+                        continue
+                    w = self.token_weights(mb)
                     out = K.policy_loss(
                         h, self.policy.lm_head_weight(), mb.targets, mb.old_lp, mb.advantages,
                         token_weights=w * cfg.minibatches, ref_logprobs=mb.ref_lp,
@@ -383,8 +402,14 @@ class BPOTrainer:
     def step(self, items: Sequence[Any], step: int, generator: torch.Generator) -> dict:
         """One BPO/GRPO step on ``items`` (the global prompt batch); returns metrics."""
         t0 = time.perf_counter()
-        batch = self.rollout(items, step, generator)
+        with self.rt.phase("rollout"):
+            batch = self.rollout(items, step, generator)
         t_gen = time.perf_counter() - t0
+        with self.rt.phase("update"):
+            return self._learn(batch, t0, t_gen)
+
+    def _learn(self, batch: list[Seq], t0: float, t_gen: float) -> dict:
+        """Steps 3-7 of a BPO step on a gathered rollout batch."""
         ga, keep = self.advantages(batch)
         weights = self.loss_weights(batch, keep)
         mbs, pack_stats = self.microbatches(batch, ga.advantages, weights, keep)

@@ -76,6 +76,10 @@ class RLConfig:
     """Response budget of forced-non-thinking rollouts."""
     max_new_tokens_auto: int = 80
     """Response budget of auto rollouts."""
+    levels: tuple[int, ...] | None = None
+    """Restrict RL prompts to items of these difficulty levels (e.g. 2 3 4: math only, the
+    reading level left out, as R-4B trains BPO on math); None: every item.  Evaluation still
+    covers every level."""
 
     def __post_init__(self):
         require_choice("rl.algo", self.algo, ("bpo", "grpo"))
@@ -105,3 +109,9 @@ class RLConfig:
         require_range("rl.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         for m in ("think", "no_think", "auto"):
             require_range(f"rl.max_new_tokens_{m}", getattr(self, f"max_new_tokens_{m}"), 1)
+        if self.levels is not None:
+            self.levels = tuple(self.levels)
+            if not self.levels:
+                raise ValueError("rl.levels must name at least one level, got ()")
+            for lv in self.levels:
+                require_range("rl.levels[...]", lv, 0)
