@@ -605,18 +605,23 @@ def _chunks(sd: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     return groups
 
 
-def to_hf(model: R4BModel, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+def to_hf(model: R4BModel, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
+          dtype: torch.dtype | str | None = None) -> None:
     """Write the model as a transformers checkpoint directory (collective over all ranks).
 
     TP shards are gathered; each pipeline stage writes its own file(s) from its first TP rank
     of the first data-parallel replica; one ``config.json`` (and, when there is more than one
-    file, ``model.safetensors.index.json``) is written by the very first of those.
+    file, ``model.safetensors.index.json``) is written by the very first of those.  ``dtype``
+    casts the tensors (e.g. fp32 master weights written in the model's compute dtype).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     info = parallel_info()
     sd = model_hf_state_dict(model)
+    if dtype is not None:
+        want = dtype_from_name(dtype)
+        sd = {k: v.to(want) if v.is_floating_point() else v for k, v in sd.items()}
     writer = info.tp_rank == 0 and is_data_parallel_rank0()
     groups = _chunks(sd, max_shard_bytes) if writer else []
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
