@@ -34,6 +34,11 @@ class TensorMemory(TorchDispatchMode):
     def _storage(self, t: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
+        local = getattr(t, "_local_tensor", None)  # a DTensor: count its shard, not its shape
+        if local is not None:
+            return self._storage(local)
+        if type(t) is not torch.Tensor and torch._C._is_wrapper_subclass(t):
+            return  # other wrapper subclasses hold no storage of their own
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # e.g. sparse / nested tensors
@@ -73,12 +78,12 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor],
     """Bytes of the distinct tensors autograd saves for backward while ``fn()`` runs, without
     the storages of ``exclude`` (the parameters: weights saved by matmuls are not
     activations).  Tensors saved inside non-reentrant recomputation are not kept, so they do
-    not count."""
+    not count.  Works on the meta device (planning without memory)."""
     skip = {t.untyped_storage()._cdata for t in exclude}
     seen: dict[int, int] = {}
 
     def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+        if isinstance(t, torch.Tensor):  # meta tensors count too: shapes are all it needs
             st = t.untyped_storage()
             if st._cdata not in skip:
                 seen[st._cdata] = st.nbytes()

@@ -1,0 +1,421 @@
+"""Memory planner: ``python -m r4b.plan`` prints the per-GPU budget of a BPO configuration and
+which TP x DP layouts of a node fit it.
+
+Per rank, in bytes (P = parameters held by one TP rank, split into the FSDP root R — token
+embedding / tied LM head, final norm, vision embeddings, projector — and units: decoder layers
+and vision blocks; c = bytes of the compute dtype; everything sharded over DP is divided by
+DP):
+
+* **master weights** ``4 P / DP``, **AdamW moments** ``8 P / DP``, **gradients** ``4 P / DP``
+  (fp32, ``r4b.training``);
+* **gathered weights** during training: the root in the compute dtype (it stays gathered from
+  forward to backward), plus two units (the one running and the one prefetched), each with
+  its unsharded gradient and the fp32 copy the reduce-scatter takes;
+* **activations**: what autograd saves per token per layer, *measured* by running one decoder
+  layer and one vision block with this rank's shard widths on the meta device (no memory:
+  ``r4b.memory.saved_activation_bytes``), times tokens and layers; with full recomputation
+  only each layer's input is kept, plus one layer's activations while it is recomputed;
+* **loss buffers**: the fused policy loss' chunk (fp32 logits + dlogits in the compute dtype,
+  ``r4b_kernels.policy_loss.default_chunk_rows``) and its dH; on the CPU path the reference
+  loss' saved tensors, measured on meta the same way;
+* **rollouts**: the KV cache (``2 x layers x kv_heads/TP x head_dim x c`` per token) for the
+  rows generated at once (``rollout.kv_budget_tokens``, or every rollout of the rank's
+  prompts), the full weights gathered in the compute dtype, and the sampler's logits;
+* **reference model** (KL on): a full copy in the compute dtype.
+
+Peak = max(update phase, rollout phase) over what is live in each; master weights and moments
+live in both.  The prediction is checked against measured peaks (``tests/test_plan.py``):
+tensor bytes, as ``torch.cuda.max_memory_allocated`` counts them, without the allocator's
+fragmentation (keep 10% of the GPU free for it: ``fits`` uses 90%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .config import parse_cli, require_choice, require_range
+from .log import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+GiB = 2**30
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- parameters per rank
+def _lm_layer_params(lm, tp: int) -> int:
+    h, d, nh, nkv, i = lm.hidden_size, lm.head_dim, lm.num_heads, lm.num_kv_heads, lm.intermediate_size
+    split = h * (nh + 2 * nkv) * d + nh * d * h + 3 * h * i
+    return split // tp + 2 * h + 2 * d  # norms (and q/k norms) replicated
+
+
+def _vision_block_params(v, tp: int) -> int:
+    h, i = v.hidden_size, v.intermediate_size
+    split = 4 * h * h + 3 * h + 2 * h * i + i  # q/k/v/out weights + q/k/v biases, fc1 (+bias), fc2
+    return split // tp + h + h + 4 * h  # out / fc2 biases, two LayerNorms
+
+
+def param_counts(cfg, tp: int = 1) -> dict[str, int]:
+    """Parameters one TP rank holds: ``root``, ``lm_layer`` (each), ``vision_block`` (each),
+    ``total``."""
+    lm = cfg.lm
+    root = lm.vocab_size * lm.hidden_size // tp + lm.hidden_size  # embedding (tied head), norm
+    if not lm.tie_word_embeddings:
+        root += lm.vocab_size * lm.hidden_size // tp
+    vb = 0
+    if cfg.vision is not None:
+        v = cfg.vision
+        patches = (v.image_size // v.patch_size) ** 2
+        root += v.num_channels * v.patch_size ** 2 * v.hidden_size + v.hidden_size  # patch conv
+        root += patches * v.hidden_size + 2 * v.hidden_size  # positions, post-LayerNorm
+        root += (2 * v.hidden_size if cfg.projector_pre_norm else 0)
+        root += (v.hidden_size * lm.hidden_size + lm.hidden_size) // tp  # linear_1
+        root += lm.hidden_size * lm.hidden_size // tp + lm.hidden_size  # linear_2 (+ bias)
+        root += lm.hidden_size if cfg.image_newline else 0
+        vb = _vision_block_params(v, tp)
+    layer = _lm_layer_params(lm, tp)
+    n_vis = cfg.vision.num_layers if cfg.vision is not None else 0
+    return {"root": root, "lm_layer": layer, "vision_block": vb,
+            "total": root + lm.num_layers * layer + n_vis * vb}
+
+
+# ---------------------------------------------------------------- activations, measured on meta
+def _shard_lm(lm, tp: int):
+    return dataclasses.replace(lm, num_heads=lm.num_heads // tp,
+                               num_kv_heads=max(1, lm.num_kv_heads // tp),
+                               intermediate_size=lm.intermediate_size // tp)
+
+
+_SOLO = None
+
+
+def _solo_group():
+    """A one-rank process group: the meta runs build layers at this rank's shard widths with
+    TP=1 whatever the job's TP size."""
+    global _SOLO
+    import torch.distributed as dist
+
+    from .models.parallel import parallel_info
+
+    info = parallel_info()
+    if info.tp_size == 1:
+        return info.tp_group
+    if _SOLO is None:
+        _SOLO = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+    return _SOLO
+
+
+def lm_activation_bytes(cfg, tp: int, dtype: torch.dtype, recompute: str, tokens: int = 64) -> float:
+    """Saved bytes per token of one decoder layer with this rank's shard widths (meta run)."""
+    from .memory import saved_activation_bytes
+    from .models.attention import make_attn_meta
+    from .models.layers import RotaryEmbedding
+    from .models.lm import DecoderLayer
+    from .models.parallel import megatron_config
+    from .training import set_recompute
+
+    lm = _shard_lm(cfg.lm, tp)
+    mc = megatron_config(dtype, tp_size=1, perform_initialization=False)
+    with torch.device("meta"):
+        layer = DecoderLayer(lm, config=mc, tp_group=_solo_group(), tp_size=1)
+        x = torch.empty(tokens, lm.hidden_size, dtype=dtype, requires_grad=True)
+        cos, sin = RotaryEmbedding(lm.head_dim, lm.rope_theta)(torch.arange(tokens))
+    set_recompute(layer, recompute)
+    half = tokens // 2
+    meta = make_attn_meta(torch.tensor([0, half, tokens], dtype=torch.int32, device="meta"), half,
+                          backend="sdpa", dense=(2, half))
+    b = saved_activation_bytes(lambda: layer(x, cos, sin, meta=meta), exclude=list(layer.parameters()))
+    if recompute == "full":
+        b += tokens * lm.hidden_size * dtype.itemsize  # the layer input the recomputation keeps
+    return b / tokens
+
+
+def vision_activation_bytes(cfg, tp: int, dtype: torch.dtype, recompute: str) -> float:
+    """Saved bytes per image token of one vision block (meta run).  The MLP is measured at
+    this rank's width; the attention at full width (an over-estimate at TP > 1: the vision
+    tower is small next to the language model)."""
+    from .memory import saved_activation_bytes
+    from .models.parallel import megatron_config
+    from .models.vision import VisionEncoderLayer
+
+    v = dataclasses.replace(cfg.vision, intermediate_size=max(1, cfg.vision.intermediate_size // tp))
+    mc = megatron_config(dtype, tp_size=1, perform_initialization=False)
+    n = 16
+    with torch.device("meta"):
+        blk = VisionEncoderLayer(v, mc, _solo_group())
+        x = torch.empty(1, n, v.hidden_size, dtype=dtype, requires_grad=True)
+    blk.recompute = recompute
+    b = saved_activation_bytes(lambda: blk(x), exclude=list(blk.parameters()))
+    if recompute != "none":
+        b += n * v.hidden_size * dtype.itemsize
+    return b / n
+
+
+def torch_loss_bytes(rows: int, v_local: int, hidden: int, dtype: torch.dtype) -> float:
+    """Saved bytes of the reference (CPU) policy loss for ``rows`` scored rows (meta run)."""
+    import r4b_kernels as K
+
+    from .memory import saved_activation_bytes
+
+    with torch.device("meta"):
+        h = torch.empty(rows, hidden, dtype=dtype, requires_grad=True)
+        w = torch.empty(v_local, hidden, dtype=dtype, requires_grad=True)
+        tg = torch.zeros(rows, dtype=torch.long)
+        z = torch.zeros(rows)
+    return saved_activation_bytes(lambda: K.policy_loss(h, w, tg, z, z, token_weights=z,
+                                                        impl="torch").loss, exclude=[h, w])
+
+
+# ---------------------------------------------------------------- the budget
+@dataclass(frozen=True)
+class Workload:
+    """What one rank processes (tokens are prompt + response)."""
+
+    tokens_per_microbatch: int = 16384
+    scored_per_microbatch: int | None = None
+    """Scored (response) rows per micro-batch; None: 85% of the tokens."""
+    image_tiles_per_microbatch: int = 0
+    rollout_rows: int = 512
+    """Rollouts one rank generates at once (prompts x 2g / DP, or the KV budget's rows)."""
+    rollout_tokens_per_row: int = 9700
+    """Prompt + response budget per rollout row."""
+    kl: bool = False
+    loss_impl: str = "fused"
+    """'fused' (the GPU kernel) or 'torch' (the CPU reference, logits materialised)."""
+
+
+def predict(cfg, *, tp: int, dp: int, dtype: torch.dtype, recompute: str, work: Workload,
+            phase: str = "peak") -> dict[str, float]:
+    """Bytes per rank by component and ``peak`` (see the module docstring)."""
+    c = dtype.itemsize
+    pc = param_counts(cfg, tp)
+    P, R = pc["total"], pc["root"]
+    U = max(pc["lm_layer"], pc["vision_block"])
+    lm = cfg.lm
+    v_local = lm.vocab_size // tp
+    T = work.tokens_per_microbatch
+    Ts = work.scored_per_microbatch if work.scored_per_microbatch is not None else int(0.85 * T)
+    out: dict[str, float] = {}
+    out["master"] = 4 * P / dp
+    out["moments"] = 8 * P / dp
+    out["grads"] = 4 * P / dp
+    upcast = 0 if c == 4 else 4  # the fp32 reduce-scatter input next to compute-dtype grads
+    out["gathered"] = c * R + 2 * (c * U) + (c + upcast) * U  # root + running/prefetched units
+    out["root_grads"] = (c + upcast) * R  # unsharded root gradients before their reduce-scatter
+    a_lm = lm_activation_bytes(cfg, tp, dtype, recompute)
+    act = T * lm.num_layers * a_lm
+    if recompute == "full":
+        act += T * lm_activation_bytes(cfg, tp, dtype, "none")
+    if cfg.vision is not None and work.image_tiles_per_microbatch:
+        v = cfg.vision
+        n_img = work.image_tiles_per_microbatch * (v.image_size // v.patch_size) ** 2
+        a_v = vision_activation_bytes(cfg, tp, dtype, recompute)
+        act += n_img * v.num_layers * a_v
+        if recompute != "none":
+            act += n_img * vision_activation_bytes(cfg, tp, dtype, "none")
+    out["activations"] = act
+    if work.loss_impl == "fused":
+        from r4b_kernels.policy_loss import default_chunk_rows
+
+        C = default_chunk_rows(Ts, v_local, dtype, True)
+        out["loss"] = C * v_local * (4 + (c if c != 4 else 0)) + Ts * lm.hidden_size * c + 32 * Ts
+    else:  # saved fp32 logits etc., and the fp32 logits' gradient in backward
+        out["loss"] = torch_loss_bytes(Ts, v_local, lm.hidden_size, dtype) + Ts * v_local * 4
+    # Tied embeddings: the input embedding's own dense gradient, added to the LM head's.
+    out["tied_grad"] = c * v_local * lm.hidden_size if lm.tie_word_embeddings else 0.0
+    # AdamW (foreach): one fp32 temporary per parameter shard while it steps.
+    out["optimizer_temp"] = 4 * P / dp
+    out["reference"] = c * P if work.kl else 0.0
+    kv_per_token = 2 * lm.num_layers * max(1, lm.num_kv_heads // tp) * lm.head_dim * c
+    out["kv_cache"] = work.rollout_rows * work.rollout_tokens_per_row * kv_per_token
+    out["rollout_weights"] = c * P
+    out["sampler"] = work.rollout_rows * lm.vocab_size * 4 * 3  # logits, probabilities, cdf
+    common = out["master"] + out["moments"] + out["reference"]
+    head_grad = c * v_local * lm.hidden_size
+    # Three moments of an update: the loss' backward (every activation alive, the LM head's
+    # gradient just computed), the end of backward (all units' sharded gradients, the root's
+    # unsharded ones including the tied embedding's second gradient), the optimizer step.
+    at_loss = common + out["gathered"] + out["activations"] + out["loss"] + head_grad
+    at_end = common + out["grads"] + out["gathered"] + out["root_grads"] + out["tied_grad"]
+    optimizer = common + out["grads"] + out["optimizer_temp"]
+    update = max(at_loss, at_end, optimizer)
+    out["update_moments"] = {"loss_backward": at_loss, "end_of_backward": at_end,
+                             "optimizer": optimizer}
+    rollout = (out["master"] + out["moments"] + out["rollout_weights"] + out["kv_cache"] +
+               out["sampler"] + out["reference"])
+    out["update_peak"], out["rollout_peak"] = update, rollout
+    out["peak"] = {"update": update, "rollout": rollout}.get(phase, max(update, rollout))
+    out["kv_bytes_per_token"] = kv_per_token
+    out["activation_bytes_per_token_layer"] = a_lm
+    return out
+
+
+# ---------------------------------------------------------------- measuring
+def measure_update_peak(cfg, rt, *, recompute: str, tokens: int, scored: int,
+                        seed: int = 0) -> dict[str, float]:
+    """Peak tensor bytes of one BPO update micro-batch on this rank, measured with
+    :class:`r4b.memory.TensorMemory`: an FSDP-sharded fp32-master model of ``cfg`` on
+    ``rt.device``, AdamW state initialised by a first step, then forward, fused (or reference)
+    policy loss, backward, clipping and the optimizer step of a packed text micro-batch of
+    ``tokens`` rows (``scored`` of them scored).  The weights are random."""
+    import r4b_kernels as K
+
+    from .memory import TensorMemory
+    from .models import build_model
+    from .training import TrainingConfig, clip_grads, shard_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg, device=rt.device, master_dtype=torch.float32)
+    shard_model(model, rt, TrainingConfig(recompute=recompute))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, cfg.lm.vocab_size, (tokens,), generator=g, device="cpu").to(rt.device)
+    cu = torch.tensor([0, tokens // 2, tokens], dtype=torch.int32, device="cpu").to(rt.device)
+    rows = torch.arange(tokens - scored, tokens, device=rt.device)
+    targets = torch.randint(0, cfg.lm.vocab_size, (scored,), generator=g, device="cpu").to(rt.device)
+    zeros = torch.zeros(scored, device=rt.device)
+    tp_group = rt.tp_group if rt.tp_size > 1 else None
+
+    def step():
+        h = model(input_ids=ids, cu_seqlens=cu, return_hidden=True).index_select(0, rows)
+        out = K.policy_loss(h, model.lm_head_weight(), targets, zeros, zeros + 1.0,
+                            token_weights=zeros + 1.0 / scored, tp_group=tp_group,
+                            vocab_start=model.vocab_start)
+        out.loss.backward()
+        clip_grads(model, 1.0, rt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # AdamW state now exists, as in any step after the first
+    from .training import _local
+
+    with TensorMemory() as mem:
+        # count what exists (weak references only: the step may replace storages)
+        mem.add(_local(p) for p in model.parameters())
+        mem.add(_local(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+        mem.add([ids, cu, rows, targets, zeros])
+        base = mem.current
+        step()
+    return {"peak": float(mem.peak), "persistent": float(base)}
+
+
+# ---------------------------------------------------------------- command line
+@dataclass(kw_only=True)
+class PlanCLI:
+    """``python -m r4b.plan``: per-GPU memory of a BPO configuration and the layouts that fit."""
+
+    preset: str = "r4b-4b"
+    """Model preset (r4b-4b or tiny), or see ``hf_path``."""
+    hf_path: str | None = None
+    """A transformers checkpoint whose config.json to plan for instead of the preset."""
+    gpus: int = 8
+    """GPUs per node (TP x DP layouts of this many ranks are listed)."""
+    gpu_gib: float = 80.0
+    """Memory per GPU in GiB; a layout fits when its peak is under 90% of it."""
+    dtype: str = "bfloat16"
+    """Compute dtype."""
+    prompts_per_step: int = 32
+    """Prompts per step (global)."""
+    group_size: int = 8
+    """g: rollouts per mode per prompt (2g per prompt)."""
+    prompt_tokens: int = 1500
+    """Prompt tokens per rollout (images included: 1485 for a 384-px image)."""
+    response_tokens: int = 8192
+    """Response budget per rollout."""
+    tokens_per_microbatch: int = 16384
+    """Packed tokens per update micro-batch (at least one prompt + response)."""
+    image_tiles_per_microbatch: int = 4
+    """Image tiles in one micro-batch (each 729 vision tokens at 384 px)."""
+    kv_budget_tokens: int | None = None
+    """rollout.kv_budget_tokens (None: all of a rank's rollouts at once)."""
+    kl: bool = False
+    """A reference model for the KL term."""
+
+    def __post_init__(self):
+        require_choice("preset", self.preset, ("r4b-4b", "tiny"))
+        require_choice("dtype", self.dtype, tuple(_DTYPES))
+        for f in ("gpus", "prompts_per_step", "group_size", "prompt_tokens", "response_tokens",
+                  "tokens_per_microbatch", "image_tiles_per_microbatch"):
+            require_range(f, getattr(self, f), 0 if f == "image_tiles_per_microbatch" else 1)
+        require_range("gpu_gib", self.gpu_gib, 1.0)
+
+
+def layouts(gpus: int, cfg) -> list[tuple[int, int]]:
+    """(TP, DP) pairs of ``gpus`` ranks the model splits over (heads, KV heads, vocabulary)."""
+    out = []
+    for tp in range(1, gpus + 1):
+        if gpus % tp or cfg.lm.num_kv_heads % tp or cfg.lm.num_heads % tp or cfg.lm.vocab_size % tp:
+            continue
+        if cfg.vision is not None and cfg.vision.num_heads % tp:
+            continue
+        out.append((tp, gpus // tp))
+    return out
+
+
+def plan_table(cli: PlanCLI) -> list[dict]:
+    """One row per (TP, DP, recompute)."""
+    from .models import get_preset, read_hf_config
+
+    cfg = read_hf_config(cli.hf_path)[0] if cli.hf_path else get_preset(cli.preset)
+    dtype = _DTYPES[cli.dtype]
+    rows = []
+    for tp, dp in layouts(cli.gpus, cfg):
+        per_rank = cli.prompts_per_step * 2 * cli.group_size / dp
+        seq = cli.prompt_tokens + cli.response_tokens
+        rows_at_once = per_rank if cli.kv_budget_tokens is None else \
+            max(1, min(per_rank, cli.kv_budget_tokens // seq))
+        work = Workload(tokens_per_microbatch=max(cli.tokens_per_microbatch, seq),
+                        scored_per_microbatch=int(max(cli.tokens_per_microbatch, seq)
+                                                  * cli.response_tokens / seq),
+                        image_tiles_per_microbatch=cli.image_tiles_per_microbatch,
+                        rollout_rows=int(rows_at_once), rollout_tokens_per_row=seq, kl=cli.kl)
+        for rc in ("none", "selective", "full"):
+            p = predict(cfg, tp=tp, dp=dp, dtype=dtype, recompute=rc, work=work)
+            rows.append({"tp": tp, "dp": dp, "recompute": rc, **p,
+                         "fits": p["peak"] <= 0.9 * cli.gpu_gib * GiB})
+    return rows
+
+
+def format_table(rows: list[dict], gpu_gib: float) -> str:
+    cols = [("tp", "TP"), ("dp", "DP"), ("recompute", "recompute"), ("master", "master"),
+            ("moments", "Adam"), ("grads", "grads"), ("gathered", "gathered"),
+            ("activations", "activations"), ("loss", "loss"), ("reference", "ref"),
+            ("kv_cache", "KV cache"), ("update_peak", "update peak"),
+            ("rollout_peak", "rollout peak"), ("peak", "peak")]
+    head = "| " + " | ".join(t for _, t in cols) + " | fits |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for r in rows:
+        cells = [str(r[k]) if k in ("tp", "dp", "recompute") else f"{r[k] / GiB:.1f}"
+                 for k, _ in cols]
+        lines.append("| " + " | ".join(cells) + f" | {'yes' if r['fits'] else 'no'} |")
+    return "\n".join(lines) + f"\n\n(GiB per GPU; fits: peak <= 90% of {gpu_gib:g} GiB)\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    cli = parse_cli(PlanCLI, argv, prog="python -m r4b.plan",
+                    description="Per-GPU memory budget of a BPO configuration, and which TP x DP "
+                                "layouts fit one node.")
+    rows = plan_table(cli)
+    print(format_table(rows, cli.gpu_gib))
+    fit = [f"TP={r['tp']} DP={r['dp']} recompute={r['recompute']}" for r in rows if r["fits"]]
+    print("fits:", ", ".join(fit) if fit else "no layout fits as configured")
+    budget = 0.9 * cli.gpu_gib * GiB
+    for r in rows:
+        if r["recompute"] == "full":
+            room = budget - (r["rollout_peak"] - r["kv_cache"])
+            n = max(0, int(room // r["kv_bytes_per_token"]))
+            print(f"TP={r['tp']} DP={r['dp']}: rollout.kv_budget_tokens up to {n} "
+                  f"({r['kv_bytes_per_token'] / 1024:.0f} KiB per token) keeps rollouts within "
+                  f"{budget / GiB:.0f} GiB; the update peak with full recomputation is "
+                  f"{r['update_peak'] / GiB:.1f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
