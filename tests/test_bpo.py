@@ -174,3 +174,57 @@ def test_main_job_under_torchrun_two_processes(tmp_path):
 def _port():
     from r4b.models.parallel import free_port
     return free_port()
+
+
+def test_bf16_compute_with_fp32_master_moves_the_weights_fp32_moves_at_lr_1e_6(rt):
+    """Mixed precision at an RL learning rate: one BPO update with bf16 compute weights over
+    fp32 master weights and moments changes as many master elements as the all-fp32 update of
+    the same micro-batches, and in the same direction (bf16 master weights would round most
+    1e-6 steps away)."""
+    from r4b.training import full_state_dict, shard_model
+
+    model, tmpl, tok, items, cfg = _parts(lr=1e-6)
+    fp32 = BPOTrainer(cfg, policy=model, engine=build_engine(model, tmpl, tok, max_seqlen=256),
+                      template=tmpl, rt=rt)
+    _, _, mbs = _prepare(fp32, items)
+    for mb in mbs:
+        mb.advantages = torch.where(mb.advantages == 0, torch.ones_like(mb.advantages), mb.advantages)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def copy_start(m):
+        with torch.no_grad():
+            for k, p in m.named_parameters():
+                p.copy_(start[k])
+
+    deltas = {}
+    for name, compute in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        policy = build_model(model.cfg, init_weights=False, master_dtype=torch.float32)
+        copy_start(policy)
+        shard_model(policy, rt, compute_dtype=compute)
+        trainer = BPOTrainer(cfg, policy=policy, engine=fp32.engine, template=tmpl, rt=rt)
+        m = trainer.update(mbs)
+        assert m["skipped_steps"] == 0, name
+        after = full_state_dict(policy)
+        assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
+        deltas[name] = torch.cat([(after[k].float() - start[k].float()).flatten() for k in start
+                                  if start[k].is_floating_point()])
+    # The contrast: bf16 parameters and moments with no master copy.
+    pure = build_model(dataclasses.replace(model.cfg, params_dtype="bfloat16"), init_weights=False)
+    copy_start(pure)
+    BPOTrainer(cfg, policy=pure, engine=fp32.engine, template=tmpl, rt=rt).update(mbs)
+    moved_pure = sum(int((p.detach().float() != start[k].to(torch.bfloat16).float()).sum())
+                     for k, p in pure.named_parameters())
+    d32, d16 = deltas["fp32"], deltas["bf16"]
+    moved32, moved16 = int((d32 != 0).sum()), int((d16 != 0).sum())
+    assert moved32 > 0.5 * d32.numel()
+    assert moved16 >= 0.95 * moved32, (moved16, moved32, d32.numel())
+    assert moved_pure < 0.2 * moved32, (moved_pure, moved32)
+    both = (d32 != 0) & (d16 != 0)
+    agree = float((torch.sign(d32[both]) == torch.sign(d16[both])).float().mean())
+    cos = float(torch.nn.functional.cosine_similarity(d32, d16, dim=0))
+    print(f"\nmoved: fp32 {moved32}/{d32.numel()}, bf16 compute {moved16}, pure bf16 "
+          f"{moved_pure}; sign agreement "
+          f"{agree:.4f}; cosine {cos:.4f}")
+    assert agree >= 0.9 and cos >= 0.9, (agree, cos)
+    # Each element moves by at most ~lr on AdamW's first step, in both runs.
+    assert float(d16.abs().max()) <= 1.5e-6 and float(d32.abs().max()) <= 1.5e-6
