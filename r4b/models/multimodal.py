@@ -158,7 +158,9 @@ class R4BModel(nn.Module):
 
     Attributes:
         cfg: the :class:`ModelConfig`.
-        config: megatron-core ``ModelParallelConfig`` (read by megatron's pipeline schedules).
+        config: megatron-core ``ModelParallelConfig`` (read by megatron's pipeline schedules;
+            carries ``hidden_size`` for their p2p tensor shape).
+        model_type: megatron's ``ModelType.encoder_or_decoder`` (the schedules look it up).
         language_model: the :class:`Qwen3LM` stage.
         vision_tower, projector: on the first stage of a multimodal model, else absent.
         vocab_start, vocab_size: first vocabulary row of this rank's LM-head slice; full vocab.
@@ -175,7 +177,12 @@ class R4BModel(nn.Module):
         self.compute_dtype = cfg.torch_dtype
         self.cfg = cfg
         self.config = megatron_config(dtype, tp_size=info.tp_size, pp_size=info.pp_size,
-                                      perform_initialization=init_weights)
+                                      perform_initialization=init_weights,
+                                      hidden_size=cfg.lm.hidden_size)
+        # megatron's schedules call get_model_type(model) and fail without it.
+        from megatron.core.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = pre_process, post_process
         self.language_model = Qwen3LM(cfg.lm, config=self.config, tp_group=info.tp_group,
                                       tp_rank=info.tp_rank, tp_size=info.tp_size,

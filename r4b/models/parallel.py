@@ -157,7 +157,7 @@ def is_data_parallel_rank0() -> bool:
 
 
 def megatron_config(params_dtype: torch.dtype, *, tp_size: int, pp_size: int = 1,
-                    perform_initialization: bool = True):
+                    perform_initialization: bool = True, hidden_size: int | None = None):
     """The megatron-core ``ModelParallelConfig`` our TP layers and PP schedules read.
 
     Weights are always initialised on CPU (``use_cpu_initialization``): megatron then draws the
@@ -165,10 +165,17 @@ def megatron_config(params_dtype: torch.dtype, *, tp_size: int, pp_size: int = 1
     built with TP=2 holds exactly the slices of the TP=1 model built with the same seed, and no
     CUDA RNG tracker is needed.  ``variable_seq_lengths`` lets the pipeline schedules send
     packed micro-batches whose token count changes from step to step.
+
+    megatron's schedules also read a few ``TransformerConfig`` fields that a plain
+    ``ModelParallelConfig`` lacks; they are set as extra attributes, to TransformerConfig's
+    defaults: ``calculate_per_token_loss=False`` (read when a loss function returns
+    ``(loss, num_tokens, metrics)``), ``fine_grained_activation_offloading=False`` (read at
+    the end of every schedule call that runs backward) and, when given, ``hidden_size`` (the
+    PP>1 schedules' p2p tensor shape ``[T, 1, H]``).
     """
     from megatron.core import ModelParallelConfig
 
-    return ModelParallelConfig(
+    config = ModelParallelConfig(
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
         params_dtype=params_dtype,
@@ -179,6 +186,11 @@ def megatron_config(params_dtype: torch.dtype, *, tp_size: int, pp_size: int = 1
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
     )
+    config.calculate_per_token_loss = False
+    config.fine_grained_activation_offloading = False
+    if hidden_size is not None:
+        config.hidden_size = hidden_size
+    return config
 
 
 def mark_tensor_parallel_attributes(module: torch.nn.Module) -> int:

@@ -7,8 +7,25 @@ exchange hidden states shaped ``[T, 1, H]`` (packed tokens, micro-batch size 1),
 schedules are called with ``seq_length = T`` and ``micro_batch_size = 1``; the model's
 megatron config sets ``variable_seq_lengths`` so ``T`` may change between micro-batches.
 
-megatron-core's schedules use CUDA streams and NCCL, so they run on GPU only; on CPU the stages
-can be composed in one process by hand (see ``tests/test_models_lm.py``).
+What the schedules need from the model: ``model.model_type`` (``ModelType.encoder_or_decoder``,
+looked up by every schedule), ``model.set_input_tensor`` and ``model.config`` (built by
+:func:`r4b.models.parallel.megatron_config`), which beyond ``variable_seq_lengths`` and
+``pipeline_dtype`` carries the ``TransformerConfig`` fields the schedules read:
+``hidden_size``, ``calculate_per_token_loss`` and ``fine_grained_activation_offloading``.
+
+Where they run (megatron-core 0.16.1):
+
+* PP=1 (``forward_backward_no_pipelining``) needs a CUDA build of torch, but only for one
+  line: ``schedules.py`` line 596 allocates its token counter with
+  ``torch.zeros([], dtype=torch.int, device="cuda")`` unconditionally, before any micro-batch
+  and behind no config switch.  Everything else on that path (megatron's per-micro-batch
+  ``forward_step`` / ``backward_step``, the loss scaling, our forward step) runs on CPU, and
+  ``tests/test_schedule.py`` drives exactly those two functions over packed micro-batches on
+  CPU.  :func:`run_pipeline` raises a clear error on a machine without CUDA.
+* PP>1 needs CUDA throughout: the same counter (``schedules.py`` line 2138) and the p2p
+  exchange (``p2p_communication`` allocates its buffers on ``torch.cuda.current_device()``
+  and calls ``torch.cuda.synchronize()``), meant for NCCL; on CPU the stages can be
+  composed in one process by hand (see ``tests/test_models_lm.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +59,11 @@ def make_forward_step(loss_fn: Callable[[torch.Tensor, dict], tuple], *,
     keys).  ``model_kwargs(batch)`` picks the forward's arguments (default: the keys above that
     are present).  On the last stage the output (final hidden states when ``return_hidden``,
     else logits) goes to ``loss_fn(output, batch)``, which returns megatron's
-    ``(loss, num_tokens, metrics)`` or ``(loss, metrics)``.
+    ``(loss, num_tokens, metrics)`` (``num_tokens`` an int tensor) or ``(loss, metrics)``.
+
+    megatron scales the returned loss in place (divides it by ``num_microbatches``, and by
+    ``num_tokens`` in the 3-tuple form); the loss is handed over as a clone, so metrics that
+    hold ``loss.detach()`` (a view of the same storage) keep the unscaled value.
     """
     keys = ("input_ids", "cu_seqlens", "position_ids", "max_seqlen", "images")
 
@@ -62,7 +83,8 @@ def make_forward_step(loss_fn: Callable[[torch.Tensor, dict], tuple], *,
         out = model(**kwargs)
 
         def loss_func(output_tensor: torch.Tensor):
-            return loss_fn(output_tensor, batch)
+            loss, *rest = loss_fn(output_tensor, batch)
+            return (loss.clone(), *rest)
 
         return out, loss_func
 
@@ -71,10 +93,18 @@ def make_forward_step(loss_fn: Callable[[torch.Tensor, dict], tuple], *,
 
 def run_pipeline(model, data_iterator, *, num_microbatches: int, tokens_per_microbatch: int,
                  forward_step, forward_only: bool = False):
-    """Run megatron-core's schedule for the current PP size over ``num_microbatches`` (GPU).
+    """Run megatron-core's schedule for the current PP size over ``num_microbatches``.
 
-    Returns the list of per-micro-batch metrics dicts (last stage; empty elsewhere).
+    Gradients accumulate into ``.grad`` as for ``sum(loss_i) / num_microbatches`` (2-tuple
+    loss functions).  Returns the list of per-micro-batch metrics dicts (last stage; empty
+    elsewhere).  Needs a CUDA build of torch even with PP=1 (see the module docstring).
     """
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "megatron-core's pipeline schedules need CUDA, even with PP=1: "
+            "forward_backward_no_pipelining allocates its token counter with "
+            "torch.zeros(..., device='cuda') (megatron/core/pipeline_parallel/schedules.py, "
+            "megatron-core 0.16.1); on CPU compose the stages by hand")
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
