@@ -214,16 +214,9 @@ def test_checker_catches_planted_faults(tmp_path):
     assert stdout.count("PROBLEM:") == sum(len(v) for v in found.values()) == 6
 
 
-def _selects_slow(config) -> bool:
-    expr = config.getoption("markexpr", "") or ""
-    return "slow" in expr and "not slow" not in expr
-
-
-@pytest.mark.slow
-def test_exhaustive_sweep_compiles_without_spill_or_shared_overrun(tmp_path, request):
-    """~800 compiles (10-20 min on 2 cores): runs with ``-m slow`` or R4B_COMPILE_ALL=1."""
-    if not (_selects_slow(request.config) or os.environ.get("R4B_COMPILE_ALL", "0") not in ("", "0")):
-        pytest.skip("exhaustive sweep: run with -m slow or R4B_COMPILE_ALL=1")
+@pytest.mark.exhaustive
+def test_exhaustive_sweep_compiles_without_spill_or_shared_overrun(tmp_path):
+    """~800 compiles (10-20 min on 2 cores): runs with ``-m exhaustive`` or R4B_EXHAUSTIVE=1."""
     records, _ = compile_in_subprocess("exhaustive_plans", tmp_path, timeout=3600)
     print("\n" + aot.format_table(records) + "\n\n" + aot.format_summary(records))
     bad = [p for r in records for p in aot.problems(r)]
