@@ -311,6 +311,7 @@ _REPLICAS = textwrap.dedent("""
         print("undetected", rt.rank)
     except CheckpointError as e:
         print("detected", rt.rank, e)
+    torch.distributed.destroy_process_group()  # not at interpreter exit: gloo aborts there
 """)
 
 
