@@ -109,20 +109,46 @@ class ModelChoice:
         return None
 
 
+ENGINES = ("embedded", "vllm")
+
+
 @dataclass(kw_only=True)
 class RolloutConfig:
-    """Limits of the rollout engine (shared by curation, BPO rollouts and evaluation)."""
+    """The rollout engine and its limits (shared by curation, BPO rollouts and evaluation)."""
 
     max_seqlen: int | None = None
     """KV-cache capacity per row, prompt + response tokens; None: the longest prompt of the
-    data plus the largest response budget in use, capped at ``lm.max_position_embeddings``."""
+    data plus the largest response budget in use, capped at ``lm.max_position_embeddings``
+    (the vLLM engine, shared by every stage of a job: ``lm.max_position_embeddings``)."""
     prefill_tokens: int = 65536
     """Prompt tokens per prefill forward: rows of equal prompt length share a forward up to
-    this many tokens (a longer single prompt still runs alone)."""
+    this many tokens (a longer single prompt still runs alone).  Embedded engine only."""
     kv_budget_tokens: int | None = None
     """Most KV-cache tokens one rank holds at once (rows x per-row capacity): larger batches
     generate in waves with the same samples.  None: all requests at once.  KiB per token: see
-    ``python -m r4b.plan``."""
+    ``python -m r4b.plan``.  Embedded engine only (vLLM sizes its KV cache from
+    ``vllm_gpu_memory_utilization``)."""
+    engine: str = "embedded"
+    """Rollout engine: 'embedded' (r4b's own KV-cache sampler on the policy module; CPU or
+    GPU) or 'vllm' (vLLM in each trainer process on its own GPU, weights pushed in memory
+    after every update, asleep during it; needs ``pip install 'r4b[gpu]'`` and a CUDA device;
+    see ``r4b.rollout.vllm_engine`` for what is and is not verified)."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """vLLM engine: fraction of each GPU's memory vLLM may take for its weights and KV cache
+    (vLLM's ``gpu_memory_utilization``); the trainer's memory at engine start-up plus this
+    fraction must fit on the device."""
+    vllm_sleep_level: int = 1
+    """vLLM engine: ``LLM.sleep`` level during the update: 1 frees the GPU memory and keeps
+    the weights in CPU memory, 2 drops them (less CPU memory and no copy back; safe here since
+    every weight is pushed again after the update)."""
+    vllm_enforce_eager: bool = False
+    """vLLM engine: run without CUDA graphs (vLLM's ``enforce_eager``; slower, less memory,
+    easier to debug)."""
+    vllm_trust_remote_code: bool = False
+    """vLLM engine: let vLLM run the checkpoint's own Python code (vLLM's
+    ``trust_remote_code``; the tokenizer directory's ``*.py`` files are copied next to the
+    engine's ``config.json``).  Needed for checkpoints whose ``config.json`` names a custom
+    ``model_type``."""
 
     def __post_init__(self):
         if self.max_seqlen is not None:
@@ -130,6 +156,21 @@ class RolloutConfig:
         require_range("rollout.prefill_tokens", self.prefill_tokens, 1)
         if self.kv_budget_tokens is not None:
             require_range("rollout.kv_budget_tokens", self.kv_budget_tokens, 2)
+        require_choice("rollout.engine", self.engine, ENGINES)
+        require_range("rollout.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization,
+                      0.0, 1.0, lo_open=True)
+        require_choice("rollout.vllm_sleep_level", self.vllm_sleep_level, (1, 2))
+        for name in ("vllm_enforce_eager", "vllm_trust_remote_code"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"rollout.{name} must be true or false, got "
+                                f"{getattr(self, name)!r}")
+        if self.engine == "vllm":
+            from .rollout.vllm_engine import VLLMMissing, vllm_available
+
+            if not vllm_available():  # at parse time, before any work
+                raise VLLMMissing("rollout.engine 'vllm' needs vLLM, which is not installed; "
+                                  "install the GPU extra: pip install 'r4b[gpu]' (or use "
+                                  "rollout.engine 'embedded')")
 
 
 def default_task() -> TaskConfig:
@@ -331,16 +372,64 @@ def engine_max_seqlen(rollout: RolloutConfig, cfg, *, longest_prompt: int,
 
 def build_engine(model, template, tokenizer, *, max_seqlen: int,
                  rollout: RolloutConfig | None = None):
-    """The embedded engine on ``model``: stops at end of turn / text, never samples the image
-    placeholder or the vocabulary padding ids."""
+    """The rollout engine ``rollout.engine`` names, on ``model``: stops at end of turn / text,
+    never samples the image placeholder or the vocabulary padding ids.
+
+    'embedded': an :class:`~r4b.rollout.engine.EmbeddedEngine` on ``model`` itself.  'vllm':
+    this process's :class:`~r4b.rollout.vllm_engine.VLLMEngine` (one per process, shared by
+    the stages of a job), built or re-bound to ``model`` and holding its weights (collective:
+    call on every rank); ``model`` must be on this rank's CUDA device."""
     from .rollout.engine import EmbeddedEngine
 
     rollout = rollout or RolloutConfig()
-    return EmbeddedEngine(model, stop_ids=[tokenizer.im_end_id, tokenizer.eos_id],
+    stop_ids = [tokenizer.im_end_id, tokenizer.eos_id]
+    if rollout.engine == "vllm":
+        return _vllm_engine(model, template, tokenizer, stop_ids, max_seqlen, rollout)
+    return EmbeddedEngine(model, stop_ids=stop_ids,
                           mode_classifier=template.classify_mode, max_seqlen=max_seqlen,
                           vocab_limit=tokenizer.vocab_size, banned_ids=[tokenizer.image_token_id],
                           prefill_tokens=rollout.prefill_tokens,
                           kv_budget_tokens=rollout.kv_budget_tokens)
+
+
+def _vllm_device(model) -> torch.device:
+    """The CUDA device vLLM's external launcher will use (``cuda:LOCAL_RANK``), which must be
+    ``model``'s: ``ValueError`` naming ``rollout.engine`` otherwise."""
+    import os
+
+    dev = next(model.parameters()).device
+    if dev.type != "cuda":
+        raise ValueError(f"rollout.engine 'vllm' needs the model on a CUDA device, got {dev}; "
+                         f"use rollout.engine 'embedded' on this machine")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if (dev.index if dev.index is not None else torch.cuda.current_device()) != local:
+        raise ValueError(f"rollout.engine 'vllm' runs vLLM on cuda:LOCAL_RANK = cuda:{local} "
+                         f"(vLLM's external launcher), but the model is on {dev}")
+    return dev
+
+
+def _vllm_engine(model, template, tokenizer, stop_ids, max_seqlen: int, rollout: RolloutConfig):
+    from .models.parallel import parallel_info
+    from .rollout.vllm_engine import colocated_engine, require_vllm
+
+    require_vllm()
+    _vllm_device(model)
+    info = parallel_info()
+    if info.pp_size != 1:
+        raise ValueError(f"rollout.engine 'vllm' needs pipeline-parallel size 1, got {info.pp_size}")
+    cap = model.cfg.lm.max_position_embeddings
+    max_model_len = rollout.max_seqlen or cap
+    if max_seqlen > max_model_len:
+        raise ValueError(f"the engine needs max_seqlen {max_seqlen} but rollout.max_seqlen is "
+                         f"{rollout.max_seqlen}")
+    return colocated_engine(
+        model, stop_ids=stop_ids, mode_classifier=template.classify_mode,
+        max_seqlen=max_model_len, vocab_limit=tokenizer.vocab_size,
+        banned_ids=[tokenizer.image_token_id], tokenizer_dir=getattr(tokenizer, "path", None),
+        tensor_parallel_size=info.tp_size,
+        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        sleep_level=rollout.vllm_sleep_level, enforce_eager=rollout.vllm_enforce_eager,
+        trust_remote_code=rollout.vllm_trust_remote_code)
 
 
 def load_items(setup: Setup, data: str | None, *, n_train: int, n_eval: int,

@@ -19,7 +19,8 @@ One step (DESIGN.md §2):
    materialised, vocab-parallel over TP) → backward → DP all-reduce → clip → finite check →
    AdamW.  A step with non-finite loss or gradients is skipped and counted.
 7. **Sync** the engine's weights (a no-op for the embedded engine, which samples from the
-   policy module itself).
+   policy module itself).  The engine sleeps during steps 3-7 and wakes after the sync (the
+   vLLM engine frees its GPU memory for the update; no-ops for the embedded engine).
 
 Importance corrections: truncated IS ``min(exp(old - behaviour), tis_cap)`` multiplies every
 token's weight, where ``behaviour`` is the engine's log-prob of the token under the
@@ -409,7 +410,10 @@ class BPOTrainer:
             return self._learn(batch, t0, t_gen)
 
     def _learn(self, batch: list[Seq], t0: float, t_gen: float) -> dict:
-        """Steps 3-7 of a BPO step on a gathered rollout batch."""
+        """Steps 3-7 of a BPO step on a gathered rollout batch.  The engine sleeps from here
+        until its weights are synced after the update (no-op for the embedded engine; the vLLM
+        engine frees its weights and KV cache for the update's memory)."""
+        self.engine.sleep()
         ga, keep = self.advantages(batch)
         weights = self.loss_weights(batch, keep)
         mbs, pack_stats = self.microbatches(batch, ga.advantages, weights, keep)
@@ -417,7 +421,8 @@ class BPOTrainer:
         t1 = time.perf_counter()
         upd = self.update(mbs) if mbs else {"loss": 0.0, "grad_norm": 0.0, "skipped_steps": 0}
         t_upd = time.perf_counter() - t1
-        t_sync = self.engine.sync_weights(self.policy)
+        t_sync = self.engine.sync_weights(self.policy)  # wakes the engine's weights first
+        self.engine.wake_up()
         metrics = rollout_metrics(batch, ga, keep)
         metrics.update(upd)
         metrics.update(pack_stats)

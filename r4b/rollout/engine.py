@@ -272,6 +272,14 @@ class EmbeddedEngine:
                     p.copy_(s)
         return time.perf_counter() - t0
 
+    def sleep(self) -> None:
+        """Free the engine's memory for the trainer's update (the rollout-engine interface;
+        :class:`~r4b.rollout.vllm_engine.VLLMEngine` releases vLLM's weights and KV cache).
+        No-op: the embedded engine holds no memory between :meth:`generate` calls."""
+
+    def wake_up(self) -> None:
+        """Undo :meth:`sleep` after the update and weight sync.  No-op here."""
+
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 

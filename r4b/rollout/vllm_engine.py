@@ -1,62 +1,120 @@
-"""vLLM rollout engine: the :class:`~r4b.rollout.engine.EmbeddedEngine` interface on vLLM.
+"""vLLM rollout engine, colocated with the trainer: the :class:`~r4b.rollout.engine.EmbeddedEngine`
+interface on vLLM, one engine per rank, in the trainer's own process, on that rank's GPU.
 
-For GPU users with vLLM installed (``pip install 'r4b[gpu]'``).  ``HAVE_VLLM`` says whether
-vLLM can be imported; it is imported lazily, when a :class:`VLLMEngine` is constructed, and a
-missing vLLM raises an ``ImportError`` naming the extra at that point.
+Chosen with ``--setup.rollout.engine vllm`` (see :class:`r4b.components.RolloutConfig`); for
+GPU users with vLLM installed (``pip install 'r4b[gpu]'``).  vLLM is imported lazily: choosing
+it without vLLM installed raises :class:`VLLMMissing` (an ``ImportError`` naming the extra)
+when the configuration is parsed, before any work.
 
-**What is and is not verified.**  vLLM cannot be installed or run on the machine this module
-was written on, so *nothing of the vLLM path has been run*: it is written against vLLM's
-documented offline API (``vllm.LLM``, ``vllm.SamplingParams``, token-id prompts with
-``multi_modal_data``, ``RequestOutput.outputs[0].token_ids / .logprobs``,
-``RequestOutput.prompt_logprobs``, ``LLM.collective_rpc``, ``LLM.reset_prefix_cache``).  The
-only things tested here are that the module imports without vLLM, that constructing the engine
-then raises the documented ``ImportError``, and the vLLM-free helpers (request validation is
-shared with the embedded engine).  Before relying on it, run the embedded-vs-vLLM parity check
-on a GPU: same checkpoint, greedy, compare token ids and log-probs.
+**What is and is not verified.**  vLLM cannot be installed on the machine this module was
+written on, and it has no GPU.  *Nothing here has run on real vLLM or on a GPU.*  What is
+verified, on CPU, is the wiring and the contract against ``tests/vllm_standin`` — a stand-in
+``vllm`` package implementing exactly the subset of vLLM's API used below, backed by a real
+r4b model (``tests/test_vllm_engine.py``): every ``LLM`` / ``SamplingParams`` keyword passed
+here is one vLLM's source accepts (the stand-in rejects others), weights pushed by
+:meth:`VLLMEngine.sync_weights` reach the generating model under the names vLLM's loaders map,
+greedy generation matches the embedded engine on the same weights, forced prefixes go in as
+in the embedded engine, the behaviour log-probs are the truncated distribution's (the top-p
+importance weight BPO computes is the kept mass), and BPOTrainer sleeps / wakes the engine
+around its update.  The stand-in's sampler follows vLLM's documented order; its numerics,
+scheduling, memory behaviour, CUDA graphs, sleep-mode allocator, multimodal processor and TP
+are *not* vLLM's.  Before relying on it, run the embedded-vs-vLLM parity check on a GPU (same
+checkpoint, greedy: token ids and log-probs), then one short BPO run.
+
+**Targeted API.**  Read from vLLM's source at ``main`` (commit ``10fdb8f`` of
+``vllm/entrypoints/llm.py``) and the v0.10.2-v0.20 docs; the minimum version is 0.10.2
+(``logprobs_mode``).  Routes used, with where they are defined:
+
+* ``LLM(..., distributed_executor_backend="external_launcher")`` — vLLM's mechanism for
+  running inside torchrun processes (``vllm/v1/executor/uniproc_executor.py``:
+  ``ExecutorWithExternalLauncher``: one worker in this process, ``env://`` with ``RANK`` /
+  ``LOCAL_RANK``, device ``cuda:LOCAL_RANK``; ``ParallelConfig.__post_init__`` sets
+  ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` for it).  vLLM's tensor-parallel size is r4b's; every
+  other factor of the world is vLLM's "ExternalDP" (``vllm/distributed/parallel_state.py``
+  ``initialize_model_parallel``: layout ExternalDP x DP x PP x TP, "every dp rank can generate
+  independently"), which matches megatron's TP-innermost rank layout.  ``data_parallel_size``
+  is not passed (vLLM rejects offline DP for dense models).
+* ``enable_sleep_mode=True``; ``LLM.sleep(level=...)`` / ``LLM.wake_up(tags=...)``, tags
+  ``"weights"`` and ``"kv_cache"``.
+* ``load_format="dummy"``: vLLM builds the network from a ``config.json`` this engine writes
+  (no weights on disk); the weights are pushed in memory right away.
+* Weight push: ``LLM.apply_model(fn)`` (``Worker.apply_model`` = ``fn(self.get_model())``, run
+  in this process by the external launcher) with ``fn`` calling the vLLM model's
+  ``load_weights(weights=...)`` on ``(name, tensor)`` pairs under transformers checkpoint names
+  (:func:`r4b.models.hf.model_hf_state_dict`: ``model.*`` / ``lm_head.weight`` for Qwen3,
+  ``model.language_model.*``, ``model.vision_tower.vision_model.*``,
+  ``model.multi_modal_projector.*``, ``model.image_newline`` for LLaVA-OneVision / R-4B, which
+  vLLM's ``hf_to_vllm_mapper`` maps), then the check vLLM's own ``DefaultModelLoader``
+  makes (every ``named_parameters()`` name was loaded), then ``LLM.reset_prefix_cache()``.
+* ``logprobs_mode="processed_logprobs"`` (``vllm/v1/sample/sampler.py``: log-probs after the
+  allowed-token mask, logit bias, temperature and top-k / top-p).
 
 **How requests map onto vLLM** (one ``SamplingParams`` per request, all in one
 ``LLM.generate`` call, which batches them itself):
 
 * prompt: ``{"prompt_token_ids": prompt_ids + forced_ids}``, plus
-  ``"multi_modal_data": {"image": ...}`` with each tile of ``RolloutRequest.images`` as one
-  ``uint8 [H, W, 3]`` image (values in [0, 1] scaled to 0-255, grayscale repeated to RGB);
-  vLLM's processor for the checkpoint then resizes / normalises them.  The prompt ids keep the
-  template's expanded image placeholders (``tokens_per_image`` per image); vLLM's multimodal
-  processors recognise already-expanded placeholders for LLaVA-style models — unverified for
-  R-4B's.
-* forced response tokens are appended to the prompt, so vLLM never samples them; their
-  log-probs come from ``prompt_logprobs=0`` (the log-prob of each actual prompt token).
-  **Limitation:** vLLM computes prompt log-probs from the raw logits (temperature 1), so
-  forced-token log-probs equal the embedded engine's only when ``temperature == 1``.
+  ``"multi_modal_data": {"image": ...}`` with each raw ``[C, H, W]`` image in [0, 1] as one
+  ``uint8 [H, W, 3]`` array (tiles ``[n, C, H, W]``: one array per tile); vLLM's processor for
+  the checkpoint resizes / normalises them.  The prompt ids keep the template's expanded image
+  placeholders; vLLM's multimodal processors recognise already-expanded placeholders in token
+  prompts — unverified for R-4B.
+* forced response tokens (token routing) are appended to the prompt, so vLLM never samples
+  them; their log-prob comes from ``prompt_logprobs=0``.  vLLM computes prompt log-probs from
+  the raw logits (temperature 1; v0.10.2-v0.11 at least), so sampling with forced tokens is
+  only allowed at ``temperature == 1`` (an error otherwise); then the value is the policy
+  log-prob, and ``behaviour = policy`` for forced tokens as the contract says.
 * sampled tokens: ``temperature``, ``top_p``, ``top_k`` (``-1`` when disabled), ``max_tokens``
-  = the mode's budget, ``stop_token_ids`` = the engine's stop ids with ``ignore_eos=True`` (so,
-  as in the embedded engine, only the stop ids end a response), ``logprobs=0`` (the sampled
-  token's log-prob only), ``detokenize=False``.  ``greedy`` maps to ``temperature=0``.
-  The engine is built with ``logprobs_mode="processed_logprobs"`` (vLLM >= 0.10.2): returned
-  log-probs are taken after temperature and top-k / top-p, i.e. they equal the embedded
-  engine's ``log_softmax(logits / T)`` when top-k / top-p are off, and are the truncated
-  distribution's log-probs when they are on (the embedded engine reports the untruncated
-  ones).  Under greedy, vLLM applies no temperature.
-* randomness: each request gets a ``seed`` drawn from the caller's ``generator`` (per-request
-  seeded sampling, reproducible for a fixed generator state; vLLM falls back to its PyTorch
-  sampler for seeded requests, which is slower than FlashInfer's).
-* ``vocab_limit`` maps to ``allowed_token_ids=range(vocab_limit)`` minus ``banned_ids`` (a
-  logits mask applied before sampling, so it also enters the processed log-probs); without a
-  ``vocab_limit``, ``banned_ids`` map to ``logit_bias`` of -100 (vLLM's bound).
+  = the mode's budget, ``stop_token_ids`` = the engine's stop ids with ``ignore_eos=True`` (only
+  the stop ids end a response, as in the embedded engine), ``logprobs=0`` (the sampled token's
+  log-prob only), ``detokenize=False``; ``greedy`` maps to ``temperature=0``.  The vocabulary
+  limit and banned ids map to ``allowed_token_ids`` (without a vocabulary limit, banned ids
+  map to ``logit_bias`` -100, vLLM's bound).
+* randomness: each request gets a ``seed`` drawn from the caller's ``generator`` (every TP
+  rank of a group passes the same generator state, so vLLM's TP ranks draw alike).
 
-**Weight sync** (unverified): :meth:`VLLMEngine.sync_weights` writes the policy as a
-transformers checkpoint with :func:`r4b.models.to_hf` into the engine's ``model_path`` (the
-directory vLLM loaded; it is overwritten, so build the engine on a directory written by
-``to_hf``, not on an original download), then asks every vLLM worker to re-read it with
-``LLM.collective_rpc("reload_weights")`` and drops cached prefixes with
-``LLM.reset_prefix_cache()``.  ``to_hf`` is collective over the policy's ranks: call
-``sync_weights`` on every rank.  Streaming weights through vLLM's ``load_weights`` hooks
-(no disk round trip) would be faster and is not done here.
+**The log-prob contract.**  vLLM returns one log-prob mode per engine.  This engine asks for
+``processed_logprobs``, which is exactly the *behaviour* log-prob (the truncated, renormalised
+distribution the token was drawn from): ``Rollout.behaviour_logprobs``, which BPO's truncated
+importance sampling divides by.  The tempered full-vocabulary *policy* log-prob is not
+available from vLLM; BPO recomputes it itself (``old_lp``, ``score_old_and_ref``) and uses the
+engine's policy field only for the ``old_vs_engine_logprob_maxabs`` metric.  So
+``Rollout.logprobs`` holds what vLLM can honestly give: the same processed values for sampled
+tokens (equal to the policy log-prob when nothing is truncated; with top-k / top-p or a
+vocabulary limit they differ by ``log S``, S the kept mass, and the metric then shows it) and
+the prompt log-probs for forced tokens.  Under greedy decoding vLLM applies no temperature:
+the log-probs are at temperature 1 (evaluation reads only the tokens).
+
+**Weights and memory.**  :meth:`VLLMEngine.sync_weights` gathers the policy's full weights
+(``r4b.training.full_params`` over FSDP, a DP collective; ``model_hf_state_dict`` gathers TP
+shards, a TP collective: call it on every rank) and pushes them into vLLM's model in memory,
+cast to the engine dtype.  :meth:`sleep` (before the update: ``LLM.sleep(level)``, level 1
+backs the weights up in CPU memory, level 2 drops them — cheaper here since every weight is
+pushed again) and :meth:`wake_up` (after the sync) bracket the update; while asleep, the sync
+first wakes the weights only (``tags=["weights"]``), then :meth:`wake_up` the KV cache.
+Sleep mode needs PyTorch's CUDA allocator without ``expandable_segments``.  vLLM's worker
+seeds Python's, NumPy's and torch's global random generators with ``seed`` when the engine
+starts (``Worker.init_device`` → ``set_random_seed``); r4b's samplers take explicit
+generators, but code that draws from the global stream after the engine starts sees it.
+
+The engine also tracks the bound policy's parameter version counters: when they changed
+since the last sync (an optimizer step or a checkpoint load by a caller that does not sync,
+e.g. ``r4b.anneal`` or a BPO resume), :meth:`generate` syncs first.  That sync is collective,
+and safe where r4b calls ``generate``: every rank of a TP group generates for the same
+requests, and DP ranks either call it the same number of times (curation, BPO rollouts) or
+inside ``full_params`` (evaluation), where the FSDP gather is already done.
+
+One engine per process: the annealing and BPO stages of one job share it
+(:func:`colocated_engine`); its ``max_model_len`` is ``rollout.max_seqlen`` or the model's
+``max_position_embeddings``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -71,16 +129,43 @@ from .sampling import SamplingParams
 log = get_logger(__name__)
 
 HAVE_VLLM: bool = importlib.util.find_spec("vllm") is not None
-"""True when ``import vllm`` can succeed (the package is installed)."""
+"""True when ``import vllm`` could succeed when this module was imported (see
+:func:`vllm_available` for the current answer)."""
 
-VLLM_MISSING = ("VLLMEngine needs vLLM, which is not installed; install the GPU extra: "
-                "pip install 'r4b[gpu]'")
+VLLM_MISSING = ("the vLLM rollout engine needs vLLM, which is not installed; install the GPU "
+                "extra: pip install 'r4b[gpu]'")
+
+SLEEP_LEVELS = (1, 2)
+"""``LLM.sleep`` levels: 1 backs the weights up in CPU memory, 2 drops them."""
+
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens", "vocab", "merges", "added_tokens",
+                           "chat_template", "preprocessor_config", "processor_config")
+"""Files copied from the tokenizer directory next to the engine's ``config.json`` (what
+vLLM's tokenizer and multimodal processor read)."""
+
+
+class VLLMMissing(ImportError, ValueError):
+    """vLLM is not installed (an ``ImportError``; also a ``ValueError`` so the command-line
+    parser reports it as a bad ``rollout.engine`` value)."""
+
+
+def vllm_available() -> bool:
+    """Whether ``import vllm`` can succeed now."""
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_vllm() -> None:
+    """Raise :class:`VLLMMissing` (naming the extra) unless vLLM can be imported."""
+    if not vllm_available():
+        raise VLLMMissing(VLLM_MISSING)
 
 
 def _import_vllm():
     """``import vllm`` at the point of use, with the extra to install when it is missing."""
-    if not HAVE_VLLM:
-        raise ImportError(VLLM_MISSING)
+    require_vllm()
     try:
         import vllm
     except ImportError as e:  # installed but broken (e.g. a CUDA / torch mismatch)
@@ -89,6 +174,7 @@ def _import_vllm():
     return vllm
 
 
+# ---------------------------------------------------------------- images
 def tiles_to_images(tiles: torch.Tensor) -> list[np.ndarray]:
     """Tiles ``[n, C, H, W]`` with values in [0, 1] → one ``uint8 [H, W, 3]`` image per tile
     (what vLLM's image inputs take; C = 1 is repeated to RGB)."""
@@ -100,71 +186,244 @@ def tiles_to_images(tiles: torch.Tensor) -> list[np.ndarray]:
     return [np.ascontiguousarray(t.permute(1, 2, 0).cpu().numpy()) for t in x]
 
 
+def request_images(images, i: int) -> list[np.ndarray]:
+    """A request's images (raw ``[C, H, W]`` arrays / tensors of one prompt, or tiles
+    ``[n, C, H, W]``) as ``uint8 [H, W, 3]`` arrays; errors name ``requests[i]``."""
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    out: list[np.ndarray] = []
+    for x in items:
+        t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x,
+                            device="cpu")
+        if t.dim() == 3:
+            t = t[None]
+        try:
+            out.extend(tiles_to_images(t))
+        except ValueError as e:
+            raise ValueError(f"requests[{i}].images: {e}") from e
+    return out
+
+
+# ---------------------------------------------------------------- weights
+def _version(p: torch.Tensor) -> tuple[int, int]:
+    """In-place modification counters of ``p`` and of its local shard (an optimizer step on a
+    DTensor bumps the former, a checkpoint load into ``to_local()`` the latter)."""
+    from ..training import _local
+
+    return int(p._version), int(_local(p)._version)
+
+
+def _push_weights_fn(weights: dict[str, torch.Tensor], dtype: torch.dtype):
+    """The function ``LLM.apply_model`` runs on vLLM's model: ``load_weights`` on
+    ``weights`` (cast one tensor at a time), then the names of the model's parameters that were
+    not loaded (vLLM's ``DefaultModelLoader`` check)."""
+
+    def push(model) -> list[str]:
+        loaded = model.load_weights(weights=((k, v.detach().to(dtype)) for k, v in weights.items()))
+        if loaded is None:  # a model without load tracking: nothing to check
+            return []
+        return sorted({name for name, _ in model.named_parameters()} - set(loaded))
+
+    return push
+
+
 class VLLMEngine:
-    """Rollout engine on vLLM, with :class:`~r4b.rollout.engine.EmbeddedEngine`'s interface.
+    """Rollout engine on an in-process vLLM ``LLM``, with :class:`EmbeddedEngine`'s interface
+    plus :meth:`sleep` / :meth:`wake_up` (see the module docstring).
 
     Args:
-        model_path: transformers checkpoint directory vLLM loads (and :meth:`sync_weights`
-            overwrites).
+        policy: the trainer's r4b model (any FSDP / TP sharding; PP = 1) whose weights the
+            engine samples with; kept as ``engine.model``.
         stop_ids: token ids that end a response.
         mode_classifier: ``f(prompt_ids, response_ids) -> 'think' | 'no_think' | None``.
         max_seqlen: longest prompt + response (vLLM's ``max_model_len``).
         vocab_limit: ids at or above it are never sampled (None: no limit).
         banned_ids: ids that are never sampled (e.g. the image placeholder).
-        tensor_parallel_size, dtype, seed: passed to ``vllm.LLM``.
-        gpu_memory_utilization: fraction of GPU memory vLLM may take (the trainer shares the
-            device).
-        **llm_kwargs: further ``vllm.LLM`` arguments (they override the ones above), e.g.
-            ``skip_tokenizer_init=True`` for a checkpoint without tokenizer files.
+        tokenizer_dir: Hugging Face tokenizer directory whose files vLLM reads (None:
+            ``skip_tokenizer_init``, text-only models).
+        tensor_parallel_size: vLLM's TP size (r4b's: vLLM's TP groups are megatron's).
+        gpu_memory_utilization: fraction of the GPU's memory vLLM may take (weights, KV
+            cache); the trainer's memory at construction plus this must fit.
+        sleep_level: ``LLM.sleep`` level used by :meth:`sleep` (1 or 2).
+        enforce_eager, trust_remote_code, seed: passed to ``vllm.LLM``.
+        work_dir: where the engine's ``config.json`` directory is made (None: a temporary
+            directory, removed with the engine).
+        **llm_kwargs: further ``vllm.LLM`` keywords (they override the ones above).
     """
 
-    def __init__(self, model_path: str | Path, *, stop_ids: Sequence[int],
+    def __init__(self, policy: torch.nn.Module, *, stop_ids: Sequence[int],
                  mode_classifier: Callable[[list[int], list[int]], str | None] | None = None,
                  max_seqlen: int = 512, vocab_limit: int | None = None,
-                 banned_ids: Sequence[int] = (), tensor_parallel_size: int = 1,
-                 dtype: str = "auto", seed: int = 0, gpu_memory_utilization: float = 0.5,
-                 **llm_kwargs: Any):
+                 banned_ids: Sequence[int] = (), tokenizer_dir: str | Path | None = None,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
+                 sleep_level: int = 1, enforce_eager: bool = False,
+                 trust_remote_code: bool = False, seed: int = 0,
+                 work_dir: str | Path | None = None, **llm_kwargs: Any):
         vllm = _import_vllm()
+        cfg = getattr(policy, "cfg", None)
+        if cfg is None or not hasattr(policy, "language_model"):
+            raise TypeError(f"policy must be an r4b model (r4b.models.R4BModel), got "
+                            f"{type(policy).__name__}")
         self.stop_ids = set(int(i) for i in stop_ids)
         if not self.stop_ids:
             raise ValueError("stop_ids must name at least one token id, got none")
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 2:
             raise ValueError(f"max_seqlen must be an int >= 2, got {max_seqlen!r}")
-        if vocab_limit is not None and (not isinstance(vocab_limit, int) or vocab_limit < 1):
-            raise ValueError(f"vocab_limit must be a positive int or None, got {vocab_limit!r}")
+        if max_seqlen > cfg.lm.max_position_embeddings:
+            raise ValueError(f"max_seqlen {max_seqlen} exceeds the model's "
+                             f"lm.max_position_embeddings {cfg.lm.max_position_embeddings}")
+        V = int(cfg.lm.vocab_size)
+        if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
+                                        or not 1 <= vocab_limit <= V):
+            raise ValueError(f"vocab_limit must be an int in [1, {V}] or None, got {vocab_limit!r}")
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{gpu_memory_utilization!r}")
-        self.model_path = Path(model_path)
+        if sleep_level not in SLEEP_LEVELS:
+            raise ValueError(f"sleep_level must be one of {SLEEP_LEVELS}, got {sleep_level!r}")
+        if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
+            raise ValueError("vLLM's sleep mode does not work with PYTORCH_CUDA_ALLOC_CONF="
+                             "expandable_segments:True; unset it for rollout.engine 'vllm'")
+        if cfg.vision is not None:
+            if cfg.image_layout != "anyres":
+                raise ValueError(f"vLLM runs LLaVA-OneVision's AnyRes image layout; this model "
+                                 f"uses r4b's {cfg.image_layout!r} layout: use rollout.engine "
+                                 f"'embedded'")
+            if tokenizer_dir is None:
+                raise ValueError("a multimodal model on vLLM needs a Hugging Face tokenizer / "
+                                 "processor directory (vLLM's image processor reads it)")
         self.mode_classifier = mode_classifier
         self.max_seqlen = max_seqlen
         self.vocab_limit = vocab_limit
+        self.vocab_size = V
         self.banned_ids = sorted(set(int(t) for t in banned_ids))
+        if any(not 0 <= t < V for t in self.banned_ids):
+            raise ValueError(f"banned_ids must lie in [0, {V}), got {self.banned_ids}")
+        self.sleep_level = sleep_level
+        self.cfg = cfg
+        self.dtype = _torch_dtype(cfg.params_dtype)
         self._vllm = vllm
-        kwargs = dict(model=str(self.model_path), tensor_parallel_size=tensor_parallel_size,
-                      dtype=dtype, seed=seed, max_model_len=max_seqlen,
+        self._tmp = None
+        if work_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="r4b-vllm-")
+            work_dir = self._tmp.name
+        self.model_dir = Path(work_dir)
+        self._write_model_dir(policy, tokenizer_dir, trust_remote_code)
+        kwargs = dict(model=str(self.model_dir), tensor_parallel_size=tensor_parallel_size,
+                      dtype=cfg.params_dtype, seed=seed, max_model_len=max_seqlen,
                       gpu_memory_utilization=gpu_memory_utilization,
-                      logprobs_mode="processed_logprobs")
+                      distributed_executor_backend="external_launcher",
+                      enable_sleep_mode=True, load_format="dummy",
+                      logprobs_mode="processed_logprobs", enforce_eager=enforce_eager,
+                      skip_tokenizer_init=tokenizer_dir is None,
+                      trust_remote_code=trust_remote_code)
         kwargs.update(llm_kwargs)
+        self.llm_kwargs = kwargs
         self.llm = vllm.LLM(**kwargs)
+        self._asleep = False
+        self._weights_awake = True
+        self._reset_pending = False
+        self._tracked: list[torch.Tensor] = []
+        self._versions: tuple[tuple[int, int], ...] = ()
+        self.model = policy
         self.last_stats: dict[str, float] = {}
+        self.sync_weights(policy)
+
+    def _write_model_dir(self, policy, tokenizer_dir, trust_remote_code: bool) -> None:
+        """``config.json`` of ``policy`` (transformers format, what vLLM builds the network
+        from) plus the tokenizer / processor files of ``tokenizer_dir``; no weights."""
+        from ..models.hf import hf_config_dict
+
+        d = self.model_dir
+        d.mkdir(parents=True, exist_ok=True)
+        cfg_dict = hf_config_dict(policy.cfg, getattr(policy, "hf_config_source", None))
+        (d / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True))
+        if tokenizer_dir is not None:
+            src = Path(tokenizer_dir)
+            for f in sorted(src.iterdir()):
+                if f.is_file() and (f.name.startswith(TOKENIZER_FILE_PREFIXES)
+                                    or (trust_remote_code and f.suffix == ".py")):
+                    shutil.copy2(f, d / f.name)
+
+    # ------------------------------------------------------------ sleep / wake
+    def sleep(self) -> None:
+        """Free vLLM's GPU memory for the update: ``LLM.sleep(level=sleep_level)`` (drops the
+        KV cache; weights backed up in CPU memory at level 1, dropped at level 2).  No-op when
+        already asleep."""
+        if self._asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self._asleep = True
+        self._weights_awake = False
+
+    def wake_up(self) -> None:
+        """Reallocate what :meth:`sleep` freed (only the KV cache when :meth:`sync_weights`
+        already woke the weights) and drop cached prefixes.  No-op when awake."""
+        if not self._asleep:
+            return
+        self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
+        self._asleep = False
+        self._weights_awake = True
+        if self._reset_pending:
+            self.llm.reset_prefix_cache()
+            self._reset_pending = False
 
     # ------------------------------------------------------------ weights
     def sync_weights(self, policy: torch.nn.Module | None = None) -> float:
-        """Write ``policy`` to ``model_path`` with ``r4b.models.to_hf`` (collective over the
-        policy's ranks) and make vLLM re-read it; returns seconds spent.  ``None``: nothing
-        to do (vLLM already holds ``model_path``'s weights)."""
-        t0 = time.perf_counter()
-        if policy is None:
-            return 0.0
-        from ..models import to_hf
+        """Push ``policy``'s weights (default: the bound one; another module of the same
+        config becomes the bound one) into vLLM's model in memory; returns seconds spent.
 
-        to_hf(policy, self.model_path)
-        self.llm.collective_rpc("reload_weights")
-        self.llm.reset_prefix_cache()
+        Collective: FSDP gathers over DP, TP gathers inside ``model_hf_state_dict`` — call on
+        every rank.  While asleep, wakes the weights only (:meth:`wake_up` does the rest)."""
+        from ..models.hf import model_hf_state_dict
+        from ..training import full_params
+
+        t0 = time.perf_counter()
+        policy = self.model if policy is None else policy
+        if getattr(policy, "cfg", None) != self.cfg:
+            raise ValueError("policy does not match the engine's model config: the vLLM engine "
+                             "was built for another network")
+        if self._asleep and not self._weights_awake:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_awake = True
+        with torch.no_grad(), full_params(policy):
+            sd = model_hf_state_dict(policy)
+            missing = self.llm.apply_model(_push_weights_fn(sd, self.dtype))
+            del sd
+        not_loaded = sorted({n for worker in missing for n in (worker or [])})
+        if not_loaded:
+            raise RuntimeError(f"vLLM's model kept {len(not_loaded)} parameters the policy did "
+                               f"not provide (e.g. {not_loaded[:5]}): its network differs from "
+                               f"the policy's")
+        self.model = policy
+        self._track()
+        if self._asleep:
+            self._reset_pending = True
+        else:
+            self.llm.reset_prefix_cache()
         return time.perf_counter() - t0
 
+    def _track(self) -> None:
+        """Remember the bound policy's parameters (the sharded ones: outside ``full_params``)
+        and their version counters."""
+        if not getattr(self.model, "_r4b_full_depth", 0) or not self._tracked:
+            self._tracked = list(self.model.parameters())
+        self._versions = tuple(_version(p) for p in self._tracked)
+
+    def weights_stale(self) -> bool:
+        """Whether the bound policy's parameters were modified in place since the last sync."""
+        return tuple(_version(p) for p in self._tracked) != self._versions
+
     # ------------------------------------------------------------ generation
+    def _allowed_ids(self) -> list[int] | None:
+        key = (self.vocab_limit, tuple(self.banned_ids))
+        cached = self.__dict__.get("_allowed_cache")
+        if cached is None or cached[0] != key:
+            banned = set(self.banned_ids)
+            ids = [t for t in range(self.vocab_limit) if t not in banned] \
+                if self.vocab_limit is not None else None
+            self.__dict__["_allowed_cache"] = cached = (key, ids)
+        return cached[1]
+
     def _sampling_params(self, req: RolloutRequest, params: SamplingParams, seed: int | None):
         kw = dict(n=1, temperature=0.0 if params.greedy else params.temperature,
                   top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1,
@@ -173,8 +432,7 @@ class VLLMEngine:
                   stop_token_ids=sorted(self.stop_ids), ignore_eos=True, seed=seed,
                   detokenize=False, skip_special_tokens=False)
         if self.vocab_limit is not None:
-            banned = set(self.banned_ids)
-            kw["allowed_token_ids"] = [t for t in range(self.vocab_limit) if t not in banned]
+            kw["allowed_token_ids"] = self._allowed_ids()
         elif self.banned_ids:
             kw["logit_bias"] = {t: -100.0 for t in self.banned_ids}
         return self._vllm.SamplingParams(**kw)
@@ -182,9 +440,24 @@ class VLLMEngine:
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams,
                  generator: torch.Generator | None = None) -> list[Rollout]:
         """Generate one completion per request, in request order (see the module docstring
-        for how each field maps onto vLLM)."""
+        for how each field maps onto vLLM).  Syncs first when the policy changed since the
+        last sync (collective)."""
         requests = list(requests)
-        validate_requests(requests, params, max_seqlen=self.max_seqlen)
+        validate_requests(requests, params, max_seqlen=self.max_seqlen, vocab_size=self.vocab_size)
+        if self._asleep:
+            raise RuntimeError("VLLMEngine.generate while the engine is asleep: call wake_up() "
+                               "after the update")
+        if self.weights_stale():
+            log.info("the policy changed since the last weight sync: syncing the vLLM engine")
+            self.sync_weights()
+        if not params.greedy and params.temperature != 1.0:
+            bad = [i for i, r in enumerate(requests) if r.forced_ids]
+            if bad:
+                raise ValueError(f"requests[{bad[0]}] has forced tokens and the temperature is "
+                                 f"{params.temperature}: vLLM scores forced (prompt) tokens at "
+                                 f"temperature 1, so the vLLM engine supports forced tokens only "
+                                 f"at temperature 1 (use rl.routing 'prompt', temperature 1, or "
+                                 f"rollout.engine 'embedded')")
         if not requests:
             self.last_stats = {"seconds": 0.0, "rows": 0, "response_tokens": 0, "tokens_per_s": 0.0}
             return []
@@ -198,8 +471,9 @@ class VLLMEngine:
             prompt: dict[str, Any] = {"prompt_token_ids": [int(t) for t in r.prompt_ids]
                                       + [int(t) for t in r.forced_ids]}
             if r.images is not None and len(r.images):
-                imgs = tiles_to_images(torch.stack([torch.as_tensor(np.asarray(x), device="cpu")
-                                                    for x in r.images]))
+                if self.cfg.vision is None:
+                    raise ValueError(f"requests[{i}] has images but the model is text-only")
+                imgs = request_images(r.images, i)
                 prompt["multi_modal_data"] = {"image": imgs[0] if len(imgs) == 1 else imgs}
             prompts.append(prompt)
             sps.append(self._sampling_params(r, params, seed))
@@ -212,7 +486,9 @@ class VLLMEngine:
         return out
 
     def _rollout(self, req: RolloutRequest, output) -> Rollout:
-        """One vLLM ``RequestOutput`` → :class:`Rollout` (forced tokens first)."""
+        """One vLLM ``RequestOutput`` → :class:`Rollout` (forced tokens first).  Sampled
+        tokens: vLLM's processed log-probs as both fields (see the module docstring); forced
+        tokens: their prompt log-probs, behaviour = policy."""
         comp = output.outputs[0]
         gen_ids = [int(t) for t in comp.token_ids]
         if comp.logprobs is None or len(comp.logprobs) != len(gen_ids):
@@ -227,11 +503,80 @@ class VLLMEngine:
             # prompt_logprobs[k] scores prompt token k given tokens < k (entry 0 is None).
             n = len(req.prompt_ids)
             plp = output.prompt_logprobs
+            if plp is None or len(plp) < n + len(forced):
+                raise RuntimeError(f"vLLM returned no prompt log-probs for the forced tokens of "
+                                   f"request uid {req.uid!r}; prompt_logprobs=0 was requested")
             forced_lps = [float(plp[n + k][t].logprob) for k, t in enumerate(forced)]
         resp = forced + gen_ids
         finished = comp.finish_reason == "stop" and bool(gen_ids) and gen_ids[-1] in self.stop_ids
         chosen = None
         if self.mode_classifier is not None:
             chosen = self.mode_classifier([int(t) for t in req.prompt_ids], resp)
-        return Rollout(request=req, response_ids=resp, logprobs=forced_lps + gen_lps,
-                       finished=finished, mode_chosen=chosen)
+        lps = forced_lps + gen_lps
+        return Rollout(request=req, response_ids=resp, logprobs=lps, finished=finished,
+                       mode_chosen=chosen, behaviour_logprobs=list(lps))
+
+    # ------------------------------------------------------------ lifetime
+    def shutdown(self) -> None:
+        """Drop the vLLM instance and the engine's directory."""
+        self.llm = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from ..models.config import dtype_from_name
+
+    return dtype_from_name(name)
+
+
+_PROCESS_ENGINE: VLLMEngine | None = None
+_REBINDABLE = ("stop_ids", "mode_classifier", "vocab_limit", "banned_ids")
+
+
+def _spec_of(policy, kwargs: dict) -> dict:
+    """What identifies the vLLM instance ``VLLMEngine(policy, **kwargs)`` builds."""
+    from ..models.hf import hf_config_dict
+
+    return {"config": hf_config_dict(policy.cfg),
+            **{k: v for k, v in kwargs.items() if k not in _REBINDABLE}}
+
+
+def colocated_engine(policy: torch.nn.Module, **kwargs: Any) -> VLLMEngine:
+    """This process's vLLM engine, bound to ``policy`` (collective: call on every rank).
+
+    vLLM holds one model-parallel state per process, so one engine serves every stage of a
+    job (annealing, BPO, evaluation): the first call builds ``VLLMEngine(policy, **kwargs)``;
+    later calls with the same network and settings re-bind it to ``policy`` (stop ids,
+    classifier, vocabulary limit and banned ids may change) and push ``policy``'s weights.  A
+    call for another network or other vLLM settings is an error."""
+    global _PROCESS_ENGINE
+    spec = _spec_of(policy, kwargs)
+    eng = _PROCESS_ENGINE
+    if eng is None or eng.llm is None:
+        eng = VLLMEngine(policy, **kwargs)
+        eng._colocated_spec = spec
+        _PROCESS_ENGINE = eng
+        return eng
+    if spec != eng._colocated_spec:
+        diff = sorted(k for k in set(spec) | set(eng._colocated_spec)
+                      if spec.get(k) != eng._colocated_spec.get(k))
+        raise RuntimeError(f"this process already runs a vLLM engine built with other "
+                           f"settings ({diff}); vLLM holds one engine per process, so every "
+                           f"stage of a job must use the same network and rollout settings")
+    eng.stop_ids = set(int(i) for i in kwargs["stop_ids"])
+    eng.mode_classifier = kwargs.get("mode_classifier")
+    eng.vocab_limit = kwargs.get("vocab_limit")
+    eng.banned_ids = sorted(set(int(t) for t in kwargs.get("banned_ids", ())))
+    eng.wake_up()
+    eng.sync_weights(policy)
+    return eng
+
+
+def release_colocated_engine() -> None:
+    """Forget this process's engine (tests; vLLM itself cannot be re-initialised in-process)."""
+    global _PROCESS_ENGINE
+    if _PROCESS_ENGINE is not None:
+        _PROCESS_ENGINE.shutdown()
+    _PROCESS_ENGINE = None
