@@ -117,7 +117,7 @@ setup(
             "matplotlib>=3.8",
             "tensorboard>=2.15",
         ],
-        "gpu": ["flash-attn>=2.7", "transformer-engine[pytorch]>=2.9", "vllm>=0.10"],
+        "gpu": ["flash-attn>=2.7", "transformer-engine[pytorch]>=2.9", "vllm>=0.10.2"],
     },
     zip_safe=False,
 )
