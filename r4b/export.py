@@ -40,8 +40,6 @@ class ExportCLI:
     def __post_init__(self):
         if self.dtype is not None:
             require_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        if not (Path(self.run_dir) / "job.json").is_file():
-            raise ValueError(f"run_dir {self.run_dir!r} holds no job.json: not a run directory")
 
 
 def export(cli: ExportCLI, rt) -> Path:
@@ -80,17 +78,27 @@ def export(cli: ExportCLI, rt) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import torch.distributed as dist
+
     from .runtime import _expected_errors, init_runtime
 
     setup_logging()
     cli = parse_cli(ExportCLI, argv, prog="torchrun --nproc-per-node <tp_size> -m r4b.export",
                     description="Export an r4b run's checkpoint as a transformers checkpoint.")
-    rt = init_runtime(json.loads((Path(cli.run_dir) / "job.json").read_text())["setup"]["tp_size"])
+    # (checked here, not in ExportCLI: the parser builds the default ExportCLI first)
+    job = Path(cli.run_dir) / "job.json"
+    if not job.is_file():
+        log.error("run_dir %r holds no job.json: not a run directory", cli.run_dir)
+        return 1
+    rt = init_runtime(json.loads(job.read_text())["setup"]["tp_size"])
     try:
         export(cli, rt)
     except (*_expected_errors(), FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 1
+    finally:
+        # as the other entry points: not at interpreter exit, where a gloo worker can abort
+        dist.destroy_process_group()
     return 0
 
 
