@@ -228,3 +228,74 @@ def test_bf16_compute_with_fp32_master_moves_the_weights_fp32_moves_at_lr_1e_6(r
     assert agree >= 0.9 and cos >= 0.9, (agree, cos)
     # Each element moves by at most ~lr on AdamW's first step, in both runs.
     assert float(d16.abs().max()) <= 1.5e-6 and float(d32.abs().max()) <= 1.5e-6
+
+
+def _tied(batch, tied_groups):
+    """``batch`` with every rollout of ``tied_groups`` rewarded 1 and the others 0 / 1 by mode."""
+    out = []
+    for s in batch:
+        r = 1.0 if s.group in tied_groups else float(s.mode == 1)
+        out.append(dataclasses.replace(s, reward=r))
+    return out
+
+
+@pytest.mark.parametrize("bonus", [0.0, 0.5])
+def test_tie_bonus_moves_only_routing_tokens_of_tied_groups_towards_no_think(rt, bonus):
+    model, tmpl, tok, items, cfg = _parts(routing="token", tie_bonus=bonus)
+    trainer = BPOTrainer(cfg, policy=model, engine=build_engine(model, tmpl, tok, max_seqlen=256),
+                         template=tmpl, rt=rt)
+    gen = torch.Generator().manual_seed(3)
+    batch = trainer.rollout(items, 0, gen)
+    groups = sorted({s.group for s in batch})
+    batch = _tied(batch, set(groups[:2]))  # two tied groups, two where thinking wins
+    ga, keep = trainer.advantages(batch)
+    b = trainer.tie_bonus(batch, ga)
+    want = [(bonus if s.mode == 0 else -bonus) if s.group in groups[:2] else 0.0 for s in batch]
+    assert b.tolist() == pytest.approx(want)
+    weights = trainer.loss_weights(batch, keep)
+    mbs, _ = trainer.microbatches(batch, ga.advantages, weights, keep, b)
+    plain, _ = trainer.microbatches(batch, ga.advantages, weights, keep)
+    n_routing = 0
+    for mb, ref in zip(mbs, plain):
+        r = mb.routing_rows
+        n_routing += int(r.sum())
+        assert torch.equal(mb.advantages[~r], ref.advantages[~r]), "non-routing rows changed"
+        delta = (mb.advantages - ref.advantages)[r]
+        assert set(delta.abs().tolist()) <= {0.0, bonus}
+    assert n_routing == len(batch)
+
+    # Only the tied groups: with the bonus one step raises log pi(no-think routing token) and
+    # lowers log pi(think routing token); without it a batch of ties leaves the weights alone.
+    only_ties = [s for s in batch if s.group in groups[:2]]
+    ga, keep = trainer.advantages(only_ties)
+    mbs, _ = trainer.microbatches(only_ties, ga.advantages, trainer.loss_weights(only_ties, keep),
+                                  keep, trainer.tie_bonus(only_ties, ga))
+    trainer.score_old_and_ref(mbs)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.update(mbs)
+    if bonus == 0:
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        return
+    for mb in mbs:
+        new = trainer._logprobs(model, mb)
+        r = mb.routing_rows
+        up = (new - mb.old_lp)[r]
+        no_think = (mb.modes[r] == 0)
+        assert (up[no_think] > 0).all() and (up[~no_think] < 0).all(), up
+
+
+def test_tie_bonus_needs_token_routing_and_resolves_its_default():
+    assert RLConfig().effective_tie_bonus == 0.1
+    assert RLConfig(algo="grpo").effective_tie_bonus == 0.0
+    assert RLConfig(routing="prompt").effective_tie_bonus == 0.0
+    assert RLConfig(filter_zero_variance=True).effective_tie_bonus == 0.0
+    assert RLConfig(tie_bonus=0.0, routing="prompt").effective_tie_bonus == 0.0
+    for kw, field in (({"algo": "grpo"}, "'grpo'"), ({"routing": "prompt"}, "'prompt'"),
+                      ({"filter_zero_variance": True}, "True")):
+        with pytest.raises(ValueError, match=r"rl\.tie_bonus = 0\.3 needs .*" + field):
+            RLConfig(tie_bonus=0.3, **kw)
+    with pytest.raises(ValueError, match="rl.tie_bonus"):
+        RLConfig(tie_bonus=-1.0)
+    from r4b.config import parse_cli
+    job = parse_cli(BPOJob, ["--rl.algo", "grpo"])  # the default (None) survives overrides
+    assert job.rl.tie_bonus is None and job.rl.effective_tie_bonus == 0.0

@@ -28,7 +28,9 @@ distribution it was drawn from (after top-k / top-p; :mod:`r4b.rollout.sampling`
 engine vs trainer numerics and the truncation (with top-p the weight is about the kept mass S).  With ``routing="token"`` the
 forced routing token was drawn from the forcing distribution (1/2 per mode), not from the
 policy; its weight is multiplied by ``pi_old(token) / 0.5`` (≤ 2), which makes its gradient an
-unbiased estimate of the auto-mode objective's routing gradient.
+unbiased estimate of the auto-mode objective's routing gradient.  Ties (a group whose rewards
+are all equal) give the routing tokens a small advantage towards the cheaper mode (``RLConfig.tie_bonus``); without it a tie has no
+gradient at all.
 """
 
 from __future__ import annotations
@@ -213,6 +215,21 @@ class BPOTrainer:
             keep = ~ga.zero_variance[ga.inverse]
         return ga, keep
 
+    def tie_bonus(self, batch: list[Seq], ga) -> torch.Tensor:
+        """Per rollout: the extra advantage of its forced routing token (host).  In a group
+        whose rewards are all equal, ``+tie_bonus`` for no-think and ``-tie_bonus`` for
+        thinking rollouts (the cheaper mode wins a tie); 0 elsewhere."""
+        b = self.cfg.effective_tie_bonus
+        out = torch.zeros(len(batch), dtype=torch.float32, device="cpu")
+        if b <= 0:
+            return out
+        tie = ga.zero_variance[ga.inverse]
+        modes = torch.tensor([s.mode for s in batch], dtype=torch.int64, device="cpu")
+        forced = torch.tensor([s.forced > 0 for s in batch], dtype=torch.bool, device="cpu")
+        sign = torch.where(modes == MODE_ID["no_think"], 1.0, -1.0)
+        sign = torch.where(modes == MODE_ID["auto"], 0.0, sign)
+        return torch.where(tie & forced, sign * b, out)
+
     def loss_weights(self, batch: list[Seq], keep: torch.Tensor) -> torch.Tensor:
         """Per-token loss weight of every rollout, normalised over the global batch (host)."""
         cfg = self.cfg
@@ -238,9 +255,12 @@ class BPOTrainer:
 
     # ------------------------------------------------------------ 4. packing
     def microbatches(self, batch: list[Seq], adv: torch.Tensor, weights: torch.Tensor,
-                     keep: torch.Tensor) -> tuple[list[MicroBatch], dict]:
+                     keep: torch.Tensor, route_bonus: torch.Tensor | None = None
+                     ) -> tuple[list[MicroBatch], dict]:
         """This rank's packed micro-batches, each moved to the model's device in one copy;
-        per-row values are assembled on the host (they index per-sequence Python lists)."""
+        per-row values are assembled on the host (they index per-sequence Python lists).
+        ``route_bonus`` (per rollout, :meth:`tie_bonus`) is added to the advantage of forced
+        routing tokens only."""
         rt, cfg = self.rt, self.cfg
         dev = rt.device
         idx = keep.nonzero()[:, 0].tolist()
@@ -253,6 +273,7 @@ class BPOTrainer:
         sel_keep = torch.tensor(idx, dtype=torch.long, device="cpu")
         adv_k = adv[sel_keep].float()
         w_k = weights[sel_keep].float()
+        bonus_k = route_bonus[sel_keep].float() if route_bonus is not None else None
         modes_k = torch.tensor([s.mode for s in kept], dtype=torch.int8, device="cpu")
         plens_t = torch.tensor(plens, dtype=torch.long, device="cpu")
         out = []
@@ -280,7 +301,10 @@ class BPOTrainer:
                                    for j in seqs], dtype=torch.bool, device="cpu")
             routing = (pk.row_token == 0) & forced[pk.row_seq]
             rows = pk.rows
-            host = (tok_adv[rows], tok_w[rows], eng, beh, routing, modes_k[sel][pk.row_seq])
+            row_adv = tok_adv[rows]
+            if bonus_k is not None:
+                row_adv = torch.where(routing, row_adv + bonus_k[sel][pk.row_seq], row_adv)
+            host = (row_adv, tok_w[rows], eng, beh, routing, modes_k[sel][pk.row_seq])
             d_adv, d_w, d_eng, d_beh, d_routing, d_modes = (t.to(dev) for t in host)
             dpk = pk.to(dev)
             out.append(MicroBatch(pk=dpk, targets=dpk.targets, advantages=d_adv, weights=d_w,
@@ -416,7 +440,8 @@ class BPOTrainer:
         self.engine.sleep()
         ga, keep = self.advantages(batch)
         weights = self.loss_weights(batch, keep)
-        mbs, pack_stats = self.microbatches(batch, ga.advantages, weights, keep)
+        bonus = self.tie_bonus(batch, ga)
+        mbs, pack_stats = self.microbatches(batch, ga.advantages, weights, keep, bonus)
         t_old, t_ref = self.score_old_and_ref(mbs)
         t1 = time.perf_counter()
         upd = self.update(mbs) if mbs else {"loss": 0.0, "grad_norm": 0.0, "skipped_steps": 0}
@@ -424,6 +449,7 @@ class BPOTrainer:
         t_sync = self.engine.sync_weights(self.policy)  # wakes the engine's weights first
         self.engine.wake_up()
         metrics = rollout_metrics(batch, ga, keep)
+        metrics["tie_bonus_rollouts"] = int((bonus != 0).sum())
         metrics.update(upd)
         metrics.update(pack_stats)
         mism = [(mb.old_lp - mb.engine_lp).abs().max() for mb in mbs if mb.targets.numel()]

@@ -53,6 +53,16 @@ class RLConfig:
     min(exp(old - engine), tis_cap). None disables it."""
     filter_zero_variance: bool = False
     """Drop groups whose rewards are all equal (they carry no signal under std scaling)."""
+    tie_bonus: float | None = None
+    """Routing advantage of a tie: in a group whose 2g rewards are all equal (both modes
+    equally right, or equally wrong), the forced routing tokens get advantage ``+tie_bonus``
+    on no-think rollouts and ``-tie_bonus`` on thinking ones, so the cheaper mode wins a tie
+    (the oracle router's rule).  Without it a tie carries no gradient and the routing of easy
+    prompts drifts with what the harder ones teach (README, "Results").  Only the routing
+    token is touched; every other token keeps advantage 0.  0 is the paper's objective.
+    Needs ``algo='bpo'``, ``routing='token'`` and no zero-variance filtering (there is no
+    routing token otherwise, or no tie left).  None: 0.1 where it applies, else 0 (0.5
+    pulled level 2 to no-think on the embedded task: think rate 0.26, -12 points there)."""
     inner_epochs: int = 1
     """Passes over each rollout batch (>1 makes the ratio and clipping active)."""
     minibatches: int = 1
@@ -99,6 +109,14 @@ class RLConfig:
         require_choice("rl.routing", self.routing, ("prompt", "token"))
         if self.tis_cap is not None:
             require_range("rl.tis_cap", self.tis_cap, 1.0)
+        if self.tie_bonus is not None:
+            require_range("rl.tie_bonus", self.tie_bonus, 0.0)
+            if self.tie_bonus > 0 and not self._tie_bonus_applies():
+                raise ValueError(
+                    f"rl.tie_bonus = {self.tie_bonus} needs rl.algo = 'bpo', rl.routing = 'token' "
+                    f"and rl.filter_zero_variance = False, got {self.algo!r}, {self.routing!r}, "
+                    f"{self.filter_zero_variance!r} (there is no routing token or no tie to break; "
+                    f"set --rl.tie_bonus 0)")
         require_range("rl.inner_epochs", self.inner_epochs, 1)
         require_range("rl.minibatches", self.minibatches, 1)
         require_range("rl.tokens_per_microbatch", self.tokens_per_microbatch, 16)
@@ -115,3 +133,13 @@ class RLConfig:
                 raise ValueError("rl.levels must name at least one level, got ()")
             for lv in self.levels:
                 require_range("rl.levels[...]", lv, 0)
+
+    def _tie_bonus_applies(self) -> bool:
+        return self.algo == "bpo" and self.routing == "token" and not self.filter_zero_variance
+
+    @property
+    def effective_tie_bonus(self) -> float:
+        """``tie_bonus`` with None resolved: 0.1 where a tie bonus applies, else 0."""
+        if self.tie_bonus is not None:
+            return float(self.tie_bonus)
+        return 0.1 if self._tie_bonus_applies() else 0.0
