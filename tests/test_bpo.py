@@ -81,6 +81,15 @@ def test_first_inner_step_ratio_one_kl_zero_and_engine_logprobs(rt, routing, tas
     assert total_w == pytest.approx(1.0, abs=1e-5)  # mode_balanced weights sum to 1 globally
     if routing == "token":
         assert sum(int(mb.routing_rows.sum()) for mb in mbs) == len(batch)
+        # The no-think prefix's second forced token ('</think>') is template: no loss.
+        end_think = tmpl.forced_ids("no_think")[1]
+        n_template = 0
+        for mb in mbs:
+            rows = (mb.pk.row_token.to(mb.modes.device) == 1) & (mb.modes == 0)
+            assert (mb.targets[rows] == end_think).all()
+            assert (mb.weights[rows] == 0).all() and (mb.weights[~rows] > 0).all()
+            n_template += int(rows.sum())
+        assert n_template == sum(s.mode == 0 for s in batch)
 
 
 def test_update_changes_weights_and_nan_step_is_skipped(rt):

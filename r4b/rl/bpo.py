@@ -28,9 +28,10 @@ distribution it was drawn from (after top-k / top-p; :mod:`r4b.rollout.sampling`
 engine vs trainer numerics and the truncation (with top-p the weight is about the kept mass S).  With ``routing="token"`` the
 forced routing token was drawn from the forcing distribution (1/2 per mode), not from the
 policy; its weight is multiplied by ``pi_old(token) / 0.5`` (≤ 2), which makes its gradient an
-unbiased estimate of the auto-mode objective's routing gradient.  Ties (a group whose rewards
-are all equal) give the routing tokens a small advantage towards the cheaper mode (``RLConfig.tie_bonus``); without it a tie has no
-gradient at all.
+unbiased estimate of the auto-mode objective's routing gradient.  Forced tokens after the
+routing token (``</think>`` of the no-think prefix) are template, as under prompt routing: they
+carry no loss.  Ties (a group whose rewards are all equal) give the routing tokens a small
+advantage towards the cheaper mode (``RLConfig.tie_bonus``); without it a tie has no gradient.
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ class Seq:
     """Forced tokens at the start of the response (token routing)."""
     uid: str = ""
     images: list = field(default_factory=list)
+
+
+def template_tokens(s: "Seq") -> int:
+    """Forced tokens after the routing token of a forced-mode rollout (``</think>`` of the
+    no-think prefix under token routing): template, not a choice, so they carry no loss —
+    as under prompt routing, where the whole prefix is prompt."""
+    return max(s.forced - 1, 0) if s.mode != MODE_ID["auto"] else 0
 
 
 def build_requests(items: Sequence[Any], template, cfg: RLConfig, group_base: int) -> list[RolloutRequest]:
@@ -234,8 +242,8 @@ class BPOTrainer:
         """Per-token loss weight of every rollout, normalised over the global batch (host)."""
         cfg = self.cfg
         idx = keep.nonzero()[:, 0].tolist()
-        lens = torch.tensor([len(batch[i].response_ids) for i in idx], dtype=torch.int64,
-                            device="cpu")
+        lens = torch.tensor([len(batch[i].response_ids) - template_tokens(batch[i]) for i in idx],
+                            dtype=torch.int64, device="cpu")
         groups = torch.tensor([batch[i].group for i in idx], dtype=torch.int64, device="cpu")
         modes = torch.tensor([self._loss_mode(batch[i]) for i in idx], dtype=torch.int8,
                              device="cpu")
@@ -300,11 +308,14 @@ class BPOTrainer:
             forced = torch.tensor([kept[j].forced > 0 and kept[j].mode != MODE_ID["auto"]
                                    for j in seqs], dtype=torch.bool, device="cpu")
             routing = (pk.row_token == 0) & forced[pk.row_seq]
+            n_forced = torch.tensor([kept[j].forced for j in seqs], dtype=torch.long, device="cpu")
+            template = forced[pk.row_seq] & (pk.row_token >= 1) & (pk.row_token < n_forced[pk.row_seq])
             rows = pk.rows
             row_adv = tok_adv[rows]
             if bonus_k is not None:
                 row_adv = torch.where(routing, row_adv + bonus_k[sel][pk.row_seq], row_adv)
-            host = (row_adv, tok_w[rows], eng, beh, routing, modes_k[sel][pk.row_seq])
+            row_w = torch.where(template, 0.0, tok_w[rows])
+            host = (row_adv, row_w, eng, beh, routing, modes_k[sel][pk.row_seq])
             d_adv, d_w, d_eng, d_beh, d_routing, d_modes = (t.to(dev) for t in host)
             dpk = pk.to(dev)
             out.append(MicroBatch(pk=dpk, targets=dpk.targets, advantages=d_adv, weights=d_w,
