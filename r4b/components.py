@@ -449,7 +449,6 @@ def load_items(setup: Setup, data: str | None, *, n_train: int, n_eval: int,
     return samples[n:], samples[:n]
 
 
-
 def preflight(setup: Setup, template, cfg, items: Sequence[Sample], *, largest_budget: int,
               skip_bad: bool = False, what: str = "items") -> list[Sample]:
     """:func:`r4b.preflight.check_items` with the run's engine limit; the usable items."""

@@ -182,11 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     cli = parse_cli(EvaluateCLI, argv, prog="python -m r4b.evaluate",
                     description="Evaluate an r4b checkpoint per mode and difficulty level.")
-    from .runtime import _expected_errors
+    from .runtime import expected_errors
 
     try:
         engine, template, items, history = load_run(Path(cli.run_dir), cli.eval)
-    except (*_expected_errors(), FileNotFoundError) as e:
+    except (*expected_errors(), FileNotFoundError) as e:
         log.error("%s", e)
         return 1
     report = evaluate(engine, template, items, cli.eval)

@@ -12,7 +12,6 @@ a tokenizer directory.  ``from_pretrained(DIR)`` loads it; its logits are the ru
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ def export(cli: ExportCLI, rt) -> Path:
     """Load the run's checkpoint into this rank's shards and write ``cli.out_dir``."""
     from .checkpoint import latest_checkpoint, load_checkpoint
     from .components import Setup, make_tokenizer, model_config
+    from .data.tokenizer import copy_tokenizer_files
     from .config import config_from_dict
     from .models import build_model, to_hf
 
@@ -68,10 +68,7 @@ def export(cli: ExportCLI, rt) -> Path:
     to_hf(model, out, dtype=cli.dtype or cfg.params_dtype)
     tok_dir = setup.model.tokenizer_dir()
     if rt.is_main and tok_dir is not None:
-        for f in Path(tok_dir).iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template",
-                                  "preprocessor_config", "processor_config")):
-                shutil.copy2(f, out / f.name)
+        copy_tokenizer_files(tok_dir, out)
     log.info("exported %s (step %s) to %s", ck, json.loads((ck / "meta.json").read_text())["step"],
              out)
     return out
@@ -80,7 +77,7 @@ def export(cli: ExportCLI, rt) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
-    from .runtime import _expected_errors, init_runtime
+    from .runtime import init_runtime, run_entry
 
     setup_logging()
     cli = parse_cli(ExportCLI, argv, prog="torchrun --nproc-per-node <tp_size> -m r4b.export",
@@ -92,14 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     rt = init_runtime(json.loads(job.read_text())["setup"]["tp_size"])
     try:
-        export(cli, rt)
-    except (*_expected_errors(), FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 1
+        return run_entry(export, cli, rt, also=(FileNotFoundError, ValueError))
     finally:
         # as the other entry points: not at interpreter exit, where a gloo worker can abort
         dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class Runtime:
     """A gloo group over all ranks for health checks (monitored barriers name silent ranks)."""
     timeouts: dict[str, float] = field(default_factory=dict)
     """Seconds a rank waits for its peers, per phase (see :meth:`phase`)."""
+    _phase: str | None = field(default=None, init=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -71,8 +72,6 @@ class Runtime:
         finally:
             self._phase = prev
             self._set_timeout(self.timeouts.get(prev) if prev else None)
-
-    _phase: str | None = field(default=None, init=False, repr=False)
 
     def _set_timeout(self, seconds: float | None) -> None:
         if seconds is None or self.world_size == 1 or not dist.is_initialized():
@@ -244,8 +243,8 @@ def broadcast_object(obj: Any, rt: Runtime, src: int = 0) -> Any:
     return box[0]
 
 
-#: Errors whose message says everything: an entry point logs them without a traceback.
-def _expected_errors() -> tuple[type, ...]:
+def expected_errors() -> tuple[type, ...]:
+    """Errors whose message says everything: an entry point logs them without a traceback."""
     from .checkpoint import CheckpointError
     from .preflight import PreflightError
     from .rundir import RunDirBusy
@@ -253,13 +252,14 @@ def _expected_errors() -> tuple[type, ...]:
     return (PeerError, RunDirBusy, PreflightError, CheckpointError)
 
 
-def run_entry(fn, job, rt: Runtime) -> int:
+def run_entry(fn, job, rt: Runtime, *, also: tuple[type, ...] = ()) -> int:
     """Run an entry point's ``fn(job, rt)``: 0 on success; 1 with one error line (no
     traceback) for errors that name their cause (a busy run directory, a bad data item, an
-    unloadable checkpoint, a silent peer); anything else propagates with its traceback."""
+    unloadable checkpoint, a silent peer, and the entry point's own ``also``); anything else
+    propagates with its traceback."""
     try:
         fn(job, rt)
         return 0
-    except _expected_errors() as e:
+    except (*expected_errors(), *also) as e:
         log.error("%s", e)
         return 1

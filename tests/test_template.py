@@ -261,3 +261,22 @@ def test_hf_tokenizer_local_only(tmp_path, hf_dir):
     assert tok.vocab_size == HFTokenizer(hf_dir).vocab_size
     tpl = ChatTemplate(tok, 2)
     assert tpl.prompt_ids("q?", 1).count(tok.image_token_id) == 2
+
+
+def test_copy_tokenizer_files_takes_tokenizer_and_processor_files_and_code_only_when_asked(tmp_path):
+    from r4b.data.tokenizer import copy_tokenizer_files
+
+    src, a, b = tmp_path / "src", tmp_path / "a", tmp_path / "b"
+    for d in (src, a, b):
+        d.mkdir()
+    names = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+             "added_tokens.json", "special_tokens_map.json", "chat_template.jinja",
+             "preprocessor_config.json", "model.safetensors", "config.json", "modeling_r.py"]
+    for n in names:
+        (src / n).write_text(n)
+    (src / "tokenizer_dir").mkdir()  # a directory is never copied
+    want = sorted(set(names) - {"model.safetensors", "config.json", "modeling_r.py"})
+    assert copy_tokenizer_files(src, a) == want
+    assert sorted(p.name for p in a.iterdir()) == want
+    assert (a / "vocab.json").read_text() == "vocab.json"
+    assert copy_tokenizer_files(src, b, with_code=True) == sorted(want + ["modeling_r.py"])

@@ -31,6 +31,27 @@ PAD = "<pad>"
 #: The special-token strings the chat template relies on (all single tokens).
 TEMPLATE_SPECIALS: tuple[str, ...] = (IM_START, IM_END, THINK_START, THINK_END, IMAGE, ENDOFTEXT)
 
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens", "vocab", "merges", "added_tokens",
+                           "chat_template", "preprocessor_config", "processor_config")
+"""Files of a Hugging Face tokenizer / processor directory that travel with a checkpoint (what
+transformers' and vLLM's tokenizers and image processors read)."""
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike, *,
+                         with_code: bool = False) -> list[str]:
+    """Copy the tokenizer / processor files of ``src`` (:data:`TOKENIZER_FILE_PREFIXES`; its
+    ``*.py`` files too with ``with_code``, for ``trust_remote_code``) into ``dst``; returns
+    the names copied."""
+    import shutil
+
+    copied = []
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and (f.name.startswith(TOKENIZER_FILE_PREFIXES)
+                            or (with_code and f.suffix == ".py")):
+            shutil.copy2(f, Path(dst) / f.name)
+            copied.append(f.name)
+    return copied
+
 
 @runtime_checkable
 class Tokenizer(Protocol):

@@ -88,11 +88,17 @@ class Seq:
     images: list = field(default_factory=list)
 
 
+def routed(s: "Seq") -> bool:
+    """Whether ``s`` is a forced-mode rollout whose first response token is the forced routing
+    token (token routing)."""
+    return s.forced > 0 and s.mode != MODE_ID["auto"]
+
+
 def template_tokens(s: "Seq") -> int:
     """Forced tokens after the routing token of a forced-mode rollout (``</think>`` of the
     no-think prefix under token routing): template, not a choice, so they carry no loss —
     as under prompt routing, where the whole prefix is prompt."""
-    return max(s.forced - 1, 0) if s.mode != MODE_ID["auto"] else 0
+    return s.forced - 1 if routed(s) else 0
 
 
 def build_requests(items: Sequence[Any], template, cfg: RLConfig, group_base: int) -> list[RolloutRequest]:
@@ -232,11 +238,9 @@ class BPOTrainer:
         if b <= 0:
             return out
         tie = ga.zero_variance[ga.inverse]
-        modes = torch.tensor([s.mode for s in batch], dtype=torch.int64, device="cpu")
-        forced = torch.tensor([s.forced > 0 for s in batch], dtype=torch.bool, device="cpu")
-        sign = torch.where(modes == MODE_ID["no_think"], 1.0, -1.0)
-        sign = torch.where(modes == MODE_ID["auto"], 0.0, sign)
-        return torch.where(tie & forced, sign * b, out)
+        no_think = torch.tensor([s.mode == MODE_ID["no_think"] for s in batch], device="cpu")
+        mask = tie & torch.tensor([routed(s) for s in batch], dtype=torch.bool, device="cpu")
+        return torch.where(mask, torch.where(no_think, b, -b), out)
 
     def loss_weights(self, batch: list[Seq], keep: torch.Tensor) -> torch.Tensor:
         """Per-token loss weight of every rollout, normalised over the global batch (host)."""
@@ -305,11 +309,11 @@ class BPOTrainer:
                                dtype=torch.float32, device="cpu")
             beh = torch.tensor([kept[seqs[j]].behaviour_logprobs[k] for j, k in at],
                                dtype=torch.float32, device="cpu")
-            forced = torch.tensor([kept[j].forced > 0 and kept[j].mode != MODE_ID["auto"]
-                                   for j in seqs], dtype=torch.bool, device="cpu")
+            forced = torch.tensor([routed(kept[j]) for j in seqs], dtype=torch.bool, device="cpu")
             routing = (pk.row_token == 0) & forced[pk.row_seq]
-            n_forced = torch.tensor([kept[j].forced for j in seqs], dtype=torch.long, device="cpu")
-            template = forced[pk.row_seq] & (pk.row_token >= 1) & (pk.row_token < n_forced[pk.row_seq])
+            n_template = torch.tensor([template_tokens(kept[j]) for j in seqs], dtype=torch.long,
+                                      device="cpu")
+            template = (pk.row_token >= 1) & (pk.row_token <= n_template[pk.row_seq])
             rows = pk.rows
             row_adv = tok_adv[rows]
             if bonus_k is not None:

@@ -113,7 +113,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -137,12 +136,6 @@ VLLM_MISSING = ("the vLLM rollout engine needs vLLM, which is not installed; ins
 
 SLEEP_LEVELS = (1, 2)
 """``LLM.sleep`` levels: 1 backs the weights up in CPU memory, 2 drops them."""
-
-TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens", "vocab", "merges", "added_tokens",
-                           "chat_template", "preprocessor_config", "processor_config")
-"""Files copied from the tokenizer directory next to the engine's ``config.json`` (what
-vLLM's tokenizer and multimodal processor read)."""
-
 
 class VLLMMissing(ImportError, ValueError):
     """vLLM is not installed (an ``ImportError``; also a ``ValueError`` so the command-line
@@ -296,11 +289,14 @@ class VLLMEngine:
         self.vocab_limit = vocab_limit
         self.vocab_size = V
         self.banned_ids = sorted(set(int(t) for t in banned_ids))
+        self._allowed_cache: tuple | None = None
         if any(not 0 <= t < V for t in self.banned_ids):
             raise ValueError(f"banned_ids must lie in [0, {V}), got {self.banned_ids}")
         self.sleep_level = sleep_level
         self.cfg = cfg
-        self.dtype = _torch_dtype(cfg.params_dtype)
+        from ..models.config import dtype_from_name
+
+        self.dtype = dtype_from_name(cfg.params_dtype)
         self._vllm = vllm
         self._tmp = None
         if work_dir is None:
@@ -331,6 +327,7 @@ class VLLMEngine:
     def _write_model_dir(self, policy, tokenizer_dir, trust_remote_code: bool) -> None:
         """``config.json`` of ``policy`` (transformers format, what vLLM builds the network
         from) plus the tokenizer / processor files of ``tokenizer_dir``; no weights."""
+        from ..data.tokenizer import copy_tokenizer_files
         from ..models.hf import hf_config_dict
 
         d = self.model_dir
@@ -338,11 +335,7 @@ class VLLMEngine:
         cfg_dict = hf_config_dict(policy.cfg, getattr(policy, "hf_config_source", None))
         (d / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True))
         if tokenizer_dir is not None:
-            src = Path(tokenizer_dir)
-            for f in sorted(src.iterdir()):
-                if f.is_file() and (f.name.startswith(TOKENIZER_FILE_PREFIXES)
-                                    or (trust_remote_code and f.suffix == ".py")):
-                    shutil.copy2(f, d / f.name)
+            copy_tokenizer_files(tokenizer_dir, d, with_code=trust_remote_code)
 
     # ------------------------------------------------------------ sleep / wake
     def sleep(self) -> None:
@@ -415,14 +408,16 @@ class VLLMEngine:
 
     # ------------------------------------------------------------ generation
     def _allowed_ids(self) -> list[int] | None:
+        """``allowed_token_ids`` of every request: the vocabulary below ``vocab_limit`` minus
+        the banned ids (None without a limit); cached per (limit, banned ids), which a rebind
+        may change."""
         key = (self.vocab_limit, tuple(self.banned_ids))
-        cached = self.__dict__.get("_allowed_cache")
-        if cached is None or cached[0] != key:
+        if self._allowed_cache is None or self._allowed_cache[0] != key:
             banned = set(self.banned_ids)
             ids = [t for t in range(self.vocab_limit) if t not in banned] \
                 if self.vocab_limit is not None else None
-            self.__dict__["_allowed_cache"] = cached = (key, ids)
-        return cached[1]
+            self._allowed_cache = (key, ids)
+        return self._allowed_cache[1]
 
     def _sampling_params(self, req: RolloutRequest, params: SamplingParams, seed: int | None):
         kw = dict(n=1, temperature=0.0 if params.greedy else params.temperature,
@@ -523,12 +518,6 @@ class VLLMEngine:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    from ..models.config import dtype_from_name
-
-    return dtype_from_name(name)
 
 
 _PROCESS_ENGINE: VLLMEngine | None = None
