@@ -289,7 +289,6 @@ class VLLMEngine:
         self.vocab_limit = vocab_limit
         self.vocab_size = V
         self.banned_ids = sorted(set(int(t) for t in banned_ids))
-        self._allowed_cache: tuple | None = None
         if any(not 0 <= t < V for t in self.banned_ids):
             raise ValueError(f"banned_ids must lie in [0, {V}), got {self.banned_ids}")
         self.sleep_level = sleep_level
@@ -407,6 +406,9 @@ class VLLMEngine:
         return tuple(_version(p) for p in self._tracked) != self._versions
 
     # ------------------------------------------------------------ generation
+    _allowed_cache: tuple | None = None
+    """(vocab_limit, banned ids) and the ``allowed_token_ids`` they give."""
+
     def _allowed_ids(self) -> list[int] | None:
         """``allowed_token_ids`` of every request: the vocabulary below ``vocab_limit`` minus
         the banned ids (None without a limit); cached per (limit, banned ids), which a rebind
