@@ -1,4 +1,9 @@
-"""Build and install r4b (trainer), r4b_kernels (Triton kernels) and the C++/CUDA packer.
+"""Build and install r4b (the trainer) and its C++/CUDA packer.
+
+The Triton kernels are their own distribution, ``r4b-kernels`` (import name ``r4b_kernels``,
+sources in ``kernels/r4b_kernels/``, built by ``kernels/pyproject.toml``); r4b depends on it
+through a direct reference to that folder, so ``pip install -e .`` installs both.  To edit the
+kernels in place as well, run ``pip install --no-deps -e ./kernels`` after it.
 
 The packer extension is built by CMake (CMakeLists.txt).  The C++ module ``r4b._C`` always
 builds; the CUDA module ``r4b._C_cuda`` builds only when nvcc is found and ``R4B_SKIP_CUDA``
@@ -89,14 +94,15 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["r4b", "r4b.*"]) + ["r4b_kernels"],
-    package_dir={"r4b": "r4b", "r4b_kernels": "kernels"},
+    packages=find_packages(include=["r4b", "r4b.*"]),
     ext_modules=[CMakeExtension("r4b._C")]
     + ([CMakeExtension("r4b._C_cuda")] if _find_nvcc()[0] else []),
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         # Install torch first (CPU: `pip install torch==2.13.0`); any >=2.6 build works.
         "torch>=2.6",
+        # The kernels' own distribution, from this checkout (kernels/pyproject.toml).
+        f"r4b-kernels @ {(ROOT / 'kernels').as_uri()}",
         "triton>=3.3; platform_system == 'Linux'",
         "megatron-core>=0.16.1,<0.17",
         "liger-kernel>=0.8.5,<0.9",

@@ -16,7 +16,7 @@ import torch
 import r4b_kernels
 from r4b_kernels import grouped_advantage, token_advantage_weights
 
-from ._harness import peak_extra_memory, record, time_fn
+from _harness import peak_extra_memory, record, time_fn
 
 GROUP = 16  # 8 think + 8 no-think rollouts per prompt
 

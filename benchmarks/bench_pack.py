@@ -18,7 +18,7 @@ import torch
 
 from r4b import packing as P
 
-from ._harness import record, time_fn
+from _harness import record, time_fn
 
 FIELDS = ("input_ids", "position_ids", "labels", "loss_mask", "mode", "advantage", "seq_index",
           "cu_seqlens", "response_rows")

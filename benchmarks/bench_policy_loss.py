@@ -30,7 +30,7 @@ import torch
 pl = importlib.import_module("r4b_kernels.policy_loss")
 from pathlib import Path
 
-from benchmarks._harness import copy_gbps, matmul_tflops, peak_extra_memory, record, time_fn
+from _harness import copy_gbps, matmul_tflops, peak_extra_memory, record, time_fn
 
 H4B, V4B = 2560, 151936
 GB = 1e9
@@ -199,7 +199,7 @@ def test_peak_extra_memory_counts_from_a_clean_baseline(monkeypatch, bench_mode)
     baseline while the old gradients are still held (no reset) reads X: low by G."""
     if bench_mode:
         pytest.skip("smoke run only without --benchmark")
-    import benchmarks._harness as harness
+    import _harness as harness
 
     mem = {"cur": 0, "peak": 0}
 

@@ -10,7 +10,7 @@ Phases, each with its own timeout, the whole inside ``--budget-s`` (480 s by def
                 ``test`` extra + the build tools, and what they need) except torch, triton and
                 what those need; then pip resolves the set offline (``--dry-run --no-index``)
   install       ``pip install --no-index --find-links <wheels> ...``
-  build         ``pip install --no-index --no-build-isolation --no-deps -e .``: the packer
+  build         ``pip install --no-index --no-build-isolation --no-deps -e kernels -e .``: the packer
                 extension, built with this machine's nvcc; torch is never downloaded
   extension     ``r4b.packing.HAS_R4B_C`` and ``HAS_R4B_CUDA`` must both be True
   gpu_tests     ``pytest -m gpu tests benchmarks``
@@ -67,6 +67,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SCHEMA = "r4b-device-check/1"
 MACHINE_PROVIDED = ("torch", "triton")
+# Distributions of this checkout that setup.py names by a direct reference to a folder: the
+# build phase installs them from the folder (editable, no index), not from the wheel folder.
+LOCAL_DISTS = {"r4b-kernels": "kernels"}
 """Distributions the GPU machine brings: never installed from the folder, never downloaded."""
 
 PHASES = (  # name, timeout in seconds
@@ -173,9 +176,18 @@ def project_requirements(repo: Path = REPO) -> list[str]:
     if not calls:
         raise RuntimeError(f"no setup(...) call in {repo / 'setup.py'}")
     kw = {k.arg: k.value for k in calls[0].keywords if k.arg}
-    reqs = list(ast.literal_eval(kw["install_requires"]))
+    reqs = []
+    for node in kw["install_requires"].elts:
+        if isinstance(node, ast.JoinedStr):  # f"r4b-kernels @ {folder}": a local distribution
+            head = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+            if req_name(head) not in LOCAL_DISTS:
+                raise RuntimeError(f"setup.py: install_requires entry {ast.unparse(node)} is "
+                                   f"neither a literal nor one of {sorted(LOCAL_DISTS)}")
+            continue
+        reqs.append(ast.literal_eval(node))
     reqs += list(ast.literal_eval(kw["extras_require"]).get("test", []))
-    return [r.strip() for r in reqs if req_name(r) not in MACHINE_PROVIDED]
+    return [r.strip() for r in reqs
+            if req_name(r) not in MACHINE_PROVIDED and req_name(r) not in LOCAL_DISTS]
 
 
 def build_requirements(repo: Path = REPO) -> list[str]:
@@ -840,7 +852,8 @@ class Check:
             say("  ! no wheel for: " + ", ".join(missing))
 
     def phase_build(self, rec, t_end):
-        build = self._pip("--no-build-isolation", "--no-deps", "-v", "-e", str(REPO))
+        local = [a for d in LOCAL_DISTS.values() for a in ("-e", str(REPO / d))]
+        build = self._pip("--no-build-isolation", "--no-deps", "-v", *local, "-e", str(REPO))
         # without make, CMake generates for ninja (a system one or the ninja wheel's)
         no_make = not shutil.which("make", path=_child_env()["PATH"])
         extra = rec["build_env"] = {"CMAKE_GENERATOR": "Ninja"} if no_make else {}

@@ -472,7 +472,7 @@ def test_readme_example_runs(capsys):
     says."""
     import pathlib
     import re
-    text = (pathlib.Path(r4b_kernels.__file__).parent / "README.md").read_text()
+    text = (pathlib.Path(__file__).resolve().parents[1] / "kernels" / "README.md").read_text()
     section = text.split("## grouped_advantage\n", 1)[1].split("\n## ", 1)[0]
     code = re.findall(r"```python\n(.*?)```", section, re.S)[-1]
     exec(compile(code, "README.md", "exec"), {})

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,25 +17,15 @@ from r4b.models.vision import (
 )
 from r4b.models.vision import _gather_hf, _HFEntry
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=4,
             image_size=16)
 
 
 def _siglip_classes():
-    """transformers' SigLIP vision classes.
+    """transformers' SigLIP vision classes."""
+    from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipVisionModel
 
-    transformers probes for an optional package importable as ``kernels``; the repository root
-    (on ``sys.path`` under pytest) has a ``kernels/`` directory that would answer that probe, so
-    the root is hidden from ``sys.path`` while the SigLIP module is imported.
-    """
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
-    try:
-        from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
-        from transformers.models.siglip.modeling_siglip import SiglipVisionModel
-    finally:
-        sys.path[:] = saved
     return SiglipVisionConfig, SiglipVisionModel
 
 
