@@ -50,6 +50,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import JobError
 from .log import get_logger
 
 log = get_logger(__name__)
@@ -58,7 +59,7 @@ FORMAT = "r4b-sharded-1"
 _STEP_RE = re.compile(r"^step_(\d{8})(?:-r(\d+))?$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(JobError, RuntimeError):
     """A checkpoint cannot be loaded; the message names the file and what is wrong."""
 
 

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .data import Sample
+from .errors import JobError
 from .log import get_logger
 
 log = get_logger(__name__)
 
 
-class PreflightError(ValueError):
+class PreflightError(JobError, ValueError):
     """An item the run cannot use; the message names it, the field and the limit."""
 
 

@@ -17,14 +17,16 @@ import socket
 import sys
 from pathlib import Path
 
+from .errors import JobError
 from .log import get_logger
+from .runtime import broadcast_object
 
 log = get_logger(__name__)
 
 LOCK_NAME = ".lock"
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(JobError, RuntimeError):
     """Another live job holds the run directory."""
 
 
@@ -86,8 +88,6 @@ def lock_run_dir(run_dir: str | os.PathLike, rt=None) -> RunLock:
     if rt is None or rt.is_main:
         fd, holder = _try_lock(path)
     if rt is not None and rt.world_size > 1:
-        from .runtime import broadcast_object
-
         holder = broadcast_object(holder, rt)
     if holder is not None:
         who = ", ".join(f"{k} {v}" for k, v in holder.items()) or "an unknown process"

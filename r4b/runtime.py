@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from .errors import JobError
 from .log import get_logger
 from .models.parallel import _parallel_state, init_model_parallel
 
@@ -105,7 +106,7 @@ class Runtime:
             return sorted(found - {self.rank}) or ["unknown"]
 
 
-class PeerError(RuntimeError):
+class PeerError(JobError, RuntimeError):
     """A peer rank died or stopped answering; the message names it and the phase."""
 
 
@@ -245,11 +246,7 @@ def broadcast_object(obj: Any, rt: Runtime, src: int = 0) -> Any:
 
 def expected_errors() -> tuple[type, ...]:
     """Errors whose message says everything: an entry point logs them without a traceback."""
-    from .checkpoint import CheckpointError
-    from .preflight import PreflightError
-    from .rundir import RunDirBusy
-
-    return (PeerError, RunDirBusy, PreflightError, CheckpointError)
+    return (JobError,)
 
 
 def run_entry(fn, job, rt: Runtime, *, also: tuple[type, ...] = ()) -> int:

@@ -70,12 +70,21 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # the model package imports torch and megatron; only its config is read here
-    from ..models.config import ModelConfig
+
+class ImageConfig(Protocol):
+    """The fields of a model configuration this module reads (``r4b.models.ModelConfig`` has
+    them; the model package is not imported here: it needs torch and megatron)."""
+
+    vision: Any  # .image_size, .patch_size, .num_channels; None for a text-only model
+    image_layout: str
+    image_grid_pinpoints: Sequence[tuple[int, int]]
+    vision_aspect_ratio: str
+    image_mean: Sequence[float]
+    image_std: Sequence[float]
 
 __all__ = [
     "ProcessedImage", "AnyresGrid", "ImageLayout", "num_image_tokens", "prompt_image_tokens",
@@ -126,7 +135,7 @@ class ImageLayout:
         return self.patches_per_side ** 2
 
     @classmethod
-    def of(cls, cfg: "ModelConfig | ImageLayout") -> "ImageLayout":
+    def of(cls, cfg: "ImageConfig | ImageLayout") -> "ImageLayout":
         """The layout of a ``ModelConfig`` (an ``ImageLayout`` passes through)."""
         if isinstance(cfg, ImageLayout):
             return cfg
@@ -215,7 +224,7 @@ class AnyresGrid:
         return h * (w + 1)
 
 
-def anyres_grid(height: int, width: int, cfg: "ModelConfig | ImageLayout") -> AnyresGrid:
+def anyres_grid(height: int, width: int, cfg: "ImageConfig | ImageLayout") -> AnyresGrid:
     """Grid, unpadding window and output size of an ``height x width`` image (see the module
     docstring); the model lays the features out with it and :func:`num_image_tokens` counts."""
     lay = ImageLayout.of(cfg)
@@ -245,7 +254,7 @@ def anyres_grid(height: int, width: int, cfg: "ModelConfig | ImageLayout") -> An
     return AnyresGrid(rows=rows, cols=cols, crop=(top, bottom, left, right), out_size=out)
 
 
-def num_image_tokens(height: int, width: int, cfg: "ModelConfig | ImageLayout", *,
+def num_image_tokens(height: int, width: int, cfg: "ImageConfig | ImageLayout", *,
                      multi_image: bool = False) -> int:
     """Placeholder tokens the model fills for one ``height x width`` image (pixels).
 
@@ -267,7 +276,7 @@ def num_image_tokens(height: int, width: int, cfg: "ModelConfig | ImageLayout", 
 
 
 def prompt_image_tokens(sizes: Sequence[tuple[int, int]],
-                        cfg: "ModelConfig | ImageLayout") -> list[int]:
+                        cfg: "ImageConfig | ImageLayout") -> list[int]:
     """Placeholder tokens of each image of one prompt, ``sizes`` its ``(height, width)`` in
     order: a lone image takes AnyRes, two or more take the multi-image form each."""
     multi = len(sizes) > 1
@@ -382,7 +391,7 @@ def _normalise(tiles: np.ndarray, lay: ImageLayout) -> np.ndarray:
     return out
 
 
-def process_image(image: Any, cfg: "ModelConfig | ImageLayout", *,
+def process_image(image: Any, cfg: "ImageConfig | ImageLayout", *,
                   multi_image: bool = False) -> ProcessedImage:
     """Tiles, original size and token count of one image (see the module docstring).
 
@@ -435,7 +444,7 @@ def _process_tile(image: Any, lay: ImageLayout) -> ProcessedImage:
 
 
 def process_prompt_images(images: Sequence[Any],
-                          cfg: "ModelConfig | ImageLayout") -> list[ProcessedImage]:
+                          cfg: "ImageConfig | ImageLayout") -> list[ProcessedImage]:
     """:func:`process_image` for every image of one prompt: a lone image takes AnyRes, two or
     more take the multi-image form each (as :func:`prompt_image_tokens` counts)."""
     multi = len(images) > 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import require_choice, require_range
+from ..data.images import parse_vision_aspect_ratio
 from .vision import VisionConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -172,8 +173,6 @@ class ModelConfig:
             raise ValueError(f"image_std values must be > 0, got {self.image_std!r}")
         if self.image_layout != "anyres":
             return
-        from ..data.images import parse_vision_aspect_ratio
-
         parse_vision_aspect_ratio(self.vision_aspect_ratio)
         if self.vision is None:
             raise ValueError("image_layout='anyres' needs a vision config, got vision=None")
