@@ -98,31 +98,38 @@ setup(
     ext_modules=[CMakeExtension("r4b._C")]
     + ([CMakeExtension("r4b._C_cuda")] if _find_nvcc()[0] else []),
     cmdclass={"build_ext": CMakeBuild},
+    # Every range names versions that have run the test suite: the lower ends are what
+    # `.ci/run` resolves on Python 3.11 (torch 2.13.0 CPU), the upper ends what `.ci/newest`
+    # resolved on Python 3.12+ (README "Install", "Tested versions").
     install_requires=[
-        # Install torch first (CPU: `pip install torch==2.13.0`); any >=2.6 build works.
-        "torch>=2.6",
+        # Install torch first (CPU: `pip install torch==2.13.0`), or pip picks the CUDA build.
+        "torch>=2.13,<2.16",
         # The kernels' own distribution, from this checkout (kernels/pyproject.toml).
         f"r4b-kernels @ {(ROOT / 'kernels').as_uri()}",
-        "triton>=3.3; platform_system == 'Linux'",
-        "megatron-core>=0.16.1,<0.17",
+        "triton>=3.6,<3.10; platform_system == 'Linux'",
+        # 0.17+ need Python >= 3.12; on 3.10/3.11 pip resolves 0.16.1.
+        "megatron-core>=0.16.1,<0.20",
         "liger-kernel>=0.8.5,<0.9",
-        "numpy>=1.26",
-        "safetensors>=0.4",
-        "tyro>=1.0,<2",
-        "tqdm>=4.66",
-        "pillow>=10",  # image decoding and AnyRes resizing (r4b.data.images)
+        "numpy>=2.4,<3",
+        "safetensors>=0.8,<1",
+        "tyro>=1.0.17,<2",
+        "tqdm>=4.70,<5",
+        "pillow>=13,<14",  # image decoding and AnyRes resizing (r4b.data.images)
     ],
     extras_require={
         "test": [
-            "pytest>=8",
-            "pytest-benchmark>=5",
-            "pybind11>=2.12",  # the extension-build tests configure CMake against it
-            "hypothesis>=6.100",
-            "transformers>=4.51",
-            "pyarrow>=15",
-            "matplotlib>=3.8",
-            "tensorboard>=2.15",
+            "pytest>=9.2,<10",
+            "pytest-benchmark>=5.3,<6",
+            "pybind11>=3.1,<4",  # the extension-build tests configure CMake against it
+            "hypothesis>=6.170,<7",
+            # 5.25 imports Hugging Face's `kernels` package (see tests/test_layout.py)
+            "transformers>=5.25,<6",
+            "pyarrow>=26,<27",
+            "matplotlib>=3.11,<4",
+            "tensorboard>=2.21,<3",
         ],
+        # Optional, imported lazily; none of them installs or runs on a CPU-only machine.
+        # vllm: the engine is checked against the released source of these versions.
         "gpu": ["flash-attn>=2.7", "transformer-engine[pytorch]>=2.9", "vllm>=0.10.2"],
     },
     zip_safe=False,
