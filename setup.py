@@ -106,7 +106,7 @@ setup(
         "torch>=2.13,<2.16",
         # The kernels' own distribution, from this checkout (kernels/pyproject.toml).
         f"r4b-kernels @ {(ROOT / 'kernels').as_uri()}",
-        "triton>=3.6,<3.10; platform_system == 'Linux'",
+        "triton>=3.9,<3.10; platform_system == 'Linux'",
         # 0.17+ need Python >= 3.12; on 3.10/3.11 pip resolves 0.16.1.
         "megatron-core>=0.16.1,<0.20",
         "liger-kernel>=0.8.5,<0.9",

@@ -158,3 +158,27 @@ def test_cycle_finder_finds_a_planted_cycle():
 def test_no_import_cycles():
     for pkg in (REPO / "r4b", REPO / "kernels" / "r4b_kernels"):
         assert _cycles(_module_graph(pkg)) == [], pkg
+
+
+def test_kernels_wheel_is_only_r4b_kernels_with_torch_triton_numpy(tmp_path):
+    """`pip install ./kernels` builds a wheel holding r4b_kernels alone, needing only torch
+    (and triton, with the numpy triton imports, on Linux) -- no r4b, megatron-core or C++."""
+    import zipfile
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(tmp_path), str(REPO / "kernels")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("r4b_kernels-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = z.read(meta).decode()
+    packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert packages == {"r4b_kernels"}, packages
+    assert "r4b_kernels/policy_loss.py" in names and "r4b_kernels/grouped_advantage.py" in names
+    requires = sorted(line.split(":", 1)[1].split(";")[0].strip().split(">")[0].split("<")[0]
+                      .split("=")[0].strip()
+                      for line in metadata.splitlines() if line.startswith("Requires-Dist:"))
+    assert requires == ["numpy", "torch", "triton"], requires
+    import r4b_kernels
+    assert f"Version: {r4b_kernels.__version__}" in metadata
