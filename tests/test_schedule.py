@@ -10,6 +10,8 @@ through :func:`r4b.models.pipeline.run_pipeline`.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,6 +103,9 @@ def megatron_steps(model, batches, forward_step, *, per_token: bool):
     from megatron.core.utils import get_model_config, get_model_type
 
     config, model_type = get_model_config(model), get_model_type(model)
+    # megatron-core < 0.17 takes the model type between the output grad and the config
+    extra = ((model_type,) if "model_type" in inspect.signature(schedules.backward_step).parameters
+             else ())
     store, it, n = [], iter(batches), len(batches)
     tokens = torch.zeros([], dtype=torch.int)
     for i in range(n):
@@ -108,7 +113,7 @@ def megatron_steps(model, batches, forward_step, *, per_token: bool):
             forward_step, it, model, n, None, store, config, ps.get_context_parallel_world_size(),
             is_first_microbatch=i == 0, current_microbatch=i)
         tokens += num_tokens
-        schedules.backward_step(None, out, None, model_type, config)
+        schedules.backward_step(None, out, None, *extra, config)
     assert int(tokens) == (sum(b["labels"].numel() for b in batches) if per_token else 0)
     return store
 
