@@ -254,7 +254,8 @@ class TaskConfig:
 
 
 def make_task(seed: int, n_items: int, *, split: Literal["all", "train", "eval"] = "all",
-              config: TaskConfig | None = None, **overrides) -> list[Sample]:
+              config: TaskConfig | None = None, distinct: bool = False,
+              **overrides) -> list[Sample]:
     """Generate ``n_items`` task items deterministically from ``seed``.
 
     Args:
@@ -264,22 +265,35 @@ def make_task(seed: int, n_items: int, *, split: Literal["all", "train", "eval"]
             (see :func:`split_of`; the partitions never overlap, whatever the seeds).
         config: task settings (default :class:`TaskConfig`()); ``overrides`` replace fields,
             e.g. ``make_task(0, 100, levels=(3, 4), vision=False)``.
+        distinct: no two items share their content ``(level, digits)`` (drawn without
+            replacement: an evaluation set whose ``n`` counts distinct items).  An item whose
+            content was drawn before is redrawn from its own stream, so the set is a prefix of a
+            longer one; a level asked for more than half of the contents its split holds is drawn
+            as a seeded permutation of all of them instead.  ``ValueError`` when a level is asked
+            for more items than its split holds.
     """
     cfg = dataclasses.replace(config or TaskConfig(), **overrides)
     require_range("seed", seed, 0)
     require_range("n_items", n_items, 0)
     require_choice("split", split, ("all", "train", "eval"))
     items = []
+    perms = _distinct_permutations(seed, n_items, split, cfg) if distinct else {}
+    seen: set[tuple[int, ...]] = set()
     for i in range(n_items):
         rng = np.random.default_rng([int(seed), i])
         level = cfg.levels[i % len(cfg.levels)]
-        for _ in range(10_000):
-            digits = [int(x) for x in rng.integers(0, 10, size=cfg.n_digits)]
-            if split == "all" or split_of(level, digits, cfg.eval_fraction) == split:
-                break
-        else:  # pragma: no cover - needs an eval_fraction below ~1e-3
-            raise RuntimeError(f"could not draw a {split!r} item with eval_fraction "
-                               f"{cfg.eval_fraction}")
+        if level in perms:
+            digits = list(perms[level][i // len(cfg.levels)])
+        else:
+            for _ in range(10_000):
+                digits = [int(x) for x in rng.integers(0, 10, size=cfg.n_digits)]
+                if (split == "all" or split_of(level, digits, cfg.eval_fraction) == split) \
+                        and not (distinct and (level, *digits) in seen):
+                    break
+            else:  # pragma: no cover - needs an eval_fraction below ~1e-3
+                raise RuntimeError(f"could not draw a {split!r} item with eval_fraction "
+                                   f"{cfg.eval_fraction}")
+            seen.add((level, *digits))
         answer, reasoning = solve(level, digits)
         question = QUESTIONS[level]
         images = []
@@ -296,11 +310,44 @@ def make_task(seed: int, n_items: int, *, split: Literal["all", "train", "eval"]
     return items
 
 
+def _distinct_permutations(seed: int, n_items: int, split: str, cfg: TaskConfig
+                           ) -> dict[int, list[tuple[int, ...]]]:
+    """For :func:`make_task` with ``distinct``: per level asked for more than half of the
+    contents its split holds, a seeded permutation of all of them (redrawing duplicates would
+    take ever longer there); ``ValueError`` when a level is asked for more than it holds."""
+    import itertools
+
+    out = {}
+    n_levels = len(cfg.levels)
+    share = 1.0 if split == "all" else cfg.eval_fraction if split == "eval" else 1 - cfg.eval_fraction
+    for j, level in enumerate(cfg.levels):
+        need = len(range(j, n_items, n_levels))
+        if need <= share * 10 ** cfg.n_digits / 2:
+            continue
+        if cfg.n_digits > 6:
+            raise ValueError(f"{need} distinct items of level {level} asked from the task's "
+                             f"{split!r} split: more than half of the about "
+                             f"{share * 10 ** cfg.n_digits:.0f} it holds at task.n_digits "
+                             f"{cfg.n_digits}; ask for fewer items")
+        contents = [d for d in itertools.product(range(10), repeat=cfg.n_digits)
+                    if split == "all" or split_of(level, d, cfg.eval_fraction) == split]
+        if need > len(contents):
+            raise ValueError(f"{need} distinct items of level {level} asked from the task's "
+                             f"{split!r} split, which holds {len(contents)} at task.n_digits "
+                             f"{cfg.n_digits} and task.eval_fraction {cfg.eval_fraction} "
+                             f"({len(contents) * n_levels} over {n_levels} levels at most); ask "
+                             f"for fewer items or raise task.n_digits")
+        order = np.random.default_rng([int(seed), 7919, level]).permutation(len(contents))
+        out[level] = [contents[k] for k in order[:need]]
+    return out
+
+
 def train_eval_split(seed: int, n_train: int, n_eval: int, *, config: TaskConfig | None = None,
                      **overrides) -> tuple[list[Sample], list[Sample]]:
     """``(train, eval)`` items from disjoint content partitions (see :func:`split_of`);
-    the eval set uses a derived seed so its random streams differ from the train set's."""
+    the eval set uses a derived seed so its random streams differ from the train set's, and
+    holds distinct contents (``make_task(distinct=True)``: every item counts once in ``n``)."""
     cfg = dataclasses.replace(config or TaskConfig(), **overrides)
     train = make_task(seed, n_train, split="train", config=cfg)
-    evals = make_task(seed + 1_000_003, n_eval, split="eval", config=cfg)
+    evals = make_task(seed + 1_000_003, n_eval, split="eval", config=cfg, distinct=True)
     return train, evals
