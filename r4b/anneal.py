@@ -265,7 +265,7 @@ class AnnealResult:
 def anneal_items(job: AnnealJob) -> tuple[list[Sample], list[Sample]]:
     """(train, eval) items of an annealing job."""
     return load_items(job.setup, job.data, n_train=job.anneal.n_train_items,
-                      n_eval=job.eval.n_items, reader=job.reader)
+                      n_eval=job.eval.n_items, reader=job.reader, eval_data=job.eval.data)
 
 
 def anneal_budget(job: AnnealJob) -> int:

@@ -433,20 +433,43 @@ def _vllm_engine(model, template, tokenizer, stop_ids, max_seqlen: int, rollout:
 
 
 def load_items(setup: Setup, data: str | None, *, n_train: int, n_eval: int,
-               reader=None) -> tuple[list[Sample], list[Sample]]:
-    """(train, eval) items: the embedded task, or a data file (read with ``reader``, a
-    :class:`r4b.data.ReaderConfig`) split 90/10 by row order."""
+               reader=None, eval_data: str | None = None) -> tuple[list[Sample], list[Sample]]:
+    """(train, eval) items: the embedded task (``n_eval`` distinct eval items), or a data file
+    (read with ``reader``, a :class:`r4b.data.ReaderConfig`) with every row for training and
+    ``eval_data``'s rows for evaluation, or without ``eval_data`` split 90/10 by row order.
+    The log says which eval set is used."""
     from .data import read_samples, train_eval_split
 
+    if eval_data is not None and not Path(eval_data).is_file():
+        raise ValueError(f"eval.data {eval_data!r} is not a file")
     if data is None:
-        return train_eval_split(setup.seed, n_train, n_eval, config=setup.task)
-    samples, stats = read_samples(data, config=reader)
-    log.info("read %d rows from %s (%d skipped)", stats.rows_read, data, stats.rows_skipped)
-    if len(samples) < 2:
-        raise ValueError(f"{data}: {len(samples)} usable rows; training needs at least 2 (one "
-                         f"for evaluation)")
-    n = max(1, len(samples) // 10)
-    return samples[n:], samples[:n]
+        try:
+            train, evals = train_eval_split(setup.seed, n_train, 0 if eval_data else n_eval,
+                                           config=setup.task)
+        except ValueError as e:
+            raise ValueError(f"eval.n_items {n_eval}: {e}") from None
+        if eval_data is None:
+            log.info("eval set: %d distinct items of the embedded task's eval split", len(evals))
+            return train, evals
+    else:
+        samples, stats = read_samples(data, config=reader)
+        log.info("read %d rows from %s (%d skipped)", stats.rows_read, data, stats.rows_skipped)
+        if eval_data is not None:
+            train = samples
+        else:
+            if len(samples) < 2:
+                raise ValueError(f"{data}: {len(samples)} usable rows; training needs at least 2 "
+                                 f"(one for evaluation), or an eval file (eval.data)")
+            n = max(1, len(samples) // 10)
+            log.info("eval set: the first %d of %d rows of %s (the rest train; eval.data FILE "
+                     "names a separate eval set)", n, len(samples), data)
+            return samples[n:], samples[:n]
+    evals, stats = read_samples(eval_data, config=reader)
+    if not evals:
+        raise ValueError(f"eval.data {eval_data!r}: no usable rows")
+    log.info("eval set: %d rows of %s (eval.data; %d skipped)", len(evals), eval_data,
+             stats.rows_skipped)
+    return train, evals
 
 
 def preflight(setup: Setup, template, cfg, items: Sequence[Sample], *, largest_budget: int,

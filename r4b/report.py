@@ -50,28 +50,46 @@ _SLACK = 1e-9  # accuracies are k/n fractions: compare thresholds with float rou
 HAVE_MATPLOTLIB = find_spec("matplotlib") is not None
 
 
-def summarize(records: list[dict]) -> dict:
+def _metrics(sel: list[dict]) -> dict:
+    n = len(sel)
+    return {"accuracy": sum(r["correct"] for r in sel) / n,
+            "mean_tokens": sum(r["tokens"] for r in sel) / n,
+            "think_rate": sum(r["thought"] for r in sel) / n,
+            "well_formed": sum(r.get("well_formed", True) for r in sel) / n,
+            "n": n}
+
+
+def summarize(records: list[dict], *, key: str = "level") -> dict:
     """Aggregate per-response records ``{mode, level, correct, tokens, thought}`` into the
     report structure mode → level → metrics (plus an ``"all"`` level), with the oracle router
-    under ``"oracle"`` when both forced modes were evaluated."""
+    under ``"oracle"`` when both forced modes were evaluated.  Records whose level is None
+    (benchmark rows without one) count in ``"all"`` only.  ``key`` groups by another record
+    field instead of ``level`` (a benchmark's name: the oracle then routes per benchmark)."""
     out: dict = {}
     for mode in MODES:
         rs = [r for r in records if r["mode"] == mode]
         if not rs:
             continue
-        levels = sorted({r["level"] for r in rs})
+        levels = sorted({r[key] for r in rs if r[key] is not None}, key=str)
+        if all(isinstance(lv, int) for lv in levels):
+            levels.sort()
         out[mode] = {}
         for lv in [*levels, "all"]:
-            sel = rs if lv == "all" else [r for r in rs if r["level"] == lv]
-            n = len(sel)
-            out[mode][str(lv)] = {
-                "accuracy": sum(r["correct"] for r in sel) / n,
-                "mean_tokens": sum(r["tokens"] for r in sel) / n,
-                "think_rate": sum(r["thought"] for r in sel) / n,
-                "well_formed": sum(r.get("well_formed", True) for r in sel) / n,
-                "n": n,
-            }
+            sel = rs if lv == "all" else [r for r in rs if r[key] == lv]
+            out[mode][str(lv)] = _metrics(sel)
     return with_oracle(out)
+
+
+def summarize_by(records: list[dict], key: str) -> dict:
+    """mode → value of record field ``key`` (e.g. ``topic``) → metrics, without an ``"all"``
+    entry or an oracle (per-topic rows of a benchmark)."""
+    out: dict = {}
+    for mode in MODES:
+        rs = [r for r in records if r["mode"] == mode]
+        if rs:
+            out[mode] = {str(v): _metrics([r for r in rs if r[key] == v])
+                         for v in sorted({r[key] for r in rs}, key=str)}
+    return out
 
 
 def oracle_router(report: dict, *, tie_points: float = ORACLE_TIE_POINTS) -> dict | None:
@@ -83,9 +101,11 @@ def oracle_router(report: dict, *, tie_points: float = ORACLE_TIE_POINTS) -> dic
     if not think or not no_think:
         return None
     out: dict = {}
+    # Without levels (benchmark rows carry none) the whole set is the one group routed.
+    single = not any(lv != "all" for lv in think) and not any(lv != "all" for lv in no_think)
     for lv, t in think.items():
         nt = no_think.get(lv)
-        if lv == "all" or nt is None:
+        if (lv == "all" and not single) or nt is None:
             continue
         mode = "think" if t["accuracy"] - nt["accuracy"] > tie_points + _SLACK else "no_think"
         m = t if mode == "think" else nt
@@ -100,7 +120,9 @@ def oracle_router(report: dict, *, tie_points: float = ORACLE_TIE_POINTS) -> dic
 
     acc, tokens = weighted("accuracy"), weighted("mean_tokens")
     auto = report.get("auto", {}).get("all")
+    chosen = out.pop("all", {}).get("mode")
     out["all"] = {
+        **({"mode": chosen} if chosen else {}),
         "accuracy": acc,
         "mean_tokens": tokens,
         "think_rate": weighted("think_rate"),
@@ -325,3 +347,176 @@ def plot_history(history: list[dict], out_dir: str | Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
+
+
+# ---------------------------------------------------------------- benchmark evaluation
+# ``r4b.evaluate``'s result: per benchmark a report as above (levels, oracle) plus per-topic
+# rows, and overall a report keyed by benchmark (its oracle routes each benchmark to its better
+# forced mode).  Layout:
+#
+#   {"model": {...}, "layout": {...}, "decoding": {...},
+#    "benchmarks": {name: {"file", "n_items", "report", "topics"}},
+#    "overall": {"n_items", "report", "benchmark_mean"}}
+_MODE_LABEL = {"no_think": "no-think", "think": "think", "auto": "auto"}
+
+
+def benchmark_mean(overall: dict) -> dict:
+    """mode → unweighted mean over benchmarks of accuracy, mean tokens and think rate (the
+    "average" column of a paper's table) from an overall report keyed by benchmark."""
+    out = {}
+    for mode in _modes(overall):
+        rows = [m for b, m in overall[mode].items() if b != "all"]
+        out[mode] = {k: sum(m[k] for m in rows) / len(rows)
+                     for k in ("accuracy", "mean_tokens", "think_rate")}
+    return out
+
+
+def _bench_row(label: str, n, modes: list[str], get, with_oracle: bool,
+               oracle: dict | None) -> str:
+    cells = [label, str(n)]
+    for mode in modes:
+        m = get(mode)
+        cells += ["–", "–"] if m is None else [f"{m['accuracy']:.3f}", f"{m['mean_tokens']:.1f}"]
+        if mode == "auto":
+            cells.append("–" if m is None else f"{m['think_rate']:.2f}")
+    if with_oracle:
+        cells += ["–", "–"] if oracle is None else [f"{oracle['accuracy']:.3f}",
+                                                    f"{oracle['mean_tokens']:.1f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def benchmark_markdown(result: dict) -> str:
+    """The benchmark × mode table of ``report.md``: accuracy and mean response tokens per mode,
+    auto mode's think rate and the oracle router, one row per benchmark, then the item-weighted
+    total and the mean over benchmarks."""
+    overall = result["overall"]["report"]
+    modes = [m for m in ("no_think", "think", "auto") if m in overall]
+    oracle = overall.get(ORACLE)
+    head = ["benchmark", "n"]
+    for mode in modes:
+        head += [f"{_MODE_LABEL[mode]} acc", f"{_MODE_LABEL[mode]} tokens"]
+        if mode == "auto":
+            head.append("auto think rate")
+    if oracle:
+        head += ["oracle acc", "oracle tokens"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|---|" + "---:|" * (len(head) - 1)]
+    for name, b in result["benchmarks"].items():
+        rep = b["report"]
+        lines.append(_bench_row(name, b["n_items"], modes, lambda m: rep.get(m, {}).get("all"),
+                                bool(oracle), (oracle or {}).get(name)))
+    n = result["overall"]["n_items"]
+    lines.append(_bench_row("**all (item-weighted)**", n, modes,
+                            lambda m: overall.get(m, {}).get("all"), bool(oracle),
+                            (oracle or {}).get("all")))
+    if len(result["benchmarks"]) > 1:
+        mean = result["overall"]["benchmark_mean"]
+        omean = None
+        if oracle:
+            rows = [o for b, o in oracle.items() if b != "all"]
+            omean = {k: sum(o[k] for o in rows) / len(rows) for k in ("accuracy", "mean_tokens")}
+        lines.append(_bench_row("**mean over benchmarks**", "", modes, mean.get, bool(oracle),
+                                omean))
+    return "\n".join(lines) + "\n"
+
+
+def topics_markdown(topics: dict) -> str:
+    """Per-topic rows of one benchmark (mode, topic, accuracy, tokens, think rate, n)."""
+    lines = ["| mode | topic | accuracy | mean tokens | think rate | n |",
+             "|---|---|---:|---:|---:|---:|"]
+    for mode, rows in topics.items():
+        for topic, m in rows.items():
+            lines.append(f"| {mode} | {topic} | {m['accuracy']:.3f} | {m['mean_tokens']:.1f} | "
+                         f"{m['think_rate']:.3f} | {m['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_eval_report(result: dict, out_dir: str | Path, *, title: str = "r4b evaluation") -> Path:
+    """Write ``report.json`` (``result`` as is), ``report.md`` (what was evaluated, the
+    benchmark × mode table, then per benchmark its levels, topics and oracle router) and,
+    with matplotlib, ``benchmarks.png`` (:func:`plot_benchmarks`) to ``out_dir``; each file
+    is written to a temporary name and renamed into place."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(out / "report.json", json.dumps(result, indent=1) + "\n")
+    md = [f"# {title}", ""]
+    for section in ("model", "layout", "decoding"):
+        if result.get(section):
+            md.append(f"- {section}: " + ", ".join(f"{k} `{v}`" for k, v in result[section].items()))
+    md += ["", "## Accuracy and mean response tokens per benchmark and mode", "",
+           benchmark_markdown(result),
+           f"The oracle router sends each benchmark to its forced mode with the higher accuracy "
+           f"(no-think within {100 * ORACLE_TIE_POINTS:g} points); per level inside each "
+           f"benchmark below. The mean over benchmarks weighs every benchmark equally.", ""]
+    if HAVE_MATPLOTLIB:
+        plot_benchmarks(result, out)
+        md += ["![accuracy against mean response tokens per mode](benchmarks.png)", ""]
+    else:
+        log.warning("benchmarks.png skipped: plots need matplotlib (pip install 'r4b[test]')")
+    for name, b in result["benchmarks"].items():
+        md += [f"## {name}" + (f" (`{b['file']}`)" if b.get("file") else ""), "",
+               markdown_table(b["report"])]
+        if len(next(iter(b["topics"].values()), {})) > 1:
+            md += ["Per topic:", "", topics_markdown(b["topics"])]
+        if ORACLE in b["report"]:
+            md.append(oracle_markdown(b["report"]).replace("## Oracle router", "### Oracle router"))
+    _write_text_atomic(out / "report.md", "\n".join(md) + "\n")
+    log.info("report written to %s", out / "report.md")
+    return out / "report.json"
+
+
+def plot_benchmarks(result: dict, out_dir: str | Path) -> Path:
+    """``benchmarks.png``: accuracy against mean response tokens, one panel per benchmark plus
+    all items, a marker per evaluated mode and a ring on the oracle router (when both forced
+    modes were evaluated)."""
+    plt = _pyplot()
+    overall = result["overall"]["report"]
+    oracle = overall.get(ORACLE) or {}
+    panels = list(result["benchmarks"]) + ["all"]
+    ncols = min(len(panels), 4)
+    nrows = math.ceil(len(panels) / ncols)
+    height = 3.2 * nrows + 0.5
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, height), sharey=True,
+                             squeeze=False)
+    for ax, name in zip(axes.flat, panels):
+        pts = {mode: overall[mode][name] for mode in ("no_think", "think", "auto")
+               if name in overall.get(mode, {})}
+        if "think" in pts and "no_think" in pts:
+            ax.plot([pts["no_think"]["mean_tokens"], pts["think"]["mean_tokens"]],
+                    [pts["no_think"]["accuracy"], pts["think"]["accuracy"]],
+                    color="0.75", linestyle="--", zorder=1)
+        for mode, m in pts.items():
+            ax.scatter(m["mean_tokens"], m["accuracy"], s=60, zorder=3, **_STYLE[mode])
+        xs = [m["mean_tokens"] for m in pts.values()]
+        if name in oracle:
+            o = oracle[name]
+            ax.scatter(o["mean_tokens"], o["accuracy"], s=220, facecolors="none",
+                       edgecolors="black", linewidths=1.5, zorder=4, label="oracle router")
+            xs.append(o["mean_tokens"])
+        xmax = max(xs, default=0)
+        n = result["overall"]["n_items"] if name == "all" else result["benchmarks"][name]["n_items"]
+        ax.set_title(f"{'all items' if name == 'all' else name} (n={n})", fontsize=10)
+        ax.set(xlim=(0, 1.15 * xmax if xmax > 0 else 1), ylim=(-0.05, 1.05),
+               xlabel="mean response tokens")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("accuracy")
+    handles, labels = axes.flat[len(panels) - 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0), ncol=len(labels),
+               frameon=False)
+    fig.suptitle("Accuracy against mean response tokens per mode", fontsize=11)
+    fig.tight_layout(rect=(0, 0.5 / height, 1, 1))
+    path = Path(out_dir) / "benchmarks.png"
+    tmp = path.with_name(".benchmarks.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
