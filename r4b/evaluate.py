@@ -572,11 +572,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             log.error("%s", e)
             return 1
-    cli = parse_cli(EvaluateCLI, argv, default=default,
-                    prog="torchrun --nproc-per-node N -m r4b.evaluate",
-                    description="Evaluate a checkpoint (a run's, or a transformers directory) "
-                                "per mode on benchmark files: accuracy, response tokens, think "
-                                "rate and the oracle router per benchmark and overall.")
+    def parse(default):
+        return parse_cli(EvaluateCLI, argv, default=default,
+                         prog="torchrun --nproc-per-node N -m r4b.evaluate",
+                         description="Evaluate a checkpoint (a run's, or a transformers "
+                                     "directory) per mode on benchmark files: accuracy, response "
+                                     "tokens, think rate and the oracle router per benchmark and "
+                                     "overall.")
+
+    cli = parse(default)
+    if cli.run_dir is not None and default is None:  # run_dir set by a --config recipe
+        try:
+            default = run_defaults(cli.run_dir)
+        except (FileNotFoundError, ValueError) as e:
+            log.error("%s", e)
+            return 1
+        cli = parse(default)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp = cli.setup.tp_size
     if world % tp:
