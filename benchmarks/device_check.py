@@ -154,12 +154,19 @@ def req_name(text: str) -> str:
 
 
 def _packaging():
-    """``packaging`` as pip vendors it (or the standalone package); None when neither exists."""
+    """The standalone ``packaging`` package, or the copy pip vendors; None when neither exists.
+
+    The standalone one first: importing ``pip`` in-process makes setuptools' distutils shim
+    (``_distutils_hack``, Python < 3.12) stand down for the rest of the process, and a later
+    ``import setuptools`` (torch.utils.cpp_extension, via megatron-core) then fails its check
+    that distutils is setuptools' own.
+    """
     try:
-        from pip._vendor.packaging import markers, requirements, specifiers, tags, utils, version
+        from packaging import markers, requirements, specifiers, tags, utils, version
     except ImportError:
         try:
-            from packaging import markers, requirements, specifiers, tags, utils, version
+            from pip._vendor.packaging import (markers, requirements, specifiers, tags, utils,
+                                               version)
         except ImportError:
             return None
     return argparse.Namespace(markers=markers, Requirement=requirements.Requirement,
