@@ -26,11 +26,37 @@ Fields
 * Text fields (question, answer, reasoning, topic, uid/id) must not contain control characters
   other than tab, newline and carriage return (U+0000-U+0008, U+000B, U+000C, U+000E-U+001F,
   U+007F) nor lone surrogates (U+D800-U+DFFF).
-* Other keys are kept in ``Sample.meta``.
+* Other keys are kept in ``Sample.meta``, except image data: a column holding image structs
+  or encoded image bytes that is not read as the images is a row error naming it.
+
+Layouts of other tools
+----------------------
+* **Column names** (``ReaderConfig.columns``, r4b field -> the file's column):
+  ``read_parquet(path, columns={"question": "problem", "answer": "solution"})``, or
+  ``--reader.columns question problem answer solution`` on the command line. Errors name the
+  file's column. A mapped column the Parquet file lacks is a :class:`DataFileError`; a row
+  holding both a mapped column and one named as its field is a row error.
+* **Image columns.** Without a mapping, images come from ``images`` (a list), ``image`` or
+  ``decoded_image`` (one entry or a list: Hugging Face ``datasets`` names; MathVista's
+  ``decoded_image``). When a row has several of them, the one holding image data (structs,
+  bytes) is read and path strings beside it (MathVista's ``image``) go to ``meta``; two
+  holding image data are a row error asking for ``columns={"images": ...}``.
+* **Chat rows**: ``messages``, a list of ``{role, content}`` turns: one ``user`` turn, then
+  optionally one ``assistant`` turn (the reference; without it the row needs ``answer``).
+  ``content`` is a string or a list of ``{type: "text", text}`` / ``{type: "image"}`` parts;
+  text parts are joined by newlines, each image part becomes an ``<image>`` marker in its
+  place (so their count must equal the row's images, which come from its image column). An
+  assistant text ``<think>R</think>A`` gives reasoning ``R`` and answer ``A``. System turns,
+  several exchanges, and ``question`` / ``reasoning`` beside ``messages`` are row errors.
 
 Images
 ------
-``images`` is a list (or absent / null for none); each entry is a file path or an array.
+An image column holds a list (or absent / null for none) of entries; each entry is a file
+path, a Hugging Face ``datasets`` image struct ``{"bytes": binary | null, "path": str |
+null}``, encoded image bytes, or an array. Bytes (in a struct or raw: PNG, JPEG, BMP, GIF,
+WEBP or ``.npy``) are decoded in memory by the same bounded decoders as files, at most
+``max_image_bytes`` long; a struct's ``path`` is read (as a path, below) only when its
+``bytes`` is null; a struct with both null is an error.
 Every image comes out float32 ``[C, H, W]`` in [0, 1], C in {1, 3}, of any size (a processor
 downstream resizes or tiles it; ``image_shape`` optionally requires one shape).
 
@@ -68,7 +94,7 @@ depth 1), no key twice in one object, and the row an object.
 Parquet
 -------
 Read through pyarrow one row group at a time; the file needs ``question`` and ``answer``
-columns. A file pyarrow cannot open (empty, truncated, bad footer) raises one
+columns, or ``messages`` (after ``columns`` is applied). A file pyarrow cannot open (empty, truncated, bad footer) raises one
 :class:`DataFileError` naming it. A row group that fails to decode is one row error naming its
 rows (``rows 3-4 (row group 2 of 3)``), skipped as a whole with ``skip_bad_rows``. Columns of
 a wrong type (``answer`` as a list, ``id`` as a float) are row errors of that field.
@@ -99,6 +125,7 @@ The fields of :class:`ReaderConfig`, passed as ``config=`` or as keywords
     max_text_chars       100_000      question, answer, topic, uid/id
     max_reasoning_chars  400_000      reasoning
     min_rows             1            usable rows a read must return
+    columns              {}           r4b field -> the file's column
     allow_paths_outside_data_dir  False
     skip_bad_rows        False
 """
@@ -107,6 +134,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import io
 import json
 import math
 import os
@@ -136,6 +164,13 @@ except ImportError:  # pragma: no cover - pyarrow is in the test extra
     HAVE_PYARROW = False
 
 _KNOWN = ("images", "question", "answer", "reasoning", "topic", "verifiable", "uid", "id")
+_MAPPABLE = _KNOWN + ("messages",)
+"""The r4b fields that ``ReaderConfig.columns`` may map to a file's column."""
+_IMAGE_COLUMNS = ("images", "image", "decoded_image")
+"""Columns read as images when ``columns`` maps none (Hugging Face ``datasets`` names)."""
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM",
+                b"\x93NUMPY")
+"""Leading bytes of the image encodings read from bytes (WEBP: ``RIFF....WEBP``)."""
 _PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 """The only Pillow decoders that run, whatever a file's suffix says."""
@@ -176,8 +211,31 @@ class ReaderConfig:
     """Longest question, answer, topic and uid/id in characters."""
     max_reasoning_chars: int = 400_000
     """Longest reasoning in characters (about 100k tokens)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """The file's column for an r4b field, where the file names it otherwise: ``{"question":
+    "problem", "answer": "solution", "images": "decoded_image"}``; on the command line
+    ``--reader.columns question problem answer solution``.  Fields: question, answer,
+    reasoning, topic, verifiable, uid, id, images, messages.  A mapped column the file lacks
+    is an error; unmapped fields keep their own names (images also come from ``image`` or
+    ``decoded_image``)."""
 
     def __post_init__(self):
+        cols = self.columns
+        if not isinstance(cols, dict):
+            raise ValueError(f"reader.columns must map r4b fields to column names, got "
+                             f"{type(cols).__name__} {cols!r:.80}")
+        for k, v in cols.items():
+            if k not in _MAPPABLE:
+                raise ValueError(f"reader.columns: {k!r} is not an r4b field; fields: "
+                                 f"{list(_MAPPABLE)}")
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"reader.columns[{k!r}] must be a non-empty column name, got "
+                                 f"{v!r:.80}")
+        shared = sorted({v for v in cols.values() if list(cols.values()).count(v) > 1})
+        if shared:
+            raise ValueError(f"reader.columns maps several fields to the column(s) {shared}: "
+                             f"{cols}")
+        self.columns = dict(cols)
         for name in ("skip_bad_rows", "allow_paths_outside_data_dir"):
             value = getattr(self, name)
             if not isinstance(value, bool):
@@ -474,8 +532,62 @@ def _read_pil(fh, name: str, cfg: ReaderConfig) -> np.ndarray:
         raise ValueError(f"{name!r}: {e}") from None
 
 
+def _decode_bytes(data: bytes, name: str, cfg: ReaderConfig) -> np.ndarray:
+    """An encoded image held in memory (PNG/JPEG/BMP/GIF/WEBP or ``.npy`` bytes), through the
+    same bounded decoders as files."""
+    if not data:
+        raise ValueError(f"{name} is empty (0 bytes)")
+    if len(data) > cfg.max_image_bytes:
+        raise ValueError(f"{name} has {len(data)} bytes, more than max_image_bytes = "
+                         f"{cfg.max_image_bytes}")
+    fh = io.BytesIO(data)
+    if data.startswith(b"\x93NUMPY"):
+        try:
+            return _read_npy(fh, len(data), cfg)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return _read_pil(fh, name, cfg)
+
+
+def _is_image_struct(value: Any) -> bool:
+    """A Hugging Face ``datasets`` image struct: ``{"bytes": ..., "path": ...}``."""
+    return (isinstance(value, dict) and bool(value) and set(value) <= {"bytes", "path"})
+
+
+def _holds_image_data(value: Any) -> bool:
+    """Whether a row value is image data (an image struct, encoded image bytes, or a list
+    holding one): what a column not read as images must not hold."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        head = bytes(value[:12])
+        return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    if _is_image_struct(value):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_image_data(x) for x in value[:64])
+    return False
+
+
 def _decode_image(entry: Any, base_dir: Path, cfg: ReaderConfig) -> np.ndarray:
     """One image entry as float32 ``[C, H, W]``; ``ValueError`` saying what is wrong."""
+    if isinstance(entry, (bytes, bytearray, memoryview)):
+        return _decode_bytes(bytes(entry), f"image bytes ({len(entry)} bytes)", cfg)
+    if isinstance(entry, dict):
+        if not _is_image_struct(entry):
+            raise ValueError(f"an image struct has the keys 'bytes' and 'path' (Hugging Face "
+                             f"datasets' Image), got keys {sorted(map(str, entry))[:8]}")
+        data, where = entry.get("bytes"), entry.get("path")
+        if data is not None:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ValueError(f"'bytes' of an image struct must be binary, got "
+                                 f"{type(data).__name__} (in JSON Lines give a 'path' instead)")
+            name = f"image bytes ({len(data)} bytes" + (f" of {where!r})" if where else ")")
+            return _decode_bytes(bytes(data), name, cfg)
+        if where is not None:
+            if not isinstance(where, str):
+                raise ValueError(f"'path' of an image struct must be a string, got "
+                                 f"{type(where).__name__}")
+            return _decode_image(where, base_dir, cfg)
+        raise ValueError("an image struct with neither 'bytes' nor 'path' (both null)")
     if isinstance(entry, (str, os.PathLike)):
         p, fh, size = _open_image_file(entry, base_dir, cfg)
         with fh:
@@ -491,12 +603,14 @@ def _decode_image(entry: Any, base_dir: Path, cfg: ReaderConfig) -> np.ndarray:
         except (ValueError, TypeError, OverflowError) as e:  # ragged nested lists
             raise ValueError(f"not a rectangular numeric array: {_one_line(e)}") from None
         return _as_image(arr, cfg)
-    raise ValueError(f"must be a file path or a nested list, got {type(entry).__name__}")
+    raise ValueError(f"must be a file path, image bytes, a {{bytes, path}} struct or a nested "
+                     f"list, got {type(entry).__name__}")
 
 
 def load_image(entry: Any, base_dir: str | os.PathLike, where: str = "image", *,
                config: ReaderConfig | None = None, **options) -> np.ndarray:
-    """One image entry (path or nested list) as float32 ``[C, H, W]`` in [0, 1].
+    """One image entry (path, ``{bytes, path}`` struct, encoded bytes or nested list) as
+    float32 ``[C, H, W]`` in [0, 1].
 
     Paths resolve against (and must stay inside) ``base_dir``; the limits are those of
     ``config`` / ``options`` (:class:`ReaderConfig` fields). Errors are ``ValueError``
@@ -527,14 +641,17 @@ def _require_object(row: Any, path, row_number: int) -> dict:
     return row
 
 
-def _row_uid(row: dict, path, row_number: int, cfg: ReaderConfig) -> tuple[str, str, bool]:
-    """``(uid, field it came from, generated?)`` of a row."""
-    for key in ("uid", "id"):
-        value = row.get(key)
+def _row_uid(row: dict, path, row_number: int, cfg: ReaderConfig,
+             names: dict | None = None) -> tuple[str, str, bool]:
+    """``(uid, field it came from, generated?)`` of a (normalised) row; ``names``: the file's
+    column of each field (:func:`_normalise`)."""
+    for field_name in ("uid", "id"):
+        value = row.get(field_name)
         if value is not None:
             break
     else:
         return f"{Path(path).name}:{row_number}", "uid", True
+    key = (names or {}).get(field_name, field_name)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise _err(path, row_number, key, f"must be a string or an integer, got "
                    f"{type(value).__name__} {value!r:.60}")
@@ -548,70 +665,243 @@ def _row_uid(row: dict, path, row_number: int, cfg: ReaderConfig) -> tuple[str, 
     return uid, key, False
 
 
-def _build_sample(row: dict, path, row_number: int, cfg: ReaderConfig, uid: str,
+@dataclass
+class _Fields:
+    """A row in r4b's fields: ``values`` by field, ``names`` the file's column (or chat turn)
+    of each field for error messages, the image entries, and the rest of the row (meta)."""
+
+    values: dict
+    names: dict
+    images: list
+    meta: dict
+
+
+def _image_entries(value: Any, column: str, path, row_number: int) -> tuple[list, bool]:
+    """``(entries, one entry?)`` of an image column's value: the column named ``images`` holds
+    a list (r4b's schema); any other image column one entry (path, bytes, struct, array) or a
+    list of paths / bytes / structs."""
+    if value is None:
+        return [], False
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        value = list(value)
+    if isinstance(value, (list, tuple)):
+        if column == "images" or all(x is None or isinstance(x, (str, bytes, bytearray, dict))
+                                     for x in value):
+            return list(value), False
+        return [value], True  # a nested-list array in a one-image column
+    if column == "images":
+        raise _err(path, row_number, "images", f"must be a list of image entries (paths, "
+                   f"structs, bytes or arrays), got {type(value).__name__}")
+    if isinstance(value, (str, bytes, bytearray, memoryview, dict, os.PathLike)):
+        return [value], True
+    raise _err(path, row_number, column, f"must be an image (path, bytes, a {{bytes, path}} "
+               f"struct or an array) or a list of them, got {type(value).__name__}")
+
+
+def _chat_text(content: Any, path, row_number: int, where: str, *, images_ok: bool
+               ) -> tuple[str, int]:
+    """``(text, image placeholders)`` of a chat turn's content: a string, or a list of
+    ``{type: text, text}`` / ``{type: image}`` parts (text parts joined by newlines, each image
+    part an ``<image>`` marker in its place)."""
+    if isinstance(content, str):
+        return content, content.count("<image>")
+    if isinstance(content, np.ndarray) and content.dtype == object:
+        content = list(content)
+    if not isinstance(content, (list, tuple)):
+        raise _err(path, row_number, where, f"must be a string or a list of {{type: text | "
+                   f"image}} parts, got {type(content).__name__}")
+    pieces, n_images = [], 0
+    for k, part in enumerate(content):
+        at = f"{where}[{k}]"
+        if not isinstance(part, dict):
+            raise _err(path, row_number, at, f"must be a {{type, text}} part, got "
+                       f"{type(part).__name__}")
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _err(path, row_number, at, f"a text part needs a string 'text', got "
+                           f"{text!r:.60}")
+            pieces.append(text)
+        elif kind == "image":
+            if not images_ok:
+                raise _err(path, row_number, at, "an image part in an assistant turn; images "
+                           "belong to the user turn")
+            extra = sorted(k2 for k2, v in part.items() if k2 != "type" and v is not None)
+            if extra:
+                raise _err(path, row_number, at, f"image parts are placeholders: the images "
+                           f"come from the row's image column, not from the part's {extra}")
+            pieces.append("<image>")
+            n_images += 1
+        else:
+            raise _err(path, row_number, at, f"part type must be 'text' or 'image', got "
+                       f"{kind!r:.60}")
+    return "\n".join(pieces), n_images
+
+
+def _from_messages(values: dict, names: dict, path, row_number: int) -> None:
+    """Fill question / answer / reasoning from a chat row's ``messages`` (in place)."""
+    col = names.get("messages", "messages")
+    msgs = values.pop("messages")
+    for fld in ("question", "reasoning"):
+        if values.get(fld) is not None:
+            raise _err(path, row_number, names.get(fld, fld), f"a chat row takes its {fld} from "
+                       f"'{col}'; the row has both")
+    if isinstance(msgs, np.ndarray) and msgs.dtype == object:
+        msgs = list(msgs)
+    if not isinstance(msgs, (list, tuple)) or not msgs:
+        raise _err(path, row_number, col, f"must be a non-empty list of {{role, content}} turns, "
+                   f"got {msgs!r:.60}")
+    roles = []
+    for k, turn in enumerate(msgs):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise _err(path, row_number, f"{col}[{k}]", f"must be a {{role, content}} turn, got "
+                       f"{turn!r:.60}")
+        roles.append(turn["role"])
+    if roles not in (["user"], ["user", "assistant"]):
+        raise _err(path, row_number, col, f"must be one user turn, optionally followed by one "
+                   f"assistant turn (the reference answer), got roles {roles} (system prompts "
+                   f"and several exchanges are not read)")
+    where = f"{col}[0].content"
+    values["question"], _ = _chat_text(msgs[0]["content"], path, row_number, where,
+                                       images_ok=True)
+    names["question"] = where
+    if len(msgs) == 2:
+        if values.get("answer") is not None:
+            raise _err(path, row_number, names.get("answer", "answer"), f"the answer comes from "
+                       f"the assistant turn of '{col}'; the row has both")
+        where = f"{col}[1].content"
+        text, _ = _chat_text(msgs[1]["content"], path, row_number, where, images_ok=False)
+        body = text.strip()
+        if body.startswith("<think>") and "</think>" in body:
+            thought, _, body = body[len("<think>"):].partition("</think>")
+            values["reasoning"] = thought.strip() or None
+            names["reasoning"] = where
+        values["answer"] = body.strip()
+        names["answer"] = where
+
+
+def _normalise(row: dict, path, row_number: int, cfg: ReaderConfig) -> _Fields:
+    """The row in r4b's fields: ``columns`` applied, a chat row read, the image column
+    chosen; a column holding image data that is not read as images is a row error."""
+    cols = cfg.columns
+    if cols:
+        by_column = {c: f for f, c in cols.items()}
+        values = {}
+        for k, v in row.items():
+            if k in by_column:
+                values[by_column[k]] = v
+            elif k in cols and k not in by_column:
+                raise _err(path, row_number, k, f"reader.columns maps {k!r} to the column "
+                           f"{cols[k]!r}, but the row has a {k!r} column too; map or drop one")
+            else:
+                values[k] = v
+        names = {f: c for f, c in cols.items()}
+    else:
+        values, names = dict(row), {}
+    if "images" in cols:
+        source = "images"
+    else:
+        present = [c for c in _IMAGE_COLUMNS if values.get(c) is not None]
+        if len(present) > 1:
+            data = [c for c in present if _holds_image_data(values[c])]
+            if len(data) != 1:
+                raise _err(path, row_number, present[0], f"the row has the image columns "
+                           f"{present}; say which holds the images with reader.columns "
+                           f"(columns={{'images': {present[-1]!r}}}, --reader.columns images "
+                           f"{present[-1]})")
+            present = data
+        source = present[0] if present else None
+    images = []
+    if source is not None:
+        label = names.get("images", source)
+        entries, single = _image_entries(values.pop(source, None), label, path, row_number)
+        images = [(label if single else f"{label}[{k}]", e) for k, e in enumerate(entries)]
+        names["images"] = label
+    if values.get("messages") is not None:
+        _from_messages(values, names, path, row_number)
+    else:
+        values.pop("messages", None)
+    meta = {k: v for k, v in values.items() if k not in _KNOWN}
+    if source not in (None, "images") and values.get("images") is not None:
+        meta["images"] = values.pop("images")  # paths beside the image column (MathVista)
+    for k, v in meta.items():
+        if _holds_image_data(v):
+            where = (f"images come from {names['images']!r}" if source is not None
+                     else "no column is read as images")
+            raise _err(path, row_number, k, f"holds image data but is not read as images "
+                       f"({where}); to read it as the images: columns={{'images': {k!r}}} "
+                       f"(--reader.columns images {k})")
+    return _Fields(values=values, names=names, images=images, meta=meta)
+
+
+def _build_sample(fields: _Fields, path, row_number: int, cfg: ReaderConfig, uid: str,
                   uid_field: str) -> Sample:
+    row, names = fields.values, fields.names
+
+    def nm(f: str) -> str:  # the file's column (or chat turn) of a field, for messages
+        return names.get(f, f)
+
     q = row.get("question")
     if not isinstance(q, str) or not q.strip():
-        raise _err(path, row_number, "question", f"must be a non-empty string, got {q!r:.60}")
-    _check_text(path, row_number, "question", q, cfg.max_text_chars, "max_text_chars")
+        raise _err(path, row_number, nm("question"), f"must be a non-empty string, got "
+                   f"{q!r:.60}")
+    _check_text(path, row_number, nm("question"), q, cfg.max_text_chars, "max_text_chars")
     a = row.get("answer")
     if isinstance(a, bool) or a is None:
-        raise _err(path, row_number, "answer", f"must be a string or a number, got {a!r}")
+        raise _err(path, row_number, nm("answer"), f"must be a string or a number, got {a!r}")
     if isinstance(a, int):
         try:
             a = str(a)
         except ValueError as e:  # an int past Python's int-str limit
-            raise _err(path, row_number, "answer", f"integer too long: {e}") from None
+            raise _err(path, row_number, nm("answer"), f"integer too long: {e}") from None
     elif isinstance(a, float):
         if not math.isfinite(a):
-            raise _err(path, row_number, "answer", f"must be finite, got {a!r}")
+            raise _err(path, row_number, nm("answer"), f"must be finite, got {a!r}")
         a = repr(a)
     elif not isinstance(a, str):
-        raise _err(path, row_number, "answer", f"must be a string or a number, got "
+        raise _err(path, row_number, nm("answer"), f"must be a string or a number, got "
                    f"{type(a).__name__}")
     if not a.strip():
-        raise _err(path, row_number, "answer", "must be non-empty")
-    _check_text(path, row_number, "answer", a, cfg.max_text_chars, "max_text_chars")
+        raise _err(path, row_number, nm("answer"), "must be non-empty")
+    _check_text(path, row_number, nm("answer"), a, cfg.max_text_chars, "max_text_chars")
     r = row.get("reasoning")
     if r is not None:
         if not isinstance(r, str):
-            raise _err(path, row_number, "reasoning",
+            raise _err(path, row_number, nm("reasoning"),
                        f"must be a string or null, got {type(r).__name__}")
-        _check_text(path, row_number, "reasoning", r, cfg.max_reasoning_chars,
+        _check_text(path, row_number, nm("reasoning"), r, cfg.max_reasoning_chars,
                     "max_reasoning_chars")
     topic = row.get("topic")
     topic = "general" if topic is None else topic
     if not isinstance(topic, str) or not topic:
-        raise _err(path, row_number, "topic", f"must be a non-empty string, got {topic!r:.60}")
-    _check_text(path, row_number, "topic", topic, cfg.max_text_chars, "max_text_chars")
+        raise _err(path, row_number, nm("topic"), f"must be a non-empty string, got "
+                   f"{topic!r:.60}")
+    _check_text(path, row_number, nm("topic"), topic, cfg.max_text_chars, "max_text_chars")
     ver = row.get("verifiable")
     ver = True if ver is None else ver
     if not isinstance(ver, bool):
-        raise _err(path, row_number, "verifiable", f"must be true or false, got {ver!r:.60}")
-    imgs_in = row.get("images")
-    imgs_in = [] if imgs_in is None else imgs_in
-    if isinstance(imgs_in, np.ndarray) and imgs_in.dtype == object:
-        imgs_in = list(imgs_in)
-    if not isinstance(imgs_in, (list, tuple)):
-        raise _err(path, row_number, "images", f"must be a list of paths or arrays, got "
-                   f"{type(imgs_in).__name__}")
+        raise _err(path, row_number, nm("verifiable"), f"must be true or false, got "
+                   f"{ver!r:.60}")
     inline = q.count("<image>")
-    if inline and inline != len(imgs_in):
-        raise _err(path, row_number, "question", f"has {inline} '<image>' markers but the row "
-                   f"has {len(imgs_in)} images")
+    if inline and inline != len(fields.images):
+        raise _err(path, row_number, nm("question"), f"has {inline} '<image>' markers but the "
+                   f"row has {len(fields.images)} images")
     base = Path(path).parent
     images = []
-    for k, entry in enumerate(imgs_in):
+    for where, entry in fields.images:
+        if entry is None:
+            raise _err(path, row_number, where, "is null; leave a missing image out of the list")
         try:
             img = _decode_image(entry, base, cfg)
         except ValueError as e:
-            raise _err(path, row_number, f"images[{k}]", str(e)) from e
+            raise _err(path, row_number, where, str(e)) from e
         if cfg.image_shape is not None and tuple(img.shape) != cfg.image_shape:
-            raise _err(path, row_number, f"images[{k}]", f"has shape {tuple(img.shape)}, "
+            raise _err(path, row_number, where, f"has shape {tuple(img.shape)}, "
                        f"expected {cfg.image_shape}")
         images.append(img)
-    meta = {k: v for k, v in row.items() if k not in _KNOWN}
-    if uid_field == "uid" and row.get("id") is not None:
+    meta = dict(fields.meta)
+    if row.get("uid") is not None and row.get("id") is not None:  # uid won; id kept
         meta["id"] = row["id"]
     return Sample(uid=uid, question=q, answer=a, reasoning=r, images=images, level=None,
                   topic=topic, verifiable=ver, meta=meta, source=f"{path}: row {row_number}")
@@ -625,9 +915,9 @@ def row_to_sample(row: dict, *, path: str | os.PathLike, row_number: int,
     checked for uniqueness by the file readers, not here.
     """
     cfg = _config(config, options)
-    row = _require_object(row, path, row_number)
-    uid, uid_field, _ = _row_uid(row, path, row_number, cfg)
-    return _build_sample(row, path, row_number, cfg, uid, uid_field)
+    fields = _normalise(_require_object(row, path, row_number), path, row_number, cfg)
+    uid, uid_field, _ = _row_uid(fields.values, path, row_number, cfg, fields.names)
+    return _build_sample(fields, path, row_number, cfg, uid, uid_field)
 
 
 def _collect(rows: Iterator[tuple[int, Any, int]], path: str, cfg: ReaderConfig
@@ -642,8 +932,9 @@ def _collect(rows: Iterator[tuple[int, Any, int]], path: str, cfg: ReaderConfig
         try:
             if isinstance(row, RowError):
                 raise row
-            row = _require_object(row, path, row_number)
-            uid, uid_field, generated = _row_uid(row, path, row_number, cfg)
+            fields = _normalise(_require_object(row, path, row_number), path, row_number, cfg)
+            uid, uid_field, generated = _row_uid(fields.values, path, row_number, cfg,
+                                                 fields.names)
             if uid in seen:
                 first, first_generated = seen[uid]
                 how = (f"row {first} has it as its generated id (rows without 'uid'/'id' get "
@@ -652,7 +943,7 @@ def _collect(rows: Iterator[tuple[int, Any, int]], path: str, cfg: ReaderConfig
                     how += f"; row {row_number} has no 'uid'/'id' and was given it"
                 raise _err(path, row_number, uid_field, f"duplicate id {uid!r}: {how}",
                            reason="duplicate id")
-            sample = _build_sample(row, path, row_number, cfg, uid, uid_field)
+            sample = _build_sample(fields, path, row_number, cfg, uid, uid_field)
         except RowError as e:
             if not cfg.skip_bad_rows:
                 raise
@@ -866,9 +1157,18 @@ def read_parquet(path: str | os.PathLike, *, config: ReaderConfig | None = None,
         raise DataFileError(f"{p}: cannot open as Parquet ({type(e).__name__}: {_one_line(e)}); "
                             "is it truncated, or not a Parquet file?") from e
     try:
-        if "question" not in names or "answer" not in names:
+        missing = {f: c for f, c in cfg.columns.items() if c not in names}
+        if missing:
+            raise DataFileError(f"{p}: reader.columns maps {missing}, but the file has no such "
+                                f"column; its columns: {names}")
+        by_column = {c: f for f, c in cfg.columns.items()}
+        fields = {by_column.get(c, c) for c in names}
+        if not ({"question", "answer"} <= fields or "messages" in fields):
             raise DataFileError(f"{p}: the file has columns {names}, which must include "
-                                "'question' and 'answer'")
+                                "'question' and 'answer', or 'messages' (chat rows); map "
+                                "columns of other names with reader.columns (e.g. "
+                                "columns={'question': 'problem', 'answer': 'solution'}, "
+                                "--reader.columns question problem answer solution)")
         return _collect(_parquet_rows(pf, p), str(p), cfg)
     finally:
         pf.close()
