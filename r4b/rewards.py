@@ -35,6 +35,27 @@ Where the answer is (:func:`extract_answer`)
    it) if the reference is text rather than a mathematical form, so that rule c, which reads
    ``2`` out of ``\\ln 2``, never fails a response that is exactly the reference.
 
+Multiple choice (:func:`extract_choice`, used by :func:`verify`)
+--------------------------------------------------------------
+When the reference names a choice letter (:func:`choice_reference`: an uppercase ``A``-``Z``,
+optionally as ``(B)``, ``\\boxed{B}`` or ``\\text{B}``), the letter is read from the answer
+part of the response (step 2 above: after the last ``</think>``; a letter only in the
+reasoning is never read), whitespace runs collapsed, by the first rule that applies:
+
+a. inside the last complete ``\\boxed{...}`` when there is one (then only there);
+b. the **last** cue: ``answer`` or ``correct`` / ``right`` / ``best`` / ``final`` ``option`` /
+   ``choice``, optionally followed by ``is`` / ``would be`` / ``should be`` / ``will be``,
+   a colon, up to two of ``**`` ``__`` ``$`` ``\\text{`` ``\\textbf{`` ``\\mathrm{`` and the
+   word ``option``, then the letter: ``The answer is (B).``, ``Answer: C``, ``the correct
+   option is D``, ``**Answer:** **B**``, ``Final answer: $\\text{C}$``;
+c. a letter opening the answer: ``(B) 6``, ``B. 6``, ``B) 6``, ``B: six``;
+d. a lone letter on the last non-empty line: ``B``, ``(B)``, ``**B**``, ``B.``.
+
+A letter is uppercase, or a lowercase one in brackets (``(b)``), and not glued to a word
+(``The answer is Because`` names none; ``The answer is a triangle`` neither). When a letter
+is read, the reward is whether it equals the reference's; when none is, the rules below apply
+(so ``b`` still matches ``B`` as text). Free-form references are unaffected.
+
 How answers compare (:func:`answers_match`)
 -------------------------------------------
 Both the extracted answer and the reference (the content of its ``\\boxed{}`` if it has one)
@@ -938,6 +959,66 @@ def extract_answer(text: str, *, strict_think: bool = False) -> str | None:
     return _extract(text, strict_think)[0]
 
 
+# ------------------------------------------------------------ multiple choice
+# Whitespace runs are collapsed to one space before these patterns run, so every " ?" below
+# matches at most one character: the work per start position is bounded by a constant and a
+# search is linear in the text (no nested or adjacent unbounded repeats).
+_LETTER = r"(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Z]))(?![A-Za-z0-9])"
+_CHOICE_CUE_RE = re.compile(
+    r"(?i:\banswer|\b(?:correct|right|best|final) (?:option|choice))"
+    r"(?: (?i:is|would be|should be|will be))?"
+    r" ?(?:[:：] ?)?(?:(?:\*\*|__|\$|\\text\{|\\textbf\{|\\mathrm\{) ?){0,2}"
+    r"(?:(?i:option|choice) )?" + _LETTER)
+_CHOICE_LEAD_RE = re.compile(r"^(?:\*\*)?(?:\(([A-Z])\)|([A-Z])[.):](?= |$))")
+_CHOICE_LINE_RE = re.compile(r"^(?:\*\*|\$)?\(?([A-Z])\)?\.?(?:\*\*|\$)?$")
+_CHOICE_REF_RE = re.compile(r"^\(?([A-Z])\)?$")
+
+
+def _letter_of(m: re.Match) -> str:
+    return next(g for g in m.groups() if g is not None).upper()
+
+
+def choice_reference(reference: str) -> str | None:
+    """The choice letter a reference names (``B``, ``(B)``, ``\\boxed{B}``, ``\\text{B}``;
+    uppercase A-Z only, so a variable ``x`` is not a choice), else None."""
+    if not isinstance(reference, str):
+        raise TypeError(f"reference must be a str, got {type(reference).__name__}")
+    if len(reference) > 64:
+        return None
+    boxed = _last_boxed(reference) if "\\boxed{" in reference or "\\fbox{" in reference else None
+    t = _prepare(boxed if boxed is not None else reference).strip()
+    m = _CHOICE_REF_RE.match(t)
+    return m.group(1) if m else None
+
+
+def extract_choice(text: str, *, strict_think: bool = False) -> str | None:
+    """The choice letter a response gives as its answer, or None (module docstring, "Multiple
+    choice").  Only the answer part is read (after the last ``</think>``, as
+    :func:`extract_answer` does), so a letter that only appears in the reasoning is not read."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    region = _answer_region(text, strict_think)
+    if region is None or len(region) > MAX_ANSWER_CHARS or not region.strip():
+        return None
+    if "\\boxed{" in region or "\\fbox{" in region:
+        boxed = _last_boxed(region)
+        if boxed is None:
+            return None
+        region = boxed
+    flat = " ".join(region.split())
+    last = None
+    for last in _CHOICE_CUE_RE.finditer(flat):
+        pass
+    if last is not None:
+        return _letter_of(last)
+    m = _CHOICE_LEAD_RE.match(flat)
+    if m:
+        return _letter_of(m)
+    lines = [ln.strip() for ln in region.splitlines() if ln.strip()]
+    m = _CHOICE_LINE_RE.match(lines[-1]) if lines and len(lines[-1]) <= 16 else None
+    return m.group(1) if m else None
+
+
 # ------------------------------------------------------------ public comparison
 def _key(s: str) -> tuple | None:
     """The canonical form of an answer or reference (the content of its last ``\\boxed{}``
@@ -964,7 +1045,9 @@ def answers_match(answer: str, reference: str) -> bool:
 def verify(response_text: str, reference_answer: str, *, strict_think: bool = False) -> float:
     """1.0 when the response's final answer equals ``reference_answer``, else 0.0.
 
-    The final answer is :func:`extract_answer`'s; when no ``\\boxed{}`` decided it and the
+    A reference that names a choice letter is compared with :func:`extract_choice`'s letter
+    when the response gives one. Otherwise the final answer is :func:`extract_answer`'s;
+    when no ``\\boxed{}`` decided it and the
     reference is text rather than a mathematical form (``\\ln 2``, ``12 cm``, ``3!``), the
     whole answer text may match it too, so that the math-run rule, which would read ``2``
     out of ``\\ln 2``, never stops a response that is exactly the reference.
@@ -973,6 +1056,11 @@ def verify(response_text: str, reference_answer: str, *, strict_think: bool = Fa
         raise TypeError(f"response_text must be a str, got {type(response_text).__name__}")
     if not isinstance(reference_answer, str) or not reference_answer.strip():
         raise ValueError(f"reference_answer must be a non-empty str, got {reference_answer!r}")
+    letter = choice_reference(reference_answer)
+    if letter is not None:
+        given = extract_choice(response_text, strict_think=strict_think)
+        if given is not None:
+            return float(given == letter)
     ans, whole = _extract(response_text, strict_think)
     if ans is None:
         return 0.0

@@ -407,3 +407,53 @@ def test_adversarial_inputs_as_references_are_bounded():
             assert verify("</think>\n\n2", text) in (0.0, 1.0)
             assert rw.answers_match(text, text) in (True, False)
     assert time.process_time() - t0 < 5.0
+
+
+# ------------------------------------------------------------ multiple choice
+@pytest.mark.parametrize("response", [
+    "The answer is (B).", "Answer: B", "The answer is B", "(B) 6", "B. 6", "B) 6",
+    "the correct option is B", "The correct choice is (B)", "**Answer:** **B**",
+    "Final answer: $\\text{B}$", "answer is option B", "The answer is (b).",
+    "Looking at the chart, the bars grow.\nB", "(B)", "**B**", "\\boxed{B}", "\\boxed{(B) 6}",
+    "<think>\nA looks right, or C.\n</think>\n\nThe answer is (B).",
+    "Option A is wrong and so is C; the answer is B.",
+])
+def test_choice_prose_forms_score(response):
+    assert rw.extract_choice(response) == "B"
+    assert verify(response, "B") == 1.0
+    assert verify(response, "(B)") == 1.0
+    assert verify(response, "\\boxed{B}") == 1.0
+    assert verify(response, "C") == 0.0
+
+
+@pytest.mark.parametrize("response", [
+    "<think>\nThe answer is (B).\n</think>\n\nI cannot tell.",  # only in the reasoning
+    "<think>\nAnswer: B\n</think>\n\nThe answer is (C).",  # reasoning B, answer C
+    "<think>\nthe correct option is B",  # never closed: no answer
+    "The answer is Because of the slope",  # a word, not a letter
+    "The answer is a triangle",
+    "\\boxed{6} and the answer is B",  # a box decides, and holds no letter
+    "Answer: B, no wait, the answer is C.",  # the last cue wins
+])
+def test_choice_letter_outside_the_answer_does_not_score(response):
+    assert verify(response, "B") == 0.0
+
+
+def test_choice_rules_leave_free_form_references_alone():
+    assert verify("(B) 6", "6") == 1.0  # a value reference still reads the value
+    assert verify("The answer is 6.", "6") == 1.0
+    assert verify("b", "B") == 1.0  # text match as before
+    assert rw.choice_reference("x") is None and rw.choice_reference("B") == "B"
+    assert rw.choice_reference("\\boxed{(C)}") == "C" and rw.choice_reference("BC") is None
+    assert verify("x", "x") == 1.0 and verify("The answer is X", "x") == 0.0
+
+
+def test_choice_extraction_is_bounded_on_adversarial_text():
+    cases = ["answer " * 14000, "answer" + " " * 99000 + "B", "The answer is " + "(" * 99000,
+             "correct option " * 6000, "Answer: **" * 9000, "A" * 99000,
+             "</think>" + "answer is " * 9000, "(B" * 45000, "\n".join(["B x"] * 30000)]
+    t0 = time.process_time()
+    for text in cases:
+        assert verify(text, "B") in (0.0, 1.0)
+        assert rw.extract_choice(text) in (None, *"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    assert time.process_time() - t0 < 2.0
