@@ -38,7 +38,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .components import (Setup, build_engine, build_policy, engine_max_seqlen, load_items,
                          make_template, make_tokenizer, model_config, preflight, prompt_budget)
-from .config import config_to_dict, parse_cli, require_choice, require_range
+from .config import parse_cli, require_choice, require_range
 from .data import ReaderConfig, Sample
 from .evaluate import EvalConfig, evaluate, log_report
 from .log import MetricsWriter, get_logger, setup_logging
@@ -47,7 +47,7 @@ from .rewards import verify
 from .rollout.engine import EmbeddedEngine, RolloutRequest
 from .rollout.sampling import SamplingParams
 from .runtime import Runtime, broadcast_object, init_runtime, run_entry
-from .rundir import lock_run_dir
+from .rundir import check_resume, lock_run_dir, write_job_record
 from .sft import Example, OptimConfig, make_optimizer, train_sft
 from .training import shard_model
 
@@ -135,10 +135,16 @@ class AnnealJob:
     """How the data file is read: limits, skipping bad rows, image paths."""
     out_dir: str = "runs/anneal"
     """Run directory: checkpoints, curated set, metrics, report."""
+    resume_changed: tuple[str, ...] = ()
+    """Options a resume may change from the run's first start (names or dotted prefixes);
+    only those of :data:`r4b.rundir.SAFE_CHANGES` can be named."""
 
     def __post_init__(self):
         if self.data is not None and not Path(self.data).is_file():
             raise ValueError(f"data {self.data!r} is not a file")
+        if Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise ValueError(f"out_dir {self.out_dir!r} is a file; expected a run directory "
+                             f"(a folder, created when missing)")
 
 
 # ---------------------------------------------------------------- vision alignment
@@ -297,9 +303,8 @@ def _run_anneal(job: AnnealJob, rt: Runtime, judge: Judge) -> AnnealResult:
     cfg, setup = job.anneal, job.setup
     out = Path(job.out_dir)
     ckpt_dir = out / "ckpt"
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "job.json").write_text(json.dumps(config_to_dict(job), indent=1) + "\n")
+    record = check_resume(out, job, rt, resuming=latest_checkpoint(ckpt_dir) is not None,
+                          what="annealing run")
     tok = make_tokenizer(setup.model)
     mcfg = model_config(setup.model, tok, setup.task, tp_size=setup.tp_size)
     template = make_template(tok, mcfg, setup.model)
@@ -331,6 +336,7 @@ def _run_anneal(job: AnnealJob, rt: Runtime, judge: Judge) -> AnnealResult:
         state = loaded.state["anneal"]
         log.info("resuming annealing from %s (phase %s, step %d)", loaded.path, state["phase"],
                  state["step"])
+    write_job_record(out, record, rt)  # every check passed: the run is this job
     metrics = MetricsWriter(out / "metrics.jsonl", truncate_after_step=_global_step(state, cfg))
 
     def saver(phase):

@@ -25,14 +25,14 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .components import (Setup, build_engine, build_trainable, engine_max_seqlen, make_template,
                          make_tokenizer, model_config, preflight, prompt_budget)
 from .data import ReaderConfig
-from .config import config_to_dict, parse_cli, require_range
+from .config import parse_cli, require_range
 from .evaluate import EvalConfig, evaluate, log_report
 from .log import MetricsWriter, get_logger, progress, setup_logging
 from .report import write_report
 from .rl.bpo import BPOTrainer, frozen_copy
 from .rl.config import RLConfig
 from .runtime import Runtime, init_runtime, run_entry
-from .rundir import lock_run_dir
+from .rundir import JobChanged, check_resume, check_reused, lock_run_dir, write_job_record
 from .sft import batch_indices
 
 log = get_logger(__name__)
@@ -68,6 +68,10 @@ class BPOJob:
     """How the data file is read: limits, skipping bad rows, image paths."""
     tensorboard: bool = True
     """Also write TensorBoard scalars to ``<out_dir>/tb`` (needs the tensorboard package)."""
+    resume_changed: tuple[str, ...] = ()
+    """Options a resume may change from the run's first start (names or dotted prefixes, e.g.
+    ``steps eval``); only those of :data:`r4b.rundir.SAFE_CHANGES` can be named.  Without
+    them a resume whose options differ from ``job.json``'s stops, listing each difference."""
 
     def __post_init__(self):
         require_range("steps", self.steps, 0)
@@ -78,11 +82,20 @@ class BPOJob:
             raise TypeError(f"tensorboard must be true or false, got {self.tensorboard!r}")
         if self.data is not None and not Path(self.data).is_file():
             raise ValueError(f"data {self.data!r} is not a file")
+        for name in ("out_dir", "anneal_dir"):
+            require_dir_path(name, getattr(self, name))
+
+
+def require_dir_path(name: str, value: str | None) -> None:
+    """``ValueError`` naming the option when ``value`` exists and is not a directory."""
+    if value is not None and Path(value).exists() and not Path(value).is_dir():
+        raise ValueError(f"{name} {value!r} is a file; expected a run directory (a folder, "
+                         f"created when missing)")
 
 
 def anneal_job_of(job: BPOJob) -> AnnealJob:
     return AnnealJob(setup=job.setup, anneal=job.anneal, eval=job.eval, data=job.data,
-                     reader=job.reader,
+                     reader=job.reader, resume_changed=job.resume_changed,
                      out_dir=job.anneal_dir or str(Path(job.out_dir) / "anneal"))
 
 
@@ -92,6 +105,7 @@ def annealed_model(job: BPOJob, rt: Runtime):
     aj = anneal_job_of(job)
     ck = latest_checkpoint(Path(aj.out_dir) / "ckpt")
     if ck is not None and json.loads((ck / "meta.json").read_text())["state"]["anneal"]["phase"] == "done":
+        check_reused(aj.out_dir, aj, rt, what="annealing run")
         tok = make_tokenizer(job.setup.model)
         cfg = model_config(job.setup.model, tok, job.setup.task, tp_size=job.setup.tp_size)
         model = build_trainable(cfg, rt, job.setup.training)
@@ -145,9 +159,9 @@ def run_bpo(job: BPOJob, rt: Runtime) -> dict:
 def _run_bpo(job: BPOJob, rt: Runtime) -> dict:
     t0 = time.perf_counter()
     out = Path(job.out_dir)
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "job.json").write_text(json.dumps(config_to_dict(job), indent=1) + "\n")
+    ckpt_dir = out / "ckpt"
+    record = check_resume(out, job, rt, resuming=latest_checkpoint(ckpt_dir) is not None,
+                          what="BPO run")
     setup, cfg = job.setup, job.rl
     tok = make_tokenizer(setup.model)
     mcfg = model_config(setup.model, tok, setup.task, tp_size=setup.tp_size)
@@ -161,14 +175,18 @@ def _run_bpo(job: BPOJob, rt: Runtime) -> dict:
     trainer = BPOTrainer(cfg, policy=policy, engine=engine, template=template, rt=rt, ref_model=ref)
     history: list[dict] = []
     start = 0
-    ckpt_dir = out / "ckpt"
     if latest_checkpoint(ckpt_dir) is not None:
         with rt.phase("checkpoint"):
             loaded = load_checkpoint(ckpt_dir, model=policy, optimizer=trainer.opt)
         start = loaded.step
+        if start > job.steps:
+            raise JobChanged(f"steps {job.steps} is below the step of {loaded.path} ({start}): "
+                             f"the run is past it (choose steps >= {start}, or evaluate that "
+                             f"checkpoint with r4b.evaluate)")
         history = loaded.state.get("history", [])
         trainer.skipped_steps = loaded.state.get("skipped_steps", 0)
         log.info("resuming BPO from %s (step %d)", loaded.path, start)
+    write_job_record(out, record, rt)  # every check passed: the run is this job
     tb = str(out / "tb") if job.tensorboard else None
     metrics = MetricsWriter(out / "metrics.jsonl", tensorboard_dir=tb, truncate_after_step=start)
     during = dataclasses.replace(job.eval, n_items=min(job.eval_items_during, len(evals)))

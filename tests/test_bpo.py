@@ -143,7 +143,7 @@ def test_exact_resume_reproduces_uninterrupted_metrics(rt, tmp_path):
     run_bpo(full, rt)
     half = dataclasses.replace(_tiny_job(tmp_path / "half"), steps=2)
     run_bpo(half, rt)
-    resumed = _tiny_job(tmp_path / "half")  # same run dir, 4 steps: resumes at step 2
+    resumed = _tiny_job(tmp_path / "half", resume_changed=("steps",))  # 4 steps: resumes at 2
     run_bpo(resumed, rt)
     keys = ("reward", "loss", "think/response_len", "no_think/response_len")
     a = [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]

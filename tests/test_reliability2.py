@@ -154,3 +154,119 @@ def test_1_every_microbatch_gives_the_same_parameters_a_gradient(assets, tied):
     text, image = with_grad(False), with_grad(True)
     assert "image_newline" in image and "projector.linear_1.weight" in image
     assert text == image, sorted(text ^ image)
+
+
+# ---------------------------------------------------------------- 2-3. job identity
+def _tiny_job(out: Path, **kw):
+    """A seconds-long BPO job on the embedded text task (annealing included)."""
+    import dataclasses
+
+    from r4b.anneal import AnnealConfig
+    from r4b.components import Setup
+    from r4b.data import TaskConfig
+    from r4b.evaluate import EvalConfig
+    from r4b.pretrain_bpo import BPOJob
+    from r4b.rl.config import RLConfig
+    from r4b.sft import OptimConfig
+
+    job = BPOJob(setup=Setup(task=TaskConfig(vision=False)),
+                 anneal=AnnealConfig(n_train_items=16, warmup_steps=1, anneal_steps=1, batch_size=4,
+                                     curate_items=4, curation_samples=1,
+                                     optim=OptimConfig(warmup_steps=1)),
+                 rl=RLConfig(group_size=1, prompts_per_step=2, max_new_tokens_think=8,
+                             max_new_tokens_no_think=4, max_new_tokens_auto=8),
+                 eval=EvalConfig(n_items=2, max_new_tokens_think=8, max_new_tokens_auto=8,
+                                 max_new_tokens_no_think=4),
+                 steps=1, eval_every=1, eval_items_during=2, ckpt_every=1, out_dir=str(out),
+                 tensorboard=False)
+    return dataclasses.replace(job, **kw)
+
+
+@pytest.fixture
+def finished(tmp_path):
+    """A finished one-step BPO run (``out``) and its ``job.json`` bytes."""
+    from r4b.pretrain_bpo import run_bpo
+    from r4b.runtime import init_runtime
+
+    out = tmp_path / "run"
+    job = _tiny_job(out)
+    run_bpo(job, init_runtime(1))
+    return job, out, (out / "job.json").read_bytes()
+
+
+def test_2_resume_with_other_options_stops_listing_each_difference(finished):
+    import dataclasses
+
+    from r4b.pretrain_bpo import run_bpo
+    from r4b.rundir import JobChanged
+    from r4b.runtime import init_runtime
+
+    job, out, before = finished
+    changed = dataclasses.replace(job, rl=dataclasses.replace(job.rl, lr=3e-6, group_size=2),
+                                  setup=dataclasses.replace(job.setup, seed=5), steps=2)
+    with pytest.raises(JobChanged) as e:
+        run_bpo(changed, init_runtime(1))
+    msg = str(e.value)
+    for needle in ("rl.lr: 0.0001 -> 3e-06", "rl.group_size: 1 -> 2", "setup.seed: 0 -> 5",
+                   "cannot change on resume", "steps: 1 -> 2", "--resume_changed steps"):
+        assert needle in msg, msg
+    assert (out / "job.json").read_bytes() == before  # the first start's options are kept
+    # a safe change, when named, is accepted and recorded
+    with pytest.raises(JobChanged, match=r"rl\.lr"):
+        run_bpo(dataclasses.replace(changed, resume_changed=("rl.lr",)), init_runtime(1))
+    run_bpo(dataclasses.replace(job, steps=2, resume_changed=("steps",)), init_runtime(1))
+    rec = json.loads((out / "job.json").read_text())
+    assert rec["steps"] == 2 and rec["changes"][-1]["changed"] == {"steps": [1, 2]}
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_2_an_edited_data_file_is_another_job(tmp_path):
+    from r4b.rundir import JobChanged, check_resume, write_job_record
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    job = _tiny_job(tmp_path / "run", data=str(data))
+    (tmp_path / "run").mkdir()
+    write_job_record(tmp_path / "run", check_resume(tmp_path / "run", job, resuming=False))
+    assert check_resume(tmp_path / "run", job, resuming=True)["changes"] == []
+    data.write_text(json.dumps({"question": "1+2?", "answer": "3"}) + "\n")
+    with pytest.raises(JobChanged, match=r"data_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"):
+        check_resume(tmp_path / "run", job, resuming=True)
+
+
+def test_2_a_reused_annealing_run_of_another_job_is_refused(finished, tmp_path):
+    import dataclasses
+
+    from r4b.pretrain_bpo import run_bpo
+    from r4b.rundir import JobChanged
+    from r4b.runtime import init_runtime
+
+    job, out, _ = finished
+    other = _tiny_job(tmp_path / "other", anneal_dir=str(out / "anneal"),
+                      setup=dataclasses.replace(job.setup, seed=3))
+    with pytest.raises(JobChanged, match=r"annealing run .* made by another job: setup\.seed: 0 -> 3"):
+        run_bpo(other, init_runtime(1))
+    other = _tiny_job(tmp_path / "other2", anneal_dir=str(out / "anneal"),
+                      setup=dataclasses.replace(job.setup, task=dataclasses.replace(
+                          job.setup.task, n_digits=job.setup.task.n_digits + 1)))
+    with pytest.raises(JobChanged, match=r"setup\.task\.n_digits"):
+        run_bpo(other, init_runtime(1))
+
+
+def test_3_a_launch_that_fails_its_checks_leaves_job_json_as_it_was(finished, tmp_path):
+    import dataclasses
+
+    from r4b.pretrain_bpo import run_bpo
+    from r4b.rundir import JobChanged
+    from r4b.runtime import init_runtime
+
+    job, out, before = finished
+    with pytest.raises(JobChanged, match=r"setup\.tp_size: 1 -> 2"):
+        run_bpo(dataclasses.replace(job, setup=dataclasses.replace(job.setup, tp_size=2)),
+                init_runtime(1))
+    assert (out / "job.json").read_bytes() == before
+    # a first launch that fails a later check writes no job.json at all
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="leaves no training item"):
+        run_bpo(_tiny_job(fresh, rl=dataclasses.replace(job.rl, levels=(99,))), init_runtime(1))
+    assert not (fresh / "job.json").exists()
