@@ -226,6 +226,22 @@ def curate(items: Sequence[Sample], engine: EmbeddedEngine, template, *, n_sampl
     return needs, stats
 
 
+def thinking_mismatch(items: Sequence[Sample], needs: Sequence[bool]) -> str | None:
+    """Why the curated thinking fraction differs from the one the annealing set trains on, or
+    None: items curated as needing thinking but without a reference ``reasoning`` are trained
+    as direct answers (:func:`annealing_examples`)."""
+    n_need = sum(bool(x) for x in needs)
+    missing = sum(1 for it, x in zip(items, needs)
+                  if x and not (it.reasoning and it.reasoning.strip()))
+    if not missing:
+        return None
+    n = max(1, len(items))
+    return (f"curation marks {n_need} of {len(items)} items as needing thinking (fraction "
+            f"{n_need / n:.3f}), but {missing} of them have no reference reasoning and are "
+            f"trained as direct answers: the annealing set thinks on {(n_need - missing) / n:.3f} "
+            f"of the items; give those rows a 'reasoning' field for the mix curation asked for")
+
+
 def annealing_examples(items: Sequence[Sample], needs: Sequence[bool], template, *,
                        forced_mode_fraction: float, seed: int) -> list[Example]:
     """The bi-mode SFT set: each item in its curated form under the auto prompt, plus a
@@ -384,6 +400,9 @@ def _run_anneal(job: AnnealJob, rt: Runtime, judge: Judge) -> AnnealResult:
         needs, stats = saved["needs_thinking"], saved["stats"]
     log.info("curated thinking fraction %.3f; per level: %s", stats["thinking_fraction"],
              {k: round(v["thinking_fraction"], 3) for k, v in stats["per_level"].items()})
+    mismatch = thinking_mismatch(pool, needs)
+    if mismatch is not None:
+        log.warning("%s", mismatch)
 
     # 3. annealing on the bi-mode mix
     if state["phase"] == "anneal":

@@ -142,3 +142,52 @@ def test_resume_after_a_kill_equals_uninterrupted(rt, tmp_path, monkeypatch):
     stats = json.loads((tmp_path / "full" / "curation_stats.json").read_text())
     assert set(stats["per_level"]) == {"1", "2", "3", "4"}
     assert (tmp_path / "full" / "report" / "report.json").exists()
+
+
+def test_thinking_fraction_mismatch_is_named():
+    """Items curated as needing thinking but without a reference reasoning train as direct
+    answers; the message gives both fractions, and the second is what the set trains on."""
+    _, tmpl, _ = _model_and_template()
+    items = TEXT_TASK.make(0, 10, split="train")
+    for it in items[2:]:
+        it.reasoning = None
+    needs = [True] * len(items)
+    msg = anneal_mod.thinking_mismatch(items, needs)
+    assert "10 of 10 items" in msg and "fraction 1.000" in msg and "8 of them" in msg
+    ex = annealing_examples(items, needs, tmpl, forced_mode_fraction=0.0, seed=0)
+    trained = sum(e.mode for e in ex) / len(ex)
+    assert trained == 0.2 and "thinks on 0.200" in msg
+    assert anneal_mod.thinking_mismatch(items[:2], needs[:2]) is None
+    assert anneal_mod.thinking_mismatch(items, [False] * len(items)) is None
+
+
+def test_annealing_warns_when_curation_and_training_disagree(rt, tmp_path, monkeypatch):
+    import logging
+
+    train = TEXT_TASK.make(0, 12, split="train")
+    for it in train[3:]:
+        it.reasoning = None
+    evals = TEXT_TASK.make(1, 2, split="eval")
+    monkeypatch.setattr(anneal_mod, "anneal_items", lambda job: (train, evals))
+    monkeypatch.setattr(anneal_mod, "curate", lambda items, *a, **kw: (
+        [True] * len(items), {"n_items": len(items), "thinking_fraction": 1.0,
+                              "per_level": {}, "per_topic": {}}))
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("r4b.anneal").addHandler(handler)
+    try:
+        job = AnnealJob(setup=Setup(task=TEXT_TASK),
+                        anneal=AnnealConfig(warmup_steps=0, anneal_steps=1, batch_size=4,
+                                            curate_items=12, curation_samples=1,
+                                            optim=OptimConfig(warmup_steps=0)),
+                        eval=EvalConfig(n_items=2, max_new_tokens_think=4,
+                                        max_new_tokens_auto=4, max_new_tokens_no_think=4,
+                                        modes=("no_think",)),
+                        out_dir=str(tmp_path / "run"))
+        run_anneal(job, rt)
+    finally:
+        logging.getLogger("r4b.anneal").removeHandler(handler)
+    msgs = [r.getMessage() for r in records]
+    assert any("9 of them have no reference reasoning" in m and "thinks on 0.250" in m
+               for m in msgs), msgs
