@@ -4,13 +4,15 @@ chat template, rollout engine and data.
 ``r4b.anneal``, ``r4b.pretrain_bpo`` and ``r4b.evaluate`` build their pieces here and never
 import each other's loading code.  Three ways to get a model (:class:`ModelChoice`):
 
-* the **embedded default** (``preset="tiny"``): the built-in tokenizer and the tiny model sized
-  to the embedded task's image tiles;
+* the **embedded default** (``preset="auto"`` or ``"tiny"``, no ``hf_path``): the built-in
+  tokenizer and the tiny model sized to the embedded task's image tiles;
 * a **preset** (``preset="r4b-4b"``) with a tokenizer directory: R-4B's architecture with fresh
   weights, special tokens taken from the tokenizer;
-* a **transformers checkpoint** (``hf_path``): architecture and weights from the directory
-  (every format :func:`r4b.models.from_hf` reads), tokenizer from ``tokenizer_path`` or from
-  the checkpoint directory itself.
+* a **transformers checkpoint** (``hf_path``, ``preset="auto"``, the default): architecture and
+  weights from the directory as they are (every format :func:`r4b.models.from_hf` reads),
+  tokenizer from ``tokenizer_path`` or from the checkpoint directory itself; ``preset="r4b-4b"``
+  loads it too and checks that it has R-4B's widths (``"tiny"`` with ``hf_path`` is read as
+  ``"auto"``, with a warning).
 
 Any of them can be cut in depth (``num_layers``, ``vision_num_layers``) with every width,
 format and token unchanged: the supported way to run the real path on a small machine.
@@ -37,7 +39,7 @@ from .training import TrainingConfig
 
 log = get_logger(__name__)
 
-PRESETS = ("tiny", "r4b-4b")
+PRESETS = ("auto", "tiny", "r4b-4b")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -49,10 +51,12 @@ def _is_tokenizer_dir(path: Path) -> bool:
 class ModelChoice:
     """Which model to build or load, with which tokenizer."""
 
-    preset: str = "tiny"
-    """Model preset: 'tiny' (the embedded default) or 'r4b-4b'. With ``hf_path`` the
-    checkpoint's ``config.json`` defines the network; 'r4b-4b' then also checks that it has
-    R-4B's widths."""
+    preset: str = "auto"
+    """Model preset: 'auto' (with ``hf_path``: the network the checkpoint's ``config.json``
+    defines, as it is; without: the embedded tiny model), 'tiny' (the embedded task's toy
+    model, fresh weights; with ``hf_path`` it is read as 'auto', with a warning: what it meant
+    in run directories written before 'auto' existed) or 'r4b-4b' (R-4B's architecture; with
+    ``hf_path`` it loads the checkpoint and checks that it has R-4B's widths)."""
     hf_path: str | None = None
     """transformers checkpoint directory to load (architecture and weights); None: fresh
     weights from the preset."""
@@ -75,6 +79,12 @@ class ModelChoice:
 
     def __post_init__(self):
         require_choice("model.preset", self.preset, PRESETS)
+        if self.preset == "tiny" and self.hf_path is not None:
+            # what 'tiny' meant with a checkpoint before 'auto' existed (older run directories)
+            log.warning("model.preset 'tiny' names the embedded toy model; with model.hf_path "
+                        "%r it is read as 'auto' (the checkpoint as it is): pass "
+                        "--setup.model.preset auto", self.hf_path)
+            self.preset = "auto"
         if self.params_dtype is not None:
             require_choice("model.params_dtype", self.params_dtype,
                            ("float32", "bfloat16", "float16"))
@@ -219,9 +229,10 @@ def make_tokenizer(choice: ModelChoice):
     """The built-in tokenizer, or the local Hugging Face tokenizer of ``choice``."""
     path = choice.tokenizer_dir()
     if path is None:
-        if choice.preset != "tiny" or choice.hf_path is not None:
+        if choice.preset == "r4b-4b" or choice.hf_path is not None:
             raise ValueError(f"model.tokenizer_path is needed: {choice.hf_path or choice.preset!r} "
-                             "holds no tokenizer, and the built-in one only fits the tiny preset")
+                             "holds no tokenizer, and the built-in one only fits the embedded "
+                             "tiny model")
         return BuiltinTokenizer()
     return HFTokenizer(path, image_token=choice.image_token)
 
@@ -291,7 +302,7 @@ def _check_r4b_widths(cfg, source: str) -> None:
                             "image_size") if getattr(cfg.vision, k) != getattr(want.vision, k)]
     if diffs:
         raise ValueError(f"model.preset is 'r4b-4b' but {source} has other widths: "
-                         + "; ".join(diffs) + " (leave model.preset at 'tiny' to load any "
+                         + "; ".join(diffs) + " (leave model.preset at 'auto' to load any "
                          "checkpoint as it is)")
 
 

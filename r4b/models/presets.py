@@ -3,7 +3,9 @@
 * ``tiny`` — runs in seconds on a 2-core CPU; the embedded default of the training jobs.
 * ``r4b-4b`` — R-4B's shape: SigLIP2-So400m/14@384 tower + 2-layer MLP projector + Qwen3-4B.
 
-``get_preset(name, **overrides)`` looks a preset up by name.
+``get_preset(name, **overrides)`` looks a preset up by name.  The entry points' default,
+``--setup.model.preset auto`` (:class:`r4b.components.ModelChoice`), is not a preset here: it
+takes the network from a checkpoint's ``config.json`` (``hf_path``), or is ``tiny`` without one.
 """
 
 from __future__ import annotations
