@@ -61,14 +61,19 @@ def real(tmp_path_factory):
     return _assets(tmp_path_factory.mktemp("real"), "real")
 
 
-def _run(assets, tp: int, name: str, *, preset: str = "tiny") -> dict:
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "r4b-4b.toml"
+
+
+def _run(assets, tp: int, name: str, *, preset: str = "auto") -> dict:
+    """README's GPU command (``--config recipes/r4b-4b.toml``) on CPU: cut depth, budgets and
+    steps overridden down, float32."""
     from r4b.models.parallel import free_port
 
     root, tok, ckpt, data = assets
     out = root / name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "R4B_NO_PROGRESS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           f"--master-port={free_port()}", "-m", "r4b.pretrain_bpo",
+           f"--master-port={free_port()}", "-m", "r4b.pretrain_bpo", "--config", str(RECIPE),
            "--setup.model.hf_path", str(ckpt), "--setup.model.tokenizer_path", str(tok),
            "--setup.tp_size", str(tp), "--data", str(data), "--out_dir", str(out),
            "--setup.model.preset", preset, *JOB, *ANNEAL, *RL, *EVAL]
@@ -89,7 +94,7 @@ def runs(small):
     return {1: _run(small, 1, "tp1"), 2: _run(small, 2, "tp2")}
 
 
-def _transformers_first_loss(assets, preset: str = "tiny") -> float:
+def _transformers_first_loss(assets, preset: str = "auto") -> float:
     """The first warm-up SFT batch's loss, computed by transformers: summed token
     cross-entropy over the response tokens of the batch, divided by their number."""
     from r4b.anneal import direct_examples
