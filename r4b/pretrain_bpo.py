@@ -37,6 +37,9 @@ from .sft import batch_indices
 
 log = get_logger(__name__)
 
+DEGENERATE_STEPS = 3
+"""Warn after this many consecutive steps in which every group had zero reward variance."""
+
 
 @dataclass(kw_only=True)
 class BPOJob:
@@ -194,6 +197,12 @@ def _run_bpo(job: BPOJob, rt: Runtime) -> dict:
         history.append({"step": 0, "report": evaluate(engine, template, evals[:during.n_items],
                                                       during, rt=rt,
                                                       seed=setup.seed)})
+    if cfg.prompts_per_step > len(train) and start < job.steps:
+        log.warning("rl.prompts_per_step is %d but the training set has %d items: each step "
+                    "uses all %d prompts (%d rollouts instead of %d)", cfg.prompts_per_step,
+                    len(train), len(train), len(train) * 2 * cfg.group_size,
+                    cfg.prompts_per_step * 2 * cfg.group_size)
+    degenerate = 0  # consecutive steps whose groups all had zero reward variance
     bar = progress(total=job.steps, initial=start, desc=f"{cfg.algo}")
     for step in range(start, job.steps):
         items = [train[i] for i in batch_indices(len(train), cfg.prompts_per_step, step, setup.seed + 7)]
@@ -208,22 +217,47 @@ def _run_bpo(job: BPOJob, rt: Runtime) -> dict:
                 m[f"eval/auto/L{lv}/think_rate"] = v["think_rate"]
                 m[f"eval/auto/L{lv}/accuracy"] = v["accuracy"]
         metrics.write(done, **m)
+        degenerate = degenerate + 1 if m.get("groups") and \
+            m.get("zero_variance_groups") == m["groups"] else 0
+        if degenerate and degenerate % DEGENERATE_STEPS == 0:
+            log.warning("step %d: every group had the same reward for all its rollouts (zero "
+                        "variance) in the last %d steps (reward %.3f): every advantage is 0, so only "
+                        "the tie bonus (rl.tie_bonus %s) and the KL / entropy terms move the "
+                        "model; the task may be too hard or too easy for it", done, degenerate,
+                        m["reward"], cfg.tie_bonus)
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.2f}",
                         think=f"{m.get('auto/think_rate', m.get('think/reward', 0)):.2f}")
         if done % job.ckpt_every == 0 or done == job.steps:
             with rt.phase("checkpoint"):
-                save_checkpoint(ckpt_dir, done, model=policy, optimizer=trainer.opt,
-                                state={"history": history, "skipped_steps": trainer.skipped_steps})
+                path = save_checkpoint(ckpt_dir, done, model=policy, optimizer=trainer.opt,
+                                       state={"history": history,
+                                              "skipped_steps": trainer.skipped_steps})
+            if rt.is_main:
+                write_history(out, history, step=done, checkpoint=path)
     bar.close()
     metrics.close()
+    ck = latest_checkpoint(ckpt_dir)
+    step = start if ck is None else json.loads((ck / "meta.json").read_text())["step"]
+    source = {"stage": cfg.algo, "step": step,
+              "checkpoint": str(ck) if ck is not None else "the annealed model"}
     report = evaluate(engine, template, evals, job.eval, seed=setup.seed, rt=rt)
     if rt.is_main:
-        write_report(report, out / "report", history=history, title=f"r4b {cfg.algo} evaluation")
-        (out / "history.json").write_text(json.dumps(history) + "\n")
-    log_report(report, f"after {job.steps} {cfg.algo} steps (eval split)")
+        write_report(report, out / "report", history=history, source=source,
+                     title=f"r4b {cfg.algo} evaluation after {step} steps")
+        write_history(out, history, step=step, checkpoint=ck)
+    log_report(report, f"after {step} {cfg.algo} steps ({source['checkpoint']}; eval split)")
     log.info("main job done in %.1f s; report in %s", time.perf_counter() - t0, out / "report")
     return report
+
+
+def write_history(out: Path, history: list[dict], *, step: int, checkpoint) -> None:
+    """``history.json`` (atomically): the evaluations during training up to ``step``, and the
+    checkpoint they belong to."""
+    tmp = out / ".history.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "checkpoint": None if checkpoint is None
+                               else str(checkpoint), "history": history}) + "\n")
+    tmp.replace(out / "history.json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

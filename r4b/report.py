@@ -213,18 +213,34 @@ def oracle_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out_dir: str | Path, *, history: list[dict] | None = None,
-                 title: str = "r4b evaluation") -> Path:
+                 title: str = "r4b evaluation", source: dict | None = None) -> Path:
     """Write ``report.json``, ``report.md``, ``oracle.png`` (with both forced modes and
     matplotlib) and, with ``history``, the plots over steps to ``out_dir``.
 
     ``history`` is a list of ``{"step": int, "report": report}`` taken during training.  A
-    report without an ``"oracle"`` entry gets one here when it can be computed.
+    report without an ``"oracle"`` entry gets one here when it can be computed.  ``source``
+    (e.g. ``{"step": 8, "checkpoint": ".../step_00000008"}``: what was evaluated) goes to
+    ``source.json`` and the top of ``report.md``.  The folder is written beside ``out_dir``
+    and swapped in whole: a reader never sees a mix of two reports, and a kill while it is
+    written leaves the previous report.
     """
+    from .rundir import replace_dir
+
     report = with_oracle(report)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.parent / f".{final.name}.tmp"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir()
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    md = f"# {title}\n\n" + markdown_table(report)
+    md = f"# {title}\n\n"
+    if source:
+        (out / "source.json").write_text(json.dumps(source, indent=1) + "\n")
+        md += "Evaluated: " + ", ".join(f"{k} `{v}`" for k, v in source.items()) + "\n\n"
+    md += markdown_table(report)
     if ORACLE in report:
         md += "\n" + oracle_markdown(report)
         if HAVE_MATPLOTLIB:
@@ -236,8 +252,9 @@ def write_report(report: dict, out_dir: str | Path, *, history: list[dict] | Non
         md += "\n![think rate per level](think_rate.png)\n\n![accuracy per level](accuracy.png)\n"
         plot_history(history, out)
     (out / "report.md").write_text(md)
-    log.info("report written to %s", out / "report.md")
-    return out / "report.json"
+    replace_dir(out, final)
+    log.info("report written to %s", final / "report.md")
+    return final / "report.json"
 
 
 def _pyplot():

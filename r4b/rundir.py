@@ -37,9 +37,12 @@ class RunLock:
         self.path, self._fd = path, fd
 
     def release(self) -> None:
+        """Clear the holder details and unlock: the next job finds a lock released cleanly
+        (only a job that died holding it leaves its details behind)."""
         if self._fd is not None:
             import fcntl
 
+            os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -269,3 +272,20 @@ def write_job_record(run_dir: str | os.PathLike, record: dict, rt=None) -> None:
     tmp = path.with_name(f".{JOB_FILE}.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(path)
+
+
+def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the finished folder ``new`` in the place of ``final`` (absent or a folder), whole:
+    the old folder is renamed aside, ``new`` renamed in, then the old one removed.  A kill in
+    between leaves either folder complete (the old one under ``.<name>.old``)."""
+    import shutil
+
+    new, final = Path(new), Path(final)
+    old = final.parent / f".{final.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    if old.exists():
+        shutil.rmtree(old)

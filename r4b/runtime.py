@@ -253,10 +253,38 @@ def run_entry(fn, job, rt: Runtime, *, also: tuple[type, ...] = ()) -> int:
     """Run an entry point's ``fn(job, rt)``: 0 on success; 1 with one error line (no
     traceback) for errors that name their cause (a busy run directory, a bad data item, an
     unloadable checkpoint, a silent peer, and the entry point's own ``also``); anything else
-    propagates with its traceback."""
+    propagates with its traceback.
+
+    One report per job, not one per rank: the failing ranks compare their errors
+    (:func:`_who_reports`); when they all failed alike, rank 0 alone prints it (the others
+    exit with the same code, silently), else each distinct error is printed once, by one of
+    the ranks that had it."""
     try:
         fn(job, rt)
         return 0
     except (*expected_errors(), *also) as e:
-        log.error("%s", e)
+        if _who_reports(rt, f"{type(e).__name__}: {e}"):
+            log.error("%s", e)
         return 1
+    except Exception as e:
+        if _who_reports(rt, f"{type(e).__name__}: {e}"):
+            raise
+        return 1
+
+
+def _who_reports(rt: Runtime, text: str, timeout_s: float = 10.0) -> bool:
+    """Whether this rank prints ``text``, its error: the failing ranks gather their errors
+    over the health group (waiting at most ``timeout_s`` for the others; a rank still busy
+    or already gone means each rank reports its own); the lowest rank with each distinct
+    error reports it."""
+    if rt.world_size == 1 or rt.health_group is None or not dist.is_initialized():
+        return True
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(datetime.timedelta(seconds=timeout_s), rt.health_group)
+        errors: list = [None] * rt.world_size
+        dist.all_gather_object(errors, text[:2000], group=rt.health_group)
+    except Exception:  # noqa: BLE001 - a peer that is gone or busy: report our own
+        return True
+    return errors.index(text[:2000]) == rt.rank

@@ -270,3 +270,167 @@ def test_3_a_launch_that_fails_its_checks_leaves_job_json_as_it_was(finished, tm
     with pytest.raises(ValueError, match="leaves no training item"):
         run_bpo(_tiny_job(fresh, rl=dataclasses.replace(job.rl, levels=(99,))), init_runtime(1))
     assert not (fresh / "job.json").exists()
+
+
+# ---------------------------------------------------------------- 4. stale reports and exports
+def test_4_report_and_history_name_their_checkpoint_and_a_kill_leaves_the_old_report(
+        finished, monkeypatch):
+    import dataclasses
+
+    import r4b.report as report_mod
+    from r4b.pretrain_bpo import run_bpo
+    from r4b.rundir import JobChanged
+    from r4b.runtime import init_runtime
+
+    job, out, _ = finished
+    src = json.loads((out / "report" / "source.json").read_text())
+    assert src["step"] == 1 and src["checkpoint"].endswith("step_00000001")
+    assert "after 1 steps" in (out / "report" / "report.md").read_text()
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["step"] == 1 and hist["checkpoint"].endswith("step_00000001")
+    old_report = (out / "report" / "report.json").read_bytes()
+
+    # killed after the step-2 checkpoint, inside the report (a plot): the old report stays whole
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed while plotting")
+
+    monkeypatch.setattr(report_mod, "plot_history", killed)
+    longer = dataclasses.replace(job, steps=2, resume_changed=("steps",))
+    with pytest.raises(KeyboardInterrupt):
+        run_bpo(longer, init_runtime(1))
+    assert (out / "report" / "report.json").read_bytes() == old_report
+    assert json.loads((out / "report" / "source.json").read_text())["step"] == 1  # says it is old
+    assert json.loads((out / "history.json").read_text())["step"] == 2  # saved with the checkpoint
+    monkeypatch.undo()
+    run_bpo(longer, init_runtime(1))  # the rerun evaluates step 2 and says so
+    assert json.loads((out / "report" / "source.json").read_text())["step"] == 2
+    assert not list(out.glob(".report*"))
+    # fewer steps than the checkpoint's: an error, not a report titled with the wrong step
+    with pytest.raises(JobChanged, match=r"steps 1 is below the step of .*step_00000002 \(2\)"):
+        run_bpo(dataclasses.replace(job, resume_changed=("steps",)), init_runtime(1))
+
+
+def test_4_export_refuses_a_full_folder_and_replaces_it_whole(finished, tmp_path):
+    from r4b.export import ExportCLI, export
+    from r4b.runtime import init_runtime
+
+    job, out, _ = finished
+    dest = tmp_path / "hf"
+    dest.mkdir()
+    for junk in ("model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                 "tokenizer.json"):
+        (dest / junk).write_text("from another export")
+    with pytest.raises(ValueError, match=r"is not empty; pass --replace True"):
+        export(ExportCLI(run_dir=str(out), out_dir=str(dest)), init_runtime(1))
+    assert sorted(p.name for p in dest.iterdir())[0] == "model-00002-of-00002.safetensors"
+    export(ExportCLI(run_dir=str(out), out_dir=str(dest), replace=True), init_runtime(1))
+    names = sorted(p.name for p in dest.iterdir())
+    assert "model-00002-of-00002.safetensors" not in names and "tokenizer.json" not in names
+    assert {"config.json", "model.safetensors", "generation_config.json",
+            "r4b_export.json"} <= set(names)
+    meta = json.loads((dest / "r4b_export.json").read_text())
+    assert meta["step"] == 1 and meta["checkpoint"].endswith("step_00000001")
+    assert not list(tmp_path.glob(".hf*"))
+
+
+def test_4_export_writes_generation_config_from_the_special_tokens(assets, tmp_path):
+    from r4b.components import ModelChoice, make_tokenizer
+    from r4b.export import generation_config
+
+    tok = make_tokenizer(ModelChoice(hf_path=str(assets[3][True]), tokenizer_path=str(assets[1])))
+    cfg = generation_config(tok)
+    assert cfg["eos_token_id"] == [R.SPECIALS["<|im_end|>"], R.SPECIALS["<|endoftext|>"]]
+    assert cfg["pad_token_id"] == tok.pad_id
+    import transformers
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(cfg))
+    g = transformers.GenerationConfig.from_pretrained(str(tmp_path))
+    assert g.eos_token_id == cfg["eos_token_id"]
+
+
+# ---------------------------------------------------------------- 5. degenerate training
+def test_5_zero_variance_steps_and_a_short_training_set_warn(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import r4b.rl.bpo as bpo
+    from r4b.pretrain_bpo import DEGENERATE_STEPS, run_bpo
+    from r4b.runtime import init_runtime
+
+    monkeypatch.setattr(bpo, "verify", lambda text, answer: 0.0)  # reward 0 everywhere
+    job = _tiny_job(tmp_path / "run", steps=DEGENERATE_STEPS, ckpt_every=100, eval_every=100)
+    job.anneal.n_train_items = 16
+    job.rl.prompts_per_step = 40  # more than the 16 training items
+    with caplog.at_level(logging.WARNING, logger="r4b"):
+        run_bpo(job, init_runtime(1))
+    text = caplog.text
+    assert "rl.prompts_per_step is 40 but the training set has 16 items" in text
+    assert f"every group had the same reward for all its rollouts (zero variance) in the last " \
+           f"{DEGENERATE_STEPS} steps" in text
+
+
+# ---------------------------------------------------------------- 6. noise that hides faults
+def test_6_a_cleanly_released_lock_gives_no_warning_on_the_next_run(tmp_path, caplog):
+    import logging
+
+    from r4b.rundir import lock_run_dir
+
+    with lock_run_dir(tmp_path):
+        pass
+    with caplog.at_level(logging.WARNING, logger="r4b"):
+        with lock_run_dir(tmp_path):
+            pass
+    assert "without releasing it" not in caplog.text
+
+
+_FAILING_JOB = """
+import sys
+from r4b.errors import JobError
+from r4b.log import setup_logging
+from r4b.runtime import init_runtime, run_entry
+
+setup_logging()
+rt = init_runtime(1)
+
+def fn(job, rt):
+    if job == "same":
+        raise JobError("the data file holds no rows")
+    if job == "unexpected":
+        raise FileExistsError("[Errno 17] File exists: 'runs/x'")
+    raise JobError(f"rank {rt.rank} saw its own fault")
+
+sys.exit(run_entry(fn, sys.argv[1], rt))
+"""
+
+
+@pytest.mark.parametrize("kind", ["same", "unexpected", "per-rank"])
+def test_6_one_error_report_per_job_not_per_rank(tmp_path, kind):
+    from r4b.models.parallel import free_port
+
+    script = tmp_path / "job.py"
+    script.write_text(_FAILING_JOB)
+    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+             f"--master-port={free_port()}", str(script), kind], timeout=180)
+    assert r.returncode != 0
+    err = r.stderr
+    worker_frames = err.count(f'{script}", line')  # the launcher's own traceback names none
+    if kind == "same":
+        assert err.count("the data file holds no rows") == 1, err[-3000:]
+        assert worker_frames == 0, err[-3000:]
+    elif kind == "unexpected":  # one traceback, from rank 0
+        assert err.count("FileExistsError: [Errno 17]") == 1, err[-3000:]
+        assert worker_frames >= 1 and "[rank1]" not in err, err[-3000:]
+    else:  # different errors on each rank: both are reported
+        assert "rank 0 saw its own fault" in err and "rank 1 saw its own fault" in err
+
+
+def test_6_a_file_as_out_dir_fails_at_parse_time(tmp_path, capsys):
+    from r4b.config import parse_cli
+    from r4b.pretrain_bpo import BPOJob
+
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    for flag in ("--out_dir", "--anneal_dir"):
+        with pytest.raises(SystemExit):
+            parse_cli(BPOJob, [flag, str(f)])
+        out = "".join(ch for ch in "".join(capsys.readouterr()) if ch.isascii() and not ch.isspace())
+        assert f"{flag[2:]}{str(f)!r}isafile;expectedarundirectory" in out, out
