@@ -345,16 +345,37 @@ class PlanCLI:
         require_range("gpu_gib", self.gpu_gib, 1.0)
 
 
+def layout_problems(tp: int, gpus: int, cfg) -> list[str]:
+    """Why ``tp`` cannot split the model over ``gpus`` ranks (empty: it can)."""
+    checks = [("the GPU count", gpus), ("the language model's num_kv_heads", cfg.lm.num_kv_heads),
+              ("the language model's num_heads", cfg.lm.num_heads),
+              ("the vocabulary size", cfg.lm.vocab_size)]
+    if cfg.vision is not None:
+        checks.append(("the vision tower's num_heads", cfg.vision.num_heads))
+    return [f"{what} {n} is not divisible by {tp}" for what, n in checks if n % tp]
+
+
 def layouts(gpus: int, cfg) -> list[tuple[int, int]]:
     """(TP, DP) pairs of ``gpus`` ranks the model splits over (heads, KV heads, vocabulary)."""
+    return [(tp, gpus // tp) for tp in range(1, gpus + 1) if not layout_problems(tp, gpus, cfg)]
+
+
+def left_out(gpus: int, cfg) -> list[str]:
+    """One line per TP size that divides ``gpus`` but not the model, saying why."""
     out = []
-    for tp in range(1, gpus + 1):
-        if gpus % tp or cfg.lm.num_kv_heads % tp or cfg.lm.num_heads % tp or cfg.lm.vocab_size % tp:
-            continue
-        if cfg.vision is not None and cfg.vision.num_heads % tp:
-            continue
-        out.append((tp, gpus // tp))
+    for tp in range(2, gpus + 1):
+        why = layout_problems(tp, gpus, cfg)
+        if gpus % tp == 0 and why:
+            out.append(f"TP={tp} DP={gpus // tp} left out: " + "; ".join(why))
     return out
+
+
+def per_token(nbytes: float) -> str:
+    """Bytes per token with a unit that keeps small models readable (never "0 KiB")."""
+    if nbytes < 1024:
+        return f"{nbytes:.0f} B"
+    kib = nbytes / 1024
+    return f"{kib:.1f} KiB" if kib < 10 else f"{kib:.0f} KiB"
 
 
 def plan_table(cli: PlanCLI) -> list[dict]:
@@ -405,13 +426,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows, cli.gpu_gib))
     fit = [f"TP={r['tp']} DP={r['dp']} recompute={r['recompute']}" for r in rows if r["fits"]]
     print("fits:", ", ".join(fit) if fit else "no layout fits as configured")
+    from .models import get_preset, read_hf_config
+
+    cfg = read_hf_config(cli.hf_path)[0] if cli.hf_path else get_preset(cli.preset)
+    for line in left_out(cli.gpus, cfg):
+        print(line)
     budget = 0.9 * cli.gpu_gib * GiB
     for r in rows:
         if r["recompute"] == "full":
             room = budget - (r["rollout_peak"] - r["kv_cache"])
             n = max(0, int(room // r["kv_bytes_per_token"]))
             print(f"TP={r['tp']} DP={r['dp']}: rollout.kv_budget_tokens up to {n} "
-                  f"({r['kv_bytes_per_token'] / 1024:.0f} KiB per token) keeps rollouts within "
+                  f"({per_token(r['kv_bytes_per_token'])} per token) keeps rollouts within "
                   f"{budget / GiB:.0f} GiB; the update peak with full recomputation is "
                   f"{r['update_peak'] / GiB:.1f} GiB")
     return 0

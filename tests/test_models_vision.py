@@ -380,11 +380,11 @@ def _tp_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
         tower.load_hf_state_dict(tower_sd)
         proj.load_hf_state_dict(proj_sd)
         tp_msg = "must be divisible by the tensor-parallel size 2"
-        with pytest.raises(ValueError, match=f"num_heads {tp_msg}, got 1"):
+        with pytest.raises(ValueError, match=rf"vision tower's num_heads \(vision.num_heads\) {tp_msg}, got 1"):
             SiglipVisionTower(VisionConfig(**{**TINY, "num_heads": 1}))
-        with pytest.raises(ValueError, match=f"intermediate_size {tp_msg}, got 127"):
+        with pytest.raises(ValueError, match=rf"vision tower's MLP width \(vision.intermediate_size\) {tp_msg}, got 127"):
             SiglipVisionTower(VisionConfig(**{**TINY, "intermediate_size": 127}))
-        with pytest.raises(ValueError, match=f"lm_hidden {tp_msg}, got 47"):
+        with pytest.raises(ValueError, match=rf"projector's output width \(the language model's hidden_size\) {tp_msg}, got 47"):
             Projector(64, 47)
         # each rank holds half of the heads / MLP columns
         attn = tower.layers[0].self_attn

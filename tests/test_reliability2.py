@@ -434,3 +434,26 @@ def test_6_a_file_as_out_dir_fails_at_parse_time(tmp_path, capsys):
             parse_cli(BPOJob, [flag, str(f)])
         out = "".join(ch for ch in "".join(capsys.readouterr()) if ch.isascii() and not ch.isspace())
         assert f"{flag[2:]}{str(f)!r}isafile;expectedarundirectory" in out, out
+
+
+# ---------------------------------------------------------------- 8. messages that say where
+def test_8_a_vision_tower_that_tp_cannot_split_is_named(monkeypatch):
+    import r4b.models.vision as vision
+    from r4b.models.presets import get_preset
+
+    import dataclasses
+
+    v = dataclasses.replace(get_preset("tiny").vision, num_heads=3, hidden_size=48)
+    monkeypatch.setattr(vision, "_group_size_rank", lambda group: (2, 0))
+    with pytest.raises(ValueError, match=r"the vision tower's num_heads \(vision\.num_heads\) "
+                                         r"must be divisible by the tensor-parallel size 2, got 3"):
+        vision.VisionAttention(v, None, None)
+
+
+def test_8_the_planner_says_which_layouts_it_leaves_out_and_never_prints_0_kib(capsys):
+    from r4b.plan import main
+
+    assert main(["--preset", "tiny", "--gpus", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "TP=3 DP=2 left out:" in out and "is not divisible by 3" in out
+    assert "(0 KiB per token)" not in out and " per token)" in out

@@ -193,7 +193,7 @@ def _init_normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
 def _divisible(name: str, value: int, tp_size: int) -> None:
     if value % tp_size:
         raise ValueError(f"{name} must be divisible by the tensor-parallel size {tp_size}, "
-                         f"got {value}")
+                         f"got {value} (choose a tp_size that divides it)")
 
 
 class LoadResult(NamedTuple):
@@ -299,7 +299,7 @@ class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig, pc: ModelParallelConfig, group):
         super().__init__()
         tp_size, _ = _group_size_rank(group)
-        _divisible("num_heads", cfg.num_heads, tp_size)
+        _divisible("the vision tower's num_heads (vision.num_heads)", cfg.num_heads, tp_size)
         self.heads_per_rank = cfg.num_heads // tp_size
         self.head_dim = cfg.head_dim
         h, std = cfg.hidden_size, cfg.hidden_size ** -0.5
@@ -335,7 +335,7 @@ class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig, pc: ModelParallelConfig, group):
         super().__init__()
         tp_size, _ = _group_size_rank(group)
-        _divisible("intermediate_size", cfg.intermediate_size, tp_size)
+        _divisible("the vision tower's MLP width (vision.intermediate_size)", cfg.intermediate_size, tp_size)
         self.fc1 = _column(cfg.hidden_size, cfg.intermediate_size, pc, group,
                            cfg.hidden_size ** -0.5)
         self.fc2 = _row(cfg.intermediate_size, cfg.hidden_size, pc, group,
@@ -501,7 +501,7 @@ class Projector(nn.Module):
         _check_parallel_config(pc)
         self.tp_group = _tp_group()
         tp_size, _ = _group_size_rank(self.tp_group)
-        _divisible("lm_hidden", lm_hidden, tp_size)
+        _divisible("the projector's output width (the language model's hidden_size)", lm_hidden, tp_size)
         self.vision_hidden, self.lm_hidden, self.act_name = vision_hidden, lm_hidden, act
         self.act = PROJECTOR_ACTIVATIONS[act]
         self.pre_norm = (nn.LayerNorm(vision_hidden, eps=eps, dtype=pc.params_dtype)
