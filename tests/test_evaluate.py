@@ -35,7 +35,11 @@ BUDGETS = ["--eval.max_new_tokens_think", "4", "--eval.max_new_tokens_no_think",
 def _launch(args: list[str], nproc: int) -> str:
     from r4b.models.parallel import free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "R4B_NO_PROGRESS": "1"}
+    # not the rendezvous of a process group this pytest process may hold
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT") and not k.startswith("TORCHELASTIC_")}
+    env.update(OMP_NUM_THREADS="1", R4B_NO_PROGRESS="1")
     head = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
             f"--master-port={free_port()}"] if nproc > 1 else [sys.executable]
     r = subprocess.run([*head, *args], env=env, capture_output=True, text=True, timeout=600,

@@ -53,8 +53,8 @@ def default_backend() -> str:
 def init_distributed(backend: str | None = None, *, timeout_s: float | None = None) -> None:
     """Initialise ``torch.distributed`` once (no-op when already initialised).
 
-    Reads ``RANK``/``WORLD_SIZE`` (default 0/1) and ``MASTER_ADDR``/``MASTER_PORT`` (default
-    127.0.0.1 and a free port, which only works for one process).  On ``nccl`` the current CUDA
+    Reads ``RANK``/``WORLD_SIZE`` (default 0/1) and ``MASTER_ADDR``/``MASTER_PORT`` (without
+    them: 127.0.0.1 and a free port, for one process only; the environment is left as it is).  On ``nccl`` the current CUDA
     device is set to ``LOCAL_RANK``.
     """
     if dist.is_initialized():
@@ -67,11 +67,16 @@ def init_distributed(backend: str | None = None, *, timeout_s: float | None = No
     if world > 1 and "MASTER_PORT" not in os.environ:
         raise RuntimeError(f"WORLD_SIZE={world} but MASTER_PORT is not set; launch with torchrun "
                            "or set MASTER_ADDR/MASTER_PORT")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    if "MASTER_PORT" in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    else:
+        # One process: a free port of its own, passed directly rather than written into
+        # os.environ, where every subprocess started later would inherit a port that this
+        # process's store still holds (EADDRINUSE in a later single-process launch).
+        kw["init_method"] = f"tcp://127.0.0.1:{free_port()}"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     dist.init_process_group(backend, rank=rank, world_size=world, **kw)
     log.info("torch.distributed initialised: backend=%s rank=%d world=%d", backend, rank, world)
 
