@@ -392,7 +392,7 @@ def test_vllm_engine_without_vllm_raises_naming_the_extra():
 def _fake_vllm_engine(stop_ids, classifier=None):
     eng = object.__new__(vllm_engine.VLLMEngine)
     eng.stop_ids, eng.mode_classifier, eng.vocab_limit = set(stop_ids), classifier, None
-    eng.banned_ids = []
+    eng.banned_ids, eng.vocab_size = [], 8
     eng._vllm = SimpleNamespace(SamplingParams=lambda **kw: kw)
     return eng
 
@@ -406,7 +406,9 @@ def test_vllm_glue_maps_requests_and_outputs():
     assert sp["logprobs"] == 0 and sp["ignore_eos"] is True
     eng2 = _fake_vllm_engine([7])
     eng2.vocab_limit, eng2.banned_ids = 6, [2]
-    assert eng2._sampling_params(req, PARAMS, None)["allowed_token_ids"] == [0, 1, 3, 4, 5]
+    # excluded ids go in as logit_bias (vLLM 0.34 caps allowed_token_ids at 1024 entries)
+    assert eng2._sampling_params(req, PARAMS, None)["logit_bias"] == {2: -100.0, 6: -100.0,
+                                                                      7: -100.0}
     eng2.vocab_limit = None
     assert eng2._sampling_params(req, PARAMS, None)["logit_bias"] == {2: -100.0}
     assert _fake_vllm_engine([7])._sampling_params(

@@ -54,10 +54,16 @@ def _model(env, seed):
     return build_model(env.cfg).eval()
 
 
+VERSIONS = ("0.10.2", "0.34.0")  # the stand-in's modes: the supported range's two ends
+BOTH = pytest.mark.parametrize("vllm", VERSIONS, indirect=True)
+
+
 @pytest.fixture
-def vllm(monkeypatch):
-    """The stand-in importable as ``vllm`` (this test only), torchrun's rank variables set, the
-    device check off (the model is on the CPU here)."""
+def vllm(monkeypatch, request):
+    """The stand-in importable as ``vllm`` (this test only; as vLLM ``request.param``, default
+    the newest), torchrun's rank variables set, the device check off (the model is on the CPU
+    here)."""
+    monkeypatch.setenv("R4B_VLLM_STANDIN_VERSION", getattr(request, "param", VERSIONS[-1]))
     monkeypatch.syspath_prepend(str(STANDIN))
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -67,7 +73,7 @@ def vllm(monkeypatch):
     monkeypatch.setattr(components, "_vllm_device", lambda model: torch.device("cpu"))
     import vllm as standin
 
-    assert standin.__version__.endswith("r4b.standin")
+    assert standin.__version__ == getattr(request, "param", VERSIONS[-1]) + "+r4b.standin"
     yield standin
     vllm_engine.release_colocated_engine()
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
@@ -441,7 +447,7 @@ def test_bpo_step_sleeps_the_engine_for_the_update_and_wakes_it_after_the_sync(v
     n_req = 2 * 2 * cfg.group_size
     assert calls == [("generate", n_req), ("reset_prefix_cache",), ("sleep", level), ("update",),
                      ("wake_up", ("weights",)), ("apply_model",), ("wake_up", ("kv_cache",)),
-                     ("reset_prefix_cache",)], calls
+                     ("reset_prefix_cache",), ("reset_encoder_cache",)], calls
     assert seen["asleep"] == {"weights", "kv_cache"} and not llm.asleep
     after = _standin_state(eng)
     assert _same_state(after, model.state_dict()) and not _same_state(after, before)
@@ -465,3 +471,202 @@ def test_embedded_engine_sleep_and_wake_are_no_ops(env):
     eng.sleep()
     eng.wake_up()
     assert [r.response_ids for r in eng.generate(reqs, GREEDY)] == [r.response_ids for r in a]
+
+
+# ---------------------------------------------------------------- real vLLM's behaviours
+# Each test below runs against the stand-in as vLLM 0.10.2 and as 0.34.0 (BOTH); the stand-in
+# copies the behaviour named in the test from that version's source.
+IMG = 63
+PINS = tuple((h, w) for h in (8, 16, 24) for w in (8, 16, 24)) + ((32, 32),)
+
+
+def _mm_model(seed: int, *, pre_norm: bool):
+    """A tiny LLaVA-OneVision / R-4B model (AnyRes on 8-px tiles, 4 features per tile,
+    anyres_max_9 as vLLM's model hard-codes): ``pre_norm`` -> vLLM's RForConditionalGeneration,
+    else LlavaOnevisionForConditionalGeneration."""
+    from r4b.models import LMConfig, ModelConfig
+    from r4b.models.vision import VisionConfig
+
+    cfg = ModelConfig(
+        lm=LMConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512),
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                            patch_size=4, image_size=8, feature_layer=2),
+        image_token_id=IMG, image_newline=True, image_layout="anyres", projector_pre_norm=pre_norm,
+        image_grid_pinpoints=PINS, vision_aspect_ratio="anyres_max_9")
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # weights large enough that the image changes the tokens
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _mm_engine(model, tmp_path, **kw):
+    (tmp_path / "tok").mkdir(exist_ok=True)
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
+    return vllm_engine.VLLMEngine(model, stop_ids=[5], max_seqlen=512, banned_ids=[IMG],
+                                  tokenizer_dir=tmp_path / "tok", **kw)
+
+
+def _mm_requests(model, sizes_per_prompt, seed=0, forced=(7, 9)):
+    """Requests with raw [3, H, W] images, placeholders expanded as r4b's template does;
+    prompt and token routing."""
+    from r4b.data.images import prompt_image_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for k, sizes in enumerate(sizes_per_prompt):
+        imgs = [torch.randint(0, 256, (3, h, w), generator=g).float() / 255 for h, w in sizes]
+        counts = prompt_image_tokens(list(sizes), model.cfg)
+        ids = [1, 2]
+        for n in counts:
+            ids += [IMG] * n + [3]
+        ids += torch.randint(10, 60, (3,), generator=g).tolist()
+        reqs.append(RolloutRequest(prompt_ids=ids, mode="auto", images=imgs, uid=(k, "prompt")))
+        reqs.append(RolloutRequest(prompt_ids=ids, mode="think", forced_ids=list(forced),
+                                   images=imgs, uid=(k, "token")))
+    return reqs
+
+
+MM_GREEDY = SamplingParams(greedy=True, max_new_tokens_think=6, max_new_tokens_no_think=6,
+                           max_new_tokens_auto=6)
+
+
+def _assert_same_rollouts(got, want):
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    assert [r.finished for r in got] == [r.finished for r in want]
+    for g, w in zip(got, want):
+        # vLLM's processed log-probs: the distribution after the mask (banned ids excluded)
+        torch.testing.assert_close(torch.tensor(g.behaviour_logprobs),
+                                   torch.tensor(w.behaviour_logprobs), atol=2e-5, rtol=0)
+
+
+@BOTH
+@pytest.mark.parametrize("pre_norm", [False, True], ids=["onevision", "r4b"])
+def test_image_rollouts_match_the_embedded_engine(vllm, tmp_path, pre_norm):
+    """vLLM expands each image's first <image> itself (token prompts too): the engine sends
+    one per image, as PIL images (0.10.2 reads arrays channels-first), and reads the forced
+    tokens' prompt log-probs from the end of vLLM's expanded prompt."""
+    model = _mm_model(20, pre_norm=pre_norm)
+    eng = _mm_engine(model, tmp_path)
+    assert eng.arch == ("RForConditionalGeneration" if pre_norm else
+                        "LlavaOnevisionForConditionalGeneration")
+    sizes = [[(19, 13)], [(5, 23)], [(24, 24)]]
+    reqs = _mm_requests(model, sizes, seed=1)
+    got = eng.generate(reqs, MM_GREEDY)
+    want = EmbeddedEngine(model, stop_ids=[5], max_seqlen=512, banned_ids=[IMG]).generate(reqs, MM_GREEDY)
+    _assert_same_rollouts(got, want)
+    from PIL import Image
+
+    for r, p in zip(reqs, eng.llm.prompts_seen[-1]):
+        assert p["prompt_token_ids"].count(IMG) == 1  # one <image> per image
+        assert all(isinstance(im, Image.Image) for im in p["multi_modal_data"]["image"])
+    # the image matters: another image gives other log-probs
+    other = eng.generate([dataclasses.replace(r, images=[1 - r.images[0]]) for r in reqs], MM_GREEDY)
+    assert max(abs(a - b) for x, y in zip(other, got)
+               for a, b in zip(x.behaviour_logprobs, y.behaviour_logprobs)) > 1e-3
+
+
+@BOTH
+def test_a_vision_tower_changed_by_a_sync_reaches_image_rollouts(vllm, tmp_path):
+    """vLLM caches vision features by image hash across requests, and reset_prefix_cache does
+    not clear them: after a sync while awake, the same images must be encoded again."""
+    model = _mm_model(21, pre_norm=True)
+    eng = _mm_engine(model, tmp_path)
+    reqs = _mm_requests(model, [[(19, 13)], [(16, 16)]], seed=2)
+    embedded = EmbeddedEngine(model, stop_ids=[5], max_seqlen=512, banned_ids=[IMG])
+    _assert_same_rollouts(eng.generate(reqs, MM_GREEDY), embedded.generate(reqs, MM_GREEDY))
+    runs = eng.llm.encoder_runs
+    eng.generate(reqs, MM_GREEDY)
+    assert eng.llm.encoder_runs == runs  # the cache serves the same images again
+    before = [r.logprobs for r in embedded.generate(reqs, MM_GREEDY)]
+    with torch.no_grad():  # a training step that moves the tower only
+        for p in model.vision_tower.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    eng.sync_weights(model)  # awake: no sleep in between (annealing, evaluation, rebind)
+    want = embedded.generate(reqs, MM_GREEDY)
+    assert [r.logprobs for r in want] != before
+    _assert_same_rollouts(eng.generate(reqs, MM_GREEDY), want)
+    assert eng.llm.encoder_runs > runs
+
+
+@BOTH
+def test_image_counts_vllm_would_give_differently_are_refused(vllm, tmp_path):
+    """vLLM counts every image of a prompt as a lone AnyRes image, and R-4B's vLLM class
+    counts without the anyres_max_9 reduction: such requests are refused, naming the image."""
+    model = _mm_model(22, pre_norm=True)
+    eng = _mm_engine(model, tmp_path)
+    two = _mm_requests(model, [[(19, 13), (8, 8)]], seed=3)[:1]
+    with pytest.raises(ValueError, match=r"requests\[0\]\.images\[0\].*multi-image form"):
+        eng.generate(two, MM_GREEDY)
+    big = _mm_requests(model, [[(32, 32)]], seed=3)[:1]  # 4x4 grid: reduced by anyres_max_9
+    with pytest.raises(ValueError, match=r"requests\[0\]\.images\[0\] \(32x32.*LLaVA-NeXT"):
+        eng.generate(big, MM_GREEDY)
+    # LLaVA-OneVision's class counts the reduction: the same image goes through.
+    ov = _mm_model(22, pre_norm=False)
+    got = _mm_engine(ov, tmp_path).generate(big, MM_GREEDY)
+    want = EmbeddedEngine(ov, stop_ids=[5], max_seqlen=512, banned_ids=[IMG]).generate(big, MM_GREEDY)
+    _assert_same_rollouts(got, want)
+
+
+@BOTH
+def test_the_vocabulary_mask_fits_vllms_per_request_cap(vllm, env):
+    """vLLM 0.34 takes at most 1024 allowed_token_ids (and logit_bias entries) per request:
+    a padded LM head's excluded ids go in as logit_bias instead of the allowed vocabulary."""
+    cfg = dataclasses.replace(env.cfg, lm=dataclasses.replace(env.cfg.lm, vocab_size=2560))
+    torch.manual_seed(23)
+    model = build_model(cfg).eval()
+    kw = dict(stop_ids=[env.tok.im_end_id], max_seqlen=256, vocab_limit=2400, banned_ids=[3])
+    eng = vllm_engine.VLLMEngine(model, **kw)
+    reqs = _requests(env, 2)
+    sample = dataclasses.replace(GREEDY, greedy=False)
+    got = eng.generate(reqs, sample, torch.Generator().manual_seed(5))
+    sp = eng.llm.params_seen[-1][0]
+    assert sp.allowed_token_ids is None and sorted(sp.logit_bias) == [3] + list(range(2400, 2560))
+    assert all(t < 2400 and t != 3 for r in got for t in r.response_ids[len(r.request.forced_ids):])
+    want = EmbeddedEngine(model, **kw).generate(reqs, GREEDY)
+    _assert_same_rollouts(eng.generate(reqs, GREEDY), want)
+    # Many excluded ids, few allowed: allowed_token_ids.
+    eng.vocab_limit = 300
+    eng.generate(reqs[:1], GREEDY)
+    sp = eng.llm.params_seen[-1][0]
+    assert sp.logit_bias is None and sp.allowed_token_ids == [t for t in range(300) if t != 3]
+    # Neither form fits: a clear error naming the fields.
+    eng.vocab_limit = 1400
+    with pytest.raises(ValueError, match=r"vocab_limit 1400 and banned_ids exclude 1161 .* allow 1399"):
+        eng.generate(reqs, GREEDY)
+
+
+@BOTH
+def test_a_stop_token_drawn_as_the_last_allowed_token_finishes_the_row(vllm, env):
+    """vLLM 0.10.2 checks the length cap before the stop ids: such a row reports
+    finish_reason 'length', yet it ended with its stop token."""
+    model = _model(env, 24)
+    reqs = [RolloutRequest(prompt_ids=env.tpl.prompt_ids(it.question, 0, "no_think"),
+                           mode="no_think", uid=k) for k, it in enumerate(env.items[:3])]
+    free = _embedded(model, env).generate(reqs, GREEDY)
+    stop = free[0].response_ids[2]  # the third token of row 0 becomes a stop id
+    n = free[0].response_ids.index(stop) + 1
+    params = dataclasses.replace(GREEDY, max_new_tokens_no_think=n)
+    kw = dict(stop_ids=[env.tok.im_end_id, stop], max_seqlen=256, vocab_limit=env.tok.vocab_size,
+              banned_ids=[env.tok.image_token_id])
+    want = EmbeddedEngine(model, **kw).generate(reqs, params)
+    assert want[0].finished and len(want[0].response_ids) == n
+    got = vllm_engine.VLLMEngine(model, **kw).generate(reqs, params)
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    assert [r.finished for r in got] == [r.finished for r in want]
+
+
+@BOTH
+def test_a_single_process_without_torchrun_gets_the_launchers_variables(vllm, env, monkeypatch):
+    """vLLM's external launcher reads RANK and LOCAL_RANK from the environment (KeyError
+    without them): ``python -m r4b....`` without torchrun sets them for one process."""
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    eng = vllm_engine.VLLMEngine(_model(env, 25), stop_ids=[env.tok.im_end_id], max_seqlen=256)
+    import os
+
+    assert (eng.llm.rank, eng.llm.local_rank) == (0, 0)
+    assert os.environ["RANK"] == "0" and os.environ["LOCAL_RANK"] == "0"

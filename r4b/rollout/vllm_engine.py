@@ -137,6 +137,17 @@ VLLM_MISSING = ("the vLLM rollout engine needs vLLM, which is not installed; ins
 SLEEP_LEVELS = (1, 2)
 """``LLM.sleep`` levels: 1 backs the weights up in CPU memory, 2 drops them."""
 
+CHECKED_VERSIONS = ("0.10.2", "0.34.0")
+"""The vLLM releases whose source this engine was checked against (``setup.py``'s range)."""
+
+MAX_MASK_IDS = 1024
+"""Most ``allowed_token_ids`` / ``logit_bias`` entries a request may carry: vLLM 0.34's GPU
+runner caps both (``vllm/v1/worker/gpu/sample/logit_bias.py``, ``MAX_NUM_ALLOWED_TOKEN_IDS``
+and ``MAX_NUM_LOGIT_BIAS_TOKENS``); 0.10.2 has no cap."""
+
+BANNED_BIAS = -100.0
+"""``logit_bias`` of a banned id: vLLM clamps biases to [-100, 100] (``SamplingParams``)."""
+
 class VLLMMissing(ImportError, ValueError):
     """vLLM is not installed (an ``ImportError``; also a ``ValueError`` so the command-line
     parser reports it as a bad ``rollout.engine`` value)."""
@@ -167,10 +178,54 @@ def _import_vllm():
     return vllm
 
 
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def launcher_env() -> dict[str, str]:
+    """Set what vLLM's external launcher reads from the environment, for a process that
+    torchrun did not start (``python -m ...``); returns the variables set.
+
+    The launcher reads ``RANK`` and ``LOCAL_RANK`` (``int(os.environ[...])``, a ``KeyError``
+    without them: 0.10.2 ``vllm/executor/uniproc_executor.py``, 0.34.0
+    ``vllm/v1/executor/uniproc_executor.py``) and, when torch.distributed is not initialised
+    yet, ``env://`` needs ``MASTER_ADDR`` / ``MASTER_PORT``.  Single process only: a world of
+    several processes without them was not started by torchrun, which is an error."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    missing = [k for k in ("RANK", "LOCAL_RANK") if k not in os.environ]
+    if not missing:
+        return {}
+    if world > 1:
+        raise RuntimeError(f"rollout.engine 'vllm' in a world of {world} processes needs "
+                           f"{missing} in the environment (vLLM's external launcher reads "
+                           f"them): start the job with torchrun")
+    rank = str(dist.get_rank()) if world > 1 else "0"
+    want = {"RANK": rank, "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    if not (dist.is_available() and dist.is_initialized()):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            want.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+    set_now = {k: v for k, v in want.items() if k not in os.environ}
+    os.environ.update(set_now)
+    return set_now
+
+
 # ---------------------------------------------------------------- images
+VLLM_ONEVISION = "LlavaOnevisionForConditionalGeneration"
+VLLM_R4B = "RForConditionalGeneration"
+
+
 def tiles_to_images(tiles: torch.Tensor) -> list[np.ndarray]:
-    """Tiles ``[n, C, H, W]`` with values in [0, 1] → one ``uint8 [H, W, 3]`` image per tile
-    (what vLLM's image inputs take; C = 1 is repeated to RGB)."""
+    """Tiles ``[n, C, H, W]`` with values in [0, 1] → one ``uint8 [H, W, 3]`` array per tile
+    (C = 1 is repeated to RGB)."""
     if tiles.dim() != 4 or tiles.shape[1] not in (1, 3):
         raise ValueError(f"tiles must be [n, C, H, W] with C in (1, 3), got {tuple(tiles.shape)}")
     x = (tiles.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -179,21 +234,79 @@ def tiles_to_images(tiles: torch.Tensor) -> list[np.ndarray]:
     return [np.ascontiguousarray(t.permute(1, 2, 0).cpu().numpy()) for t in x]
 
 
-def request_images(images, i: int) -> list[np.ndarray]:
-    """A request's images (raw ``[C, H, W]`` arrays / tensors of one prompt, or tiles
-    ``[n, C, H, W]``) as ``uint8 [H, W, 3]`` arrays; errors name ``requests[i]``."""
-    items = list(images) if isinstance(images, (list, tuple)) else [images]
-    out: list[np.ndarray] = []
-    for x in items:
-        t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x,
-                            device="cpu")
-        if t.dim() == 3:
-            t = t[None]
-        try:
-            out.extend(tiles_to_images(t))
-        except ValueError as e:
-            raise ValueError(f"requests[{i}].images: {e}") from e
+def to_pil(image, where: str):
+    """One raw image (float ``[C, H, W]`` in [0, 1], C in (1, 3), numpy or torch) as an RGB
+    PIL image: the input every supported vLLM reads the same way (0.10.2's
+    ``multimodal/parse.py`` reads any array channels-first, ``_, h, w = image.shape``, so a
+    ``uint8 [H, W, 3]`` array gets the wrong size there)."""
+    from PIL import Image
+
+    t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image,
+                        device="cpu")
+    if t.dim() != 3 or t.shape[0] not in (1, 3) or not t.is_floating_point():
+        raise ValueError(f"{where} must be a raw float image [C, H, W] with C in (1, 3) (vLLM "
+                         f"processes each image itself: AnyRes), got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    lo, hi = float(t.min()), float(t.max())
+    if not (0.0 <= lo and hi <= 1.0):
+        raise ValueError(f"{where} must hold values in [0, 1], got [{lo}, {hi}]")
+    return Image.fromarray(tiles_to_images(t[None])[0], "RGB")
+
+
+def vllm_image_tokens(arch: str, height: int, width: int, cfg) -> int:
+    """Placeholder tokens vLLM's processor for ``arch`` gives one ``height x width`` image.
+
+    Read from ``vllm/model_executor/models/llava_onevision.py`` / ``llava_next.py`` /
+    ``rvl.py`` at 0.10.2 and 0.34.0 (identical there): every image is counted on its own, as a
+    lone AnyRes image (no multi-image form); LLaVA-OneVision's class reduces the unpadded map
+    to 9 tiles (hard-coded ``anyres_max_9``); R-4B's ``RForConditionalGeneration`` is
+    registered with LLaVA-NeXT's processing info, which never reduces it (its model still
+    reduces the features, so the two disagree for large images)."""
+    import dataclasses
+
+    from ..data.images import ImageLayout, anyres_grid
+
+    lay = dataclasses.replace(ImageLayout.of(cfg), max_tiles=9 if arch == VLLM_ONEVISION else None)
+    return lay.tokens_per_tile + anyres_grid(height, width, lay).grid_tokens
+
+
+def compress_placeholders(prompt_ids: Sequence[int], counts: Sequence[int], image_id: int,
+                          where: str) -> list[int]:
+    """``prompt_ids`` with each image's run of ``counts[k]`` placeholders cut to one
+    ``image_id``: the token prompt vLLM expands itself (its processors expand the first
+    ``<image>`` of each image, for token prompts too, and leave the rest as they are)."""
+    out: list[int] = []
+    ids = [int(t) for t in prompt_ids]
+    k = i = 0
+    while i < len(ids):
+        if ids[i] != image_id:
+            out.append(ids[i])
+            i += 1
+            continue
+        if k >= len(counts):
+            raise ValueError(f"{where}: the prompt holds more image placeholders (id {image_id}) "
+                             f"than its {len(counts)} images need ({list(counts)})")
+        n = int(counts[k])
+        if ids[i:i + n] != [image_id] * n:
+            run = next((j for j in range(i, len(ids)) if ids[j] != image_id), len(ids)) - i
+            raise ValueError(f"{where}: image {k} needs {n} consecutive placeholders (id "
+                             f"{image_id}), the prompt has a run of {run} there")
+        out.append(image_id)
+        i += n
+        k += 1
+    if k != len(counts):
+        raise ValueError(f"{where}: the prompt holds placeholders for {k} images, the request "
+                         f"has {len(counts)}")
     return out
+
+
+def image_key(image: "Any") -> str:
+    """Content hash of one PIL image (mode, size, pixels)."""
+    import hashlib
+
+    h = hashlib.sha256(repr((image.mode, image.size)).encode())
+    h.update(image.tobytes())
+    return h.hexdigest()[:32]
 
 
 # ---------------------------------------------------------------- weights
@@ -277,6 +390,11 @@ class VLLMEngine:
             raise ValueError("vLLM's sleep mode does not work with PYTORCH_CUDA_ALLOC_CONF="
                              "expandable_segments:True; unset it for rollout.engine 'vllm'")
         if cfg.vision is not None:
+            if cfg.vision_aspect_ratio != "anyres_max_9":
+                raise ValueError(f"vLLM's LLaVA-OneVision model reduces every image's feature "
+                                 f"map to 9 tiles (anyres_max_9, hard-coded); this model uses "
+                                 f"vision_aspect_ratio {cfg.vision_aspect_ratio!r}: use "
+                                 f"rollout.engine 'embedded'")
             if cfg.image_layout != "anyres":
                 raise ValueError(f"vLLM runs LLaVA-OneVision's AnyRes image layout; this model "
                                  f"uses r4b's {cfg.image_layout!r} layout: use rollout.engine "
@@ -302,7 +420,15 @@ class VLLMEngine:
             self._tmp = tempfile.TemporaryDirectory(prefix="r4b-vllm-")
             work_dir = self._tmp.name
         self.model_dir = Path(work_dir)
-        self._write_model_dir(policy, tokenizer_dir, trust_remote_code)
+        self.arch = self._write_model_dir(policy, tokenizer_dir, trust_remote_code)
+        version = str(getattr(vllm, "__version__", "0"))
+        v, lo, hi = (_version_tuple(x) for x in (version,) + CHECKED_VERSIONS)
+        if not (lo <= v and v[:2] <= hi[:2]):
+            log.warning("vLLM %s is outside the versions this engine was checked against "
+                        "(%s to %d.%d.x)", version, CHECKED_VERSIONS[0], *hi[:2])
+        set_env = launcher_env()
+        if set_env:
+            log.info("single process: set %s for vLLM's external launcher", sorted(set_env))
         kwargs = dict(model=str(self.model_dir), tensor_parallel_size=tensor_parallel_size,
                       dtype=cfg.params_dtype, seed=seed, max_model_len=max_seqlen,
                       gpu_memory_utilization=gpu_memory_utilization,
@@ -317,15 +443,17 @@ class VLLMEngine:
         self._asleep = False
         self._weights_awake = True
         self._reset_pending = False
+        self.weights_version = 0
         self._tracked: list[torch.Tensor] = []
         self._versions: tuple[tuple[int, int], ...] = ()
         self.model = policy
         self.last_stats: dict[str, float] = {}
         self.sync_weights(policy)
 
-    def _write_model_dir(self, policy, tokenizer_dir, trust_remote_code: bool) -> None:
+    def _write_model_dir(self, policy, tokenizer_dir, trust_remote_code: bool) -> str:
         """``config.json`` of ``policy`` (transformers format, what vLLM builds the network
-        from) plus the tokenizer / processor files of ``tokenizer_dir``; no weights."""
+        from) plus the tokenizer / processor files of ``tokenizer_dir``; no weights.  Returns
+        the architecture vLLM will build."""
         from ..data.tokenizer import copy_tokenizer_files
         from ..models.hf import hf_config_dict
 
@@ -335,6 +463,7 @@ class VLLMEngine:
         (d / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True))
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, d, with_code=trust_remote_code)
+        return cfg_dict["architectures"][0]
 
     # ------------------------------------------------------------ sleep / wake
     def sleep(self) -> None:
@@ -356,7 +485,7 @@ class VLLMEngine:
         self._asleep = False
         self._weights_awake = True
         if self._reset_pending:
-            self.llm.reset_prefix_cache()
+            self._reset_caches()
             self._reset_pending = False
 
     # ------------------------------------------------------------ weights
@@ -388,11 +517,24 @@ class VLLMEngine:
                                f"the policy's")
         self.model = policy
         self._track()
+        # Cached image features are the old tower's: every image is keyed by its content and
+        # this counter from now on (multi_modal_uuids), on every version.
+        self.weights_version += 1
         if self._asleep:
             self._reset_pending = True
         else:
-            self.llm.reset_prefix_cache()
+            self._reset_caches()
         return time.perf_counter() - t0
+
+    def _reset_caches(self) -> None:
+        """Drop what vLLM cached under the old weights: KV prefixes, and where the version has
+        it, the encoder cache (shim: ``LLMEngine.reset_encoder_cache`` exists in 0.34, not in
+        0.10.2, whose stale entries are simply never hit again: new keys, see
+        :meth:`_image_uuids`)."""
+        self.llm.reset_prefix_cache()
+        reset = getattr(getattr(self.llm, "llm_engine", None), "reset_encoder_cache", None)
+        if reset is not None:
+            reset()
 
     def _track(self) -> None:
         """Remember the bound policy's parameters (the sharded ones: outside ``full_params``)
@@ -406,20 +548,34 @@ class VLLMEngine:
         return tuple(_version(p) for p in self._tracked) != self._versions
 
     # ------------------------------------------------------------ generation
-    _allowed_cache: tuple | None = None
-    """(vocab_limit, banned ids) and the ``allowed_token_ids`` they give."""
+    _mask_cache: tuple | None = None
+    """(vocab_limit, banned ids) and the excluded ids and sampling keywords they give."""
 
-    def _allowed_ids(self) -> list[int] | None:
-        """``allowed_token_ids`` of every request: the vocabulary below ``vocab_limit`` minus
-        the banned ids (None without a limit); cached per (limit, banned ids), which a rebind
-        may change."""
+    def _vocab_mask(self) -> tuple[frozenset, dict]:
+        """The ids no request may sample (ids at or above ``vocab_limit``, the banned ids) and
+        the ``SamplingParams`` keywords that exclude them: ``logit_bias`` -100 on each (vLLM's
+        bound) when they fit vLLM 0.34's cap of 1024 entries, else ``allowed_token_ids`` when
+        the allowed ids fit it, else ``ValueError``.  The same on every version (0.10.2 has no
+        cap).  Cached per (limit, banned ids), which a rebind may change."""
         key = (self.vocab_limit, tuple(self.banned_ids))
-        if self._allowed_cache is None or self._allowed_cache[0] != key:
-            banned = set(self.banned_ids)
-            ids = [t for t in range(self.vocab_limit) if t not in banned] \
-                if self.vocab_limit is not None else None
-            self._allowed_cache = (key, ids)
-        return self._allowed_cache[1]
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            limit = self.vocab_size if self.vocab_limit is None else self.vocab_limit
+            excluded = frozenset(range(limit, self.vocab_size)) | frozenset(self.banned_ids)
+            kw: dict = {}
+            if excluded and len(excluded) <= MAX_MASK_IDS:
+                kw["logit_bias"] = {t: BANNED_BIAS for t in sorted(excluded)}
+            elif excluded:
+                allowed = [t for t in range(self.vocab_size) if t not in excluded]
+                if len(allowed) > MAX_MASK_IDS:
+                    raise ValueError(
+                        f"vocab_limit {self.vocab_limit} and banned_ids exclude {len(excluded)} "
+                        f"of the model's {self.vocab_size} ids and allow {len(allowed)}: vLLM "
+                        f"takes at most {MAX_MASK_IDS} logit_bias or allowed_token_ids entries "
+                        f"per request (0.34, vllm/v1/worker/gpu/sample/logit_bias.py); use "
+                        f"rollout.engine 'embedded'")
+                kw["allowed_token_ids"] = allowed
+            self._mask_cache = (key, excluded, kw)
+        return self._mask_cache[1], self._mask_cache[2]
 
     def _sampling_params(self, req: RolloutRequest, params: SamplingParams, seed: int | None):
         kw = dict(n=1, temperature=0.0 if params.greedy else params.temperature,
@@ -428,11 +584,60 @@ class VLLMEngine:
                   prompt_logprobs=0 if req.forced_ids else None,
                   stop_token_ids=sorted(self.stop_ids), ignore_eos=True, seed=seed,
                   detokenize=False, skip_special_tokens=False)
-        if self.vocab_limit is not None:
-            kw["allowed_token_ids"] = self._allowed_ids()
-        elif self.banned_ids:
-            kw["logit_bias"] = {t: -100.0 for t in self.banned_ids}
+        kw.update(self._vocab_mask()[1])
         return self._vllm.SamplingParams(**kw)
+
+    # ------------------------------------------------------------ images
+    def _image_counts(self, images: list, i: int) -> list[int]:
+        """Placeholder tokens of each image of ``requests[i]`` — r4b's count, which must be
+        vLLM's (``ValueError`` naming the image otherwise)."""
+        from ..data.images import prompt_image_tokens
+
+        sizes = [tuple(int(x) for x in np.shape(im)[-2:]) for im in images]
+        ours = prompt_image_tokens(sizes, self.cfg)
+        for k, ((h, w), n) in enumerate(zip(sizes, ours)):
+            theirs = vllm_image_tokens(self.arch, h, w, self.cfg)
+            if theirs == n:
+                continue
+            if len(sizes) > 1:
+                why = (f"vLLM's processors count every image of a prompt as a lone AnyRes image, "
+                       f"while this model's layout puts {len(sizes)} images of one prompt in "
+                       f"the multi-image form ({n} tokens each)")
+            else:
+                why = (f"vLLM's {self.arch} counts its tokens with LLaVA-NeXT's formula, "
+                       f"without the anyres_max_9 reduction its model applies")
+            raise ValueError(f"requests[{i}].images[{k}] ({h}x{w} pixels, height x width): "
+                             f"vLLM would give it {theirs} placeholder tokens, this model "
+                             f"{n}: {why}; use rollout.engine 'embedded'")
+        return ours
+
+    def _image_uuids(self, pil_images: list) -> list[str]:
+        """``multi_modal_uuids`` of a request's images: content hash and weight version, so
+        that vLLM's encoder cache (vision features by image hash, kept across requests and
+        across ``reset_prefix_cache``) never serves features of weights before the last
+        sync."""
+        return [f"r4b-{image_key(im)}-w{self.weights_version}" for im in pil_images]
+
+    def _prompt(self, r: RolloutRequest, i: int) -> dict:
+        """The vLLM prompt of ``requests[i]``: token ids with one ``<image>`` per image
+        (vLLM expands them), images as PIL, uuids carrying the weight version."""
+        ids = [int(t) for t in r.prompt_ids]
+        prompt: dict[str, Any] = {}
+        if r.images is not None and len(r.images):
+            if self.cfg.vision is None:
+                raise ValueError(f"requests[{i}] has images but the model is text-only")
+            images = list(r.images) if isinstance(r.images, (list, tuple)) else [r.images]
+            pil = [to_pil(im, f"requests[{i}].images[{k}]") for k, im in enumerate(images)]
+            counts = self._image_counts(images, i)
+            ids = compress_placeholders(ids, counts, int(self.cfg.image_token_id),
+                                        f"requests[{i}]")
+            prompt["multi_modal_data"] = {"image": pil}
+            prompt["multi_modal_uuids"] = {"image": self._image_uuids(pil)}
+        elif self.cfg.vision is not None and int(self.cfg.image_token_id) in set(ids):
+            raise ValueError(f"requests[{i}].prompt_ids hold image placeholders (id "
+                             f"{self.cfg.image_token_id}) but the request has no images")
+        prompt["prompt_token_ids"] = ids + [int(t) for t in r.forced_ids]
+        return prompt
 
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams,
                  generator: torch.Generator | None = None) -> list[Rollout]:
@@ -465,14 +670,7 @@ class VLLMEngine:
                                   device=generator.device).tolist()
         prompts, sps = [], []
         for i, (r, seed) in enumerate(zip(requests, seeds)):
-            prompt: dict[str, Any] = {"prompt_token_ids": [int(t) for t in r.prompt_ids]
-                                      + [int(t) for t in r.forced_ids]}
-            if r.images is not None and len(r.images):
-                if self.cfg.vision is None:
-                    raise ValueError(f"requests[{i}] has images but the model is text-only")
-                imgs = request_images(r.images, i)
-                prompt["multi_modal_data"] = {"image": imgs[0] if len(imgs) == 1 else imgs}
-            prompts.append(prompt)
+            prompts.append(self._prompt(r, i))
             sps.append(self._sampling_params(r, params, seed))
         outputs = self.llm.generate(prompts, sampling_params=sps, use_tqdm=False)
         out = [self._rollout(r, o) for r, o in zip(requests, outputs, strict=True)]
@@ -488,24 +686,42 @@ class VLLMEngine:
         tokens: their prompt log-probs, behaviour = policy."""
         comp = output.outputs[0]
         gen_ids = [int(t) for t in comp.token_ids]
+        uid = req.uid
         if comp.logprobs is None or len(comp.logprobs) != len(gen_ids):
             n_lp = 0 if comp.logprobs is None else len(comp.logprobs)
             raise RuntimeError(f"vLLM returned {n_lp} "
                                f"log-prob entries for {len(gen_ids)} tokens (request uid "
-                               f"{req.uid!r}); logprobs=0 was requested")
+                               f"{uid!r}); logprobs=0 was requested")
+        # vLLM's prompt is its expanded one: it must be r4b's, token for token in length.
+        want = len(req.prompt_ids) + len(req.forced_ids)
+        got = getattr(output, "prompt_token_ids", None)
+        if got is not None and len(got) != want:
+            raise RuntimeError(f"vLLM expanded the prompt of request uid {uid!r} to {len(got)} "
+                               f"tokens, r4b's has {want}: its image placeholders differ")
+        excluded = self._vocab_mask()[0]
+        bad = [t for t in gen_ids if t in excluded]
+        if bad:
+            raise RuntimeError(f"vLLM sampled excluded token ids {bad[:5]} for request uid "
+                               f"{uid!r} (ids >= vocab_limit {self.vocab_limit} or banned "
+                               f"{self.banned_ids})")
         gen_lps = [float(comp.logprobs[k][t].logprob) for k, t in enumerate(gen_ids)]
         forced = [int(t) for t in req.forced_ids]
         forced_lps: list[float] = []
         if forced:
-            # prompt_logprobs[k] scores prompt token k given tokens < k (entry 0 is None).
-            n = len(req.prompt_ids)
+            # prompt_logprobs[k] scores prompt token k given tokens < k (entry 0 is None), over
+            # vLLM's expanded prompt (images as their full placeholder runs): the forced tokens
+            # are its last len(forced) entries.
             plp = output.prompt_logprobs
-            if plp is None or len(plp) < n + len(forced):
+            if plp is None or len(plp) < len(forced) + 1:
                 raise RuntimeError(f"vLLM returned no prompt log-probs for the forced tokens of "
-                                   f"request uid {req.uid!r}; prompt_logprobs=0 was requested")
-            forced_lps = [float(plp[n + k][t].logprob) for k, t in enumerate(forced)]
+                                   f"request uid {uid!r}; prompt_logprobs=0 was requested")
+            tail = plp[len(plp) - len(forced):]
+            forced_lps = [float(d[t].logprob) for d, t in zip(tail, forced)]
         resp = forced + gen_ids
-        finished = comp.finish_reason == "stop" and bool(gen_ids) and gen_ids[-1] in self.stop_ids
+        # A response ends with a stop id or it is cut by the budget.  vLLM 0.10.2 checks the
+        # length cap first (vllm/v1/core/sched/utils.py check_stop), so a stop token drawn as
+        # the last allowed token reports finish_reason "length": the token decides.
+        finished = bool(gen_ids) and gen_ids[-1] in self.stop_ids
         chosen = None
         if self.mode_classifier is not None:
             chosen = self.mode_classifier([int(t) for t in req.prompt_ids], resp)
