@@ -129,8 +129,8 @@ setup(
             "tensorboard>=2.21,<3",
         ],
         # Optional, imported lazily; none of them installs or runs on a CPU-only machine.
-        # vllm: the engine is checked against the released source of these versions.
-        "gpu": ["flash-attn>=2.7", "transformer-engine[pytorch]>=2.9", "vllm>=0.10.2"],
+        # vllm: the engine is checked against the released source of 0.10.2 and 0.34.0.
+        "gpu": ["flash-attn>=2.7", "transformer-engine[pytorch]>=2.9", "vllm>=0.10.2,<0.35"],
     },
     zip_safe=False,
 )

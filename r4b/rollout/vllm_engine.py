@@ -16,19 +16,21 @@ here is one vLLM's source accepts (the stand-in rejects others), weights pushed 
 greedy generation matches the embedded engine on the same weights, forced prefixes go in as
 in the embedded engine, the behaviour log-probs are the truncated distribution's (the top-p
 importance weight BPO computes is the kept mass), and BPOTrainer sleeps / wakes the engine
-around its update.  The stand-in's sampler follows vLLM's documented order; its numerics,
-scheduling, memory behaviour, CUDA graphs, sleep-mode allocator, multimodal processor and TP
-are *not* vLLM's.  Before relying on it, run the embedded-vs-vLLM parity check on a GPU (same
+around its update; image prompts, a tower changed by a sync, the vocabulary mask, the stop
+at the budget and a single-process launch, against the stand-in as 0.10.2 and as 0.34.0.  The
+stand-in's sampler follows vLLM's order; its numerics, scheduling, memory behaviour, CUDA
+graphs, sleep-mode allocator, HF image processor and TP are *not* vLLM's.  Before relying on it, run the embedded-vs-vLLM parity check on a GPU (same
 checkpoint, greedy: token ids and log-probs), then one short BPO run.
 
-**Targeted API.**  Read from vLLM's source at ``main`` (commit ``10fdb8f`` of
-``vllm/entrypoints/llm.py``) and the v0.10.2-v0.20 docs; the minimum version is 0.10.2
-(``logprobs_mode``).  Routes used, with where they are defined:
+**Targeted API.**  Read from the released source of vLLM 0.10.2 and 0.34.0 (the two ends of
+the supported range; ``setup.py`` bounds it; other versions log a warning); the minimum is
+0.10.2 (``logprobs_mode``).  Routes used, with where they are defined:
 
 * ``LLM(..., distributed_executor_backend="external_launcher")`` — vLLM's mechanism for
   running inside torchrun processes (``vllm/v1/executor/uniproc_executor.py``:
   ``ExecutorWithExternalLauncher``: one worker in this process, ``env://`` with ``RANK`` /
-  ``LOCAL_RANK``, device ``cuda:LOCAL_RANK``; ``ParallelConfig.__post_init__`` sets
+  ``LOCAL_RANK`` (set by :func:`launcher_env` for a single process without torchrun), device
+  ``cuda:LOCAL_RANK``; ``ParallelConfig.__post_init__`` sets
   ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` for it).  vLLM's tensor-parallel size is r4b's; every
   other factor of the world is vLLM's "ExternalDP" (``vllm/distributed/parallel_state.py``
   ``initialize_model_parallel``: layout ExternalDP x DP x PP x TP, "every dp rank can generate
@@ -52,12 +54,20 @@ checkpoint, greedy: token ids and log-probs), then one short BPO run.
 **How requests map onto vLLM** (one ``SamplingParams`` per request, all in one
 ``LLM.generate`` call, which batches them itself):
 
-* prompt: ``{"prompt_token_ids": prompt_ids + forced_ids}``, plus
-  ``"multi_modal_data": {"image": ...}`` with each raw ``[C, H, W]`` image in [0, 1] as one
-  ``uint8 [H, W, 3]`` array (tiles ``[n, C, H, W]``: one array per tile); vLLM's processor for
-  the checkpoint resizes / normalises them.  The prompt ids keep the template's expanded image
-  placeholders; vLLM's multimodal processors recognise already-expanded placeholders in token
-  prompts — unverified for R-4B.
+* prompt: ``{"prompt_token_ids": ...}`` = ``prompt_ids + forced_ids`` with each image's run
+  of placeholders cut to one ``<image>``: vLLM's processors expand the first ``<image>`` of
+  each image themselves, for token prompts too, and leave any other ``<image>`` ids where
+  they are (0.10.2 ``multimodal/processing.py`` ``_apply_matches``; 0.34
+  ``multimodal/processing/processor.py``); 0.10.2 then fails on the count, 0.34 embeds the
+  extra ids as text.  Images go in as RGB PIL images under ``"multi_modal_data"`` (0.10.2's
+  ``multimodal/parse.py`` reads every array channels-first) with ``"multi_modal_uuids"``
+  made of their content hash and the weight version: vLLM caches vision features by image
+  hash across requests and ``reset_prefix_cache`` leaves them, so after a sync the old
+  tower's features would be served (0.34 also gets ``llm_engine.reset_encoder_cache()``;
+  0.10.2 has no reset).  Before sending, the engine checks that vLLM's count of each image
+  (:func:`vllm_image_tokens`) is this model's, and refuses the request otherwise (prompts
+  with several images; R-4B's vLLM class on images whose map anyres_max_9 reduces); after,
+  that vLLM's expanded prompt has r4b's length.
 * forced response tokens (token routing) are appended to the prompt, so vLLM never samples
   them; their log-prob comes from ``prompt_logprobs=0``.  vLLM computes prompt log-probs from
   the raw logits (temperature 1; v0.10.2-v0.11 at least), so sampling with forced tokens is
@@ -66,9 +76,12 @@ checkpoint, greedy: token ids and log-probs), then one short BPO run.
 * sampled tokens: ``temperature``, ``top_p``, ``top_k`` (``-1`` when disabled), ``max_tokens``
   = the mode's budget, ``stop_token_ids`` = the engine's stop ids with ``ignore_eos=True`` (only
   the stop ids end a response, as in the embedded engine), ``logprobs=0`` (the sampled token's
-  log-prob only), ``detokenize=False``; ``greedy`` maps to ``temperature=0``.  The vocabulary
-  limit and banned ids map to ``allowed_token_ids`` (without a vocabulary limit, banned ids
-  map to ``logit_bias`` -100, vLLM's bound).
+  log-prob only), ``detokenize=False``; ``greedy`` maps to ``temperature=0``.  The ids at or
+  above the vocabulary limit and the banned ids map to ``logit_bias`` -100 (vLLM's bound) when
+  there are at most 1024 of them, else to ``allowed_token_ids`` when those are at most 1024
+  (vLLM 0.34's per-request cap on both, ``v1/worker/gpu/sample/logit_bias.py``), else to an
+  error; a sampled excluded id is an error.  A row is finished when its last token is a stop
+  id, whatever vLLM's ``finish_reason`` (0.10.2 checks the length cap first).
 * randomness: each request gets a ``seed`` drawn from the caller's ``generator`` (every TP
   rank of a group passes the same generator state, so vLLM's TP ranks draw alike).
 
