@@ -176,6 +176,8 @@ def test_kernels_wheel_is_only_r4b_kernels_with_torch_triton_numpy(tmp_path):
     packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert packages == {"r4b_kernels"}, packages
     assert "r4b_kernels/policy_loss.py" in names and "r4b_kernels/grouped_advantage.py" in names
+    assert {"r4b_kernels/integrations/__init__.py", "r4b_kernels/integrations/trl.py",
+            "r4b_kernels/integrations/verl.py"} <= set(names), names
     requires = sorted(line.split(":", 1)[1].split(";")[0].strip().split(">")[0].split("<")[0]
                       .split("=")[0].strip()
                       for line in metadata.splitlines() if line.startswith("Requires-Dist:"))
