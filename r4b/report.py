@@ -313,20 +313,29 @@ def plot_oracle(report: dict, out_dir: str | Path) -> Path | None:
             ax.set_title(f"level {lv} (oracle: {o['mode'].replace('_', '-')})", fontsize=10)
         ax.set(xlim=(0, 1.15 * xmax if xmax > 0 else 1), ylim=(-0.05, 1.05), xlabel="mean tokens")
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(levels):]:
+    return _finish_panels(plt, fig, axes, len(levels), height,
+                          "Oracle router vs auto mode: accuracy against mean tokens",
+                          Path(out_dir) / "oracle.png")
+
+
+
+def _finish_panels(plt, fig, axes, n_used: int, height: float, title: str, path: Path) -> Path:
+    """Hide the unused panels, label the rows, put one legend under the grid, and write the
+    figure to ``path`` (a temporary name renamed into place)."""
+    for ax in axes.flat[n_used:]:
         ax.set_visible(False)
     for row in axes:
         row[0].set_ylabel("accuracy")
-    handles, labels = axes.flat[len(levels) - 1].get_legend_handles_labels()
+    handles, labels = axes.flat[n_used - 1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0), ncol=len(labels),
                frameon=False)
-    fig.suptitle("Oracle router vs auto mode: accuracy against mean tokens", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.5 / height, 1, 1))
-    path = Path(out_dir) / "oracle.png"
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    tmp.replace(path)
     return path
-
 
 def plot_history(history: list[dict], out_dir: str | Path) -> list[Path]:
     """PNG plots of auto-mode think rate and per-mode accuracy per level over training steps
@@ -522,18 +531,6 @@ def plot_benchmarks(result: dict, out_dir: str | Path) -> Path:
         ax.set(xlim=(0, 1.15 * xmax if xmax > 0 else 1), ylim=(-0.05, 1.05),
                xlabel="mean response tokens")
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    for row in axes:
-        row[0].set_ylabel("accuracy")
-    handles, labels = axes.flat[len(panels) - 1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0), ncol=len(labels),
-               frameon=False)
-    fig.suptitle("Accuracy against mean response tokens per mode", fontsize=11)
-    fig.tight_layout(rect=(0, 0.5 / height, 1, 1))
-    path = Path(out_dir) / "benchmarks.png"
-    tmp = path.with_name(".benchmarks.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _finish_panels(plt, fig, axes, len(panels), height,
+                          "Accuracy against mean response tokens per mode",
+                          Path(out_dir) / "benchmarks.png")
