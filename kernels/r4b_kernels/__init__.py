@@ -10,19 +10,23 @@ Public API (stable):
 * :func:`policy_loss` -> :class:`PolicyLossOutput` — clipped-ratio policy loss fused with the
   LM-head GEMM and an online logsumexp; logits are never materialised; vocab-parallel.
 * :func:`token_logprobs` — forward-only log-probs (and entropy) of target tokens.
+* :func:`prefix_shared_attention` over a :class:`PrefixLayout` — attention over packed groups
+  that share one prompt (each response sees the prompt and itself, the prompt is computed once).
 
-Every function takes ``impl="auto" | "triton" | "torch"``; ``"torch"`` is the reference
-implementation and runs everywhere.  Only torch is required (triton when present).
+Every function takes ``impl="auto" | "triton" | "torch"`` (the attention also ``"flash"``);
+``"torch"`` is the reference implementation and runs everywhere.  Only torch is required (triton when present).
 """
 
 from ._common import HAS_TRITON, HAS_TRITON_GPU, TRITON_INTERPRET
 from .grouped_advantage import (GroupedAdvantage, grouped_advantage, sequence_loss_weights,
                                 token_advantage_weights)
 from .policy_loss import PolicyLossOutput, policy_loss, token_logprobs
+from .prefix_attention import PrefixLayout, prefix_shared_attention
 
 __all__ = [
     "HAS_TRITON", "HAS_TRITON_GPU", "TRITON_INTERPRET",
     "GroupedAdvantage", "grouped_advantage", "sequence_loss_weights", "token_advantage_weights",
     "PolicyLossOutput", "policy_loss", "token_logprobs",
+    "PrefixLayout", "prefix_shared_attention",
 ]
 __version__ = "0.1.0"
