@@ -16,6 +16,10 @@ Phases, each with its own timeout, the whole inside ``--budget-s`` (480 s by def
   gpu_tests     ``pytest -m gpu tests benchmarks``
   benchmarks    ``pytest benchmarks --benchmark`` (the gated micro-benchmarks)
   main_job      ``torchrun --nproc-per-node 1 -m r4b.pretrain_bpo --steps 20`` with short annealing
+  vllm_rollout  when vLLM is installed: a tiny LLaVA-OneVision r4b model, three greedy requests
+                (one image; one image with forced tokens; text only) through ``VLLMEngine`` and
+                ``EmbeddedEngine`` on the same weights: tokens and log-probs of both, per
+                request; skipped, with the reason, without vLLM or CUDA
   kernel_tests  the kernel test files on the GPU (compiled Triton), in the time that is left
 
 One JSON goes under ``--out`` (``device-check-<gpu>-<date>.json``), rewritten after every
@@ -24,8 +28,10 @@ its timeout is killed with its whole process group and recorded as ``timeout``.
 
 ``--dry-run`` (CPU, CI): checks the wheel folder as a bare machine needs it, prints the pip
 commands without running them, collects the pytest phases (``--collect-only``), validates the
-main job's GPU arguments and runs it for one step at tiny settings, and writes the JSON
-(``"dry_run": true``) into the work directory unless ``--out`` is given.
+main job's GPU arguments and runs it for one step at tiny settings, runs the vLLM rollout on
+the CPU when the ``vllm`` it imports is r4b's test stand-in (``tests/vllm_standin`` on
+``PYTHONPATH``; recorded as ``"standin": true``), and writes the JSON (``"dry_run": true``) into
+the work directory unless ``--out`` is given.
 
 ``fetch`` (a machine with network): downloads that wheel set for the GPU machine's Python::
 
@@ -33,8 +39,10 @@ main job's GPU arguments and runs it for one step at tiny settings, and writes t
         --platform manylinux_2_28_x86_64
 
 Only the standard library is imported here; r4b, pytest and torch run in subprocesses, after
-installation.  Requirements, markers and wheel tags are read with ``packaging`` as pip carries
-it (``pip._vendor.packaging``): pip has to be there to install anything.
+installation (the vLLM rollout too: ``device_check.py vllm-rollout --work-dir DIR`` is that
+subprocess, printing its record as one ``DEVICE_CHECK_JSON=`` line).  Requirements, markers
+and wheel tags are read with ``packaging`` as pip carries it (``pip._vendor.packaging``): pip
+has to be there to install anything.
 """
 
 from __future__ import annotations
@@ -74,10 +82,12 @@ LOCAL_DISTS = {"r4b-kernels": "kernels"}
 
 PHASES = (  # name, timeout in seconds
     ("env", 60), ("wheels", 60), ("install", 150), ("build", 180), ("extension", 30),
-    ("gpu_tests", 150), ("benchmarks", 180), ("main_job", 210), ("kernel_tests", 120))
+    ("gpu_tests", 150), ("benchmarks", 180), ("main_job", 210), ("vllm_rollout", 180),
+    ("kernel_tests", 120))
 BUDGET_S = 480
 NEEDS = {"install": "wheels", "build": "install", "extension": "build", "gpu_tests": "build",
-         "benchmarks": "build", "main_job": "build", "kernel_tests": "build"}
+         "benchmarks": "build", "main_job": "build", "vllm_rollout": "build",
+         "kernel_tests": "build"}
 KERNEL_TEST_FILES = ("tests/test_policy_loss.py", "tests/test_grouped_advantage.py")
 
 # Sized for about 3 minutes on one H100 (not yet measured on a GPU).  The defaults are 200 / 300 /
@@ -986,6 +996,32 @@ class Check:
             rec["status"] = "failed"
             say(f"  ! {out_dir / 'report' / 'report.json'} was not written")
 
+    def phase_vllm_rollout(self, rec, t_end):
+        """The rollout runs in its own process (it imports torch, r4b and vLLM); its record is
+        this phase's.  No vLLM (or no CUDA outside the dry run): ``skipped`` with the reason."""
+        cmd = [self.py, str(Path(__file__).resolve()), "vllm-rollout",
+               "--work-dir", str(self.work / "vllm_rollout")] + (["--cpu"] if self.dry else [])
+        r = self.cmd("vllm_rollout", cmd, rec, t_end, env=_child_env({"R4B_NO_PROGRESS": "1"}))
+        d = _probe_json(self.logs / "vllm_rollout.log")
+        if d is None:  # killed, or died before printing its record
+            rec.update(status=r["status"] if r["status"] == "timeout" else "failed",
+                       returncode=r["returncode"], error=tail(self.logs / "vllm_rollout.log", 20))
+            return
+        rec.update(d, returncode=r["returncode"])
+        if d.get("skipped"):
+            rec.update(status="skipped", reason=d["skipped"])
+            return
+        rec["status"] = "passed" if r["status"] == "passed" and d.get("ok") else "failed"
+        if d.get("error"):
+            say(f"  ! {d['error'].splitlines()[0][:300]}")
+        if "requests" in d:
+            eq = sum(1 for q in d["requests"] if q["tokens_equal"])
+            lp = d.get("logprob_max_abs_diff")
+            rec["summary_text"] = (
+                f"vLLM {d['vllm_version']}{' (stand-in)' if d.get('standin') else ''}: "
+                f"{eq}/{len(d['requests'])} requests with equal tokens, max |d log-prob| "
+                + ("n/a" if lp is None else f"{lp:.2g}") + f" (tolerance {d['logprob_tol']:g})")
+
     def phase_kernel_tests(self, rec, t_end):
         self._pytest("kernel_tests", rec, t_end, ["-m", "not slow", *KERNEL_TEST_FILES])
 
@@ -1045,6 +1081,255 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- vLLM rollout (own process)
+VLLM_ROLLOUT_IMAGE = (19, 13)
+"""(height, width) of the rollout's image: odd and not square (AnyRes unpadding), a grid vLLM's
+LLaVA-OneVision class counts as r4b does."""
+VLLM_ROLLOUT_NEW_TOKENS = 8
+VLLM_LOGPROB_TOL = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
+"""Largest |log-prob difference| between the engines, per model dtype, that the phase passes:
+two implementations of the same network (bf16: about 3 significant digits on logits of a few
+units).  Not yet measured on a GPU."""
+STANDIN_SUFFIX = "+r4b.standin"
+"""How the ``__version__`` of r4b's test stand-in for vLLM (``tests/vllm_standin``) ends."""
+# The rollout model's token ids (vocabulary 64): what the requests and the processor share.
+_TOK_IM_START, _TOK_IM_END, _TOK_THINK, _TOK_VIDEO, _TOK_IMAGE = 2, 3, 4, 62, 63
+_ROLLOUT_VOCAB = 64
+
+
+def rollout_model_config(dtype: str):
+    """The smallest LLaVA-OneVision network vLLM serves through r4b's ``config.json``: AnyRes
+    on 8-pixel tiles of 4 patches, ``anyres_max_9`` (vLLM's class hard-codes it), no projector
+    pre-norm (``LlavaOnevisionForConditionalGeneration``, native in vLLM and transformers),
+    head sizes 64 (text) and 32 (vision), which every vLLM attention backend takes."""
+    from r4b.models import LMConfig, ModelConfig
+    from r4b.models.vision import VisionConfig
+
+    pins = tuple((h, w) for h in (8, 16, 24) for w in (8, 16, 24)) + ((32, 32),)
+    return ModelConfig(
+        lm=LMConfig(vocab_size=_ROLLOUT_VOCAB, hidden_size=128, intermediate_size=256,
+                    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64,
+                    max_position_embeddings=512),
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                            patch_size=4, image_size=8, feature_layer=2),
+        image_token_id=_TOK_IMAGE, image_newline=True, image_layout="anyres",
+        projector_pre_norm=False, image_grid_pinpoints=pins, vision_aspect_ratio="anyres_max_9",
+        params_dtype=dtype)
+
+
+def write_rollout_processor(folder: Path, cfg) -> Path:
+    """A Hugging Face tokenizer (word-level, one token per id of ``cfg``'s vocabulary, ``<image>``
+    and ``<video>`` at their ids) and LLaVA-OneVision image processor (``cfg``'s tile size,
+    pinpoints and normalisation) for the rollout model: the files vLLM's processor reads.  Made
+    with this machine's transformers, so its own version reads them."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    names = {_TOK_VIDEO: "<video>", _TOK_IMAGE: "<image>", 0: "<pad>", 1: "<|endoftext|>",
+             _TOK_IM_START: "<|im_start|>", _TOK_IM_END: "<|im_end|>", _TOK_THINK: "<think>"}
+    vocab = {names.get(i, f"<t{i}>"): i for i in range(cfg.lm.vocab_size)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    special = [names[i] for i in sorted(names)]
+    raw.add_special_tokens(special)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<pad>",
+                                               pad_token="<pad>", eos_token="<|im_end|>")
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(folder))
+    s = cfg.vision.image_size
+    image = transformers.LlavaOnevisionImageProcessor(
+        size={"height": s, "width": s},
+        image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
+        image_mean=list(cfg.image_mean), image_std=list(cfg.image_std), do_pad=True)
+    image.save_pretrained(str(folder))
+    tokens_per_tile = (s // cfg.vision.patch_size) ** 2
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": tokens_per_tile,
+        "vision_feature_select_strategy": "full",
+        "vision_aspect_ratio": cfg.vision_aspect_ratio}, indent=1) + "\n")
+    return folder
+
+
+def rollout_requests(cfg, seed: int = 0) -> list:
+    """Three requests: one image (auto mode), the same image with forced tokens (think mode:
+    their log-probs come from vLLM's prompt log-probs), text only (auto mode)."""
+    import torch
+    from r4b.data.images import prompt_image_tokens
+    from r4b.rollout import RolloutRequest
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = VLLM_ROLLOUT_IMAGE
+    # values k / 255: the image is the same for both engines after vLLM's uint8 conversion
+    image = torch.randint(0, 256, (3, h, w), generator=g).float() / 255
+    (n,) = prompt_image_tokens([(h, w)], cfg)
+    text = torch.randint(10, 60, (6,), generator=g).tolist()
+    with_image = [_TOK_IM_START] + [_TOK_IMAGE] * n + text[:4]
+    return [RolloutRequest(prompt_ids=with_image, mode="auto", images=[image], uid="image"),
+            RolloutRequest(prompt_ids=with_image, mode="think", images=[image],
+                           forced_ids=[_TOK_THINK, text[4]], uid="image+forced"),
+            RolloutRequest(prompt_ids=[_TOK_IM_START] + text, mode="auto", uid="text")]
+
+
+def _rollout_fields(r) -> dict:
+    return {"tokens": [int(t) for t in r.response_ids], "finished": bool(r.finished),
+            "logprobs": [round(float(x), 6) for x in r.behaviour_logprobs]}
+
+
+def compare_rollouts(requests, got, want) -> list[dict]:
+    """Per request: both engines' tokens, whether they are equal, how many leading tokens agree
+    and the largest |behaviour log-prob difference| over those (None when none agree)."""
+    out = []
+    for q, a, b in zip(requests, got, want, strict=True):
+        ta, tb = a.response_ids, b.response_ids
+        agree = next((k for k, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+        diffs = [abs(x - y) for x, y in zip(a.behaviour_logprobs[:agree],
+                                            b.behaviour_logprobs[:agree])]
+        out.append({"uid": q.uid, "mode": q.mode,
+                    "images": 0 if q.images is None else len(q.images),
+                    "prompt_tokens": len(q.prompt_ids), "forced_ids": list(q.forced_ids),
+                    "vllm": _rollout_fields(a), "embedded": _rollout_fields(b),
+                    "tokens_equal": list(ta) == list(tb), "agreed_tokens": agree,
+                    "logprob_max_abs_diff": max(diffs) if diffs else None})
+    return out
+
+
+def _processor_pixels(model_dir: Path, image, cfg) -> dict:
+    """The image processor vLLM loads from ``model_dir`` against r4b's tiles of ``image``."""
+    import numpy as np
+    import transformers
+    from r4b.data.images import process_image
+    from r4b.rollout.vllm_engine import to_pil
+
+    pil = to_pil(image, "image")
+    proc = transformers.AutoImageProcessor.from_pretrained(str(model_dir))
+    theirs = np.asarray(proc(images=[pil], return_tensors="np")["pixel_values"],
+                        dtype=np.float32)[0]
+    ours = process_image(pil, cfg).pixel_values
+    d = {"processor_class": type(proc).__name__, "processor_tiles": list(theirs.shape),
+         "r4b_tiles": list(ours.shape)}
+    if theirs.shape == ours.shape:
+        d["processor_pixels_max_abs_diff"] = float(np.abs(theirs - ours).max())
+    return d
+
+
+def vllm_rollout(work: Path, *, cpu: bool) -> dict:
+    """The vLLM rollout phase's record (run in its own process; see the module docstring).
+
+    Without vLLM: ``{"skipped": "vllm not installed"}``; without CUDA: skipped too, unless
+    ``cpu`` (the dry run) and the ``vllm`` imported is r4b's test stand-in.  Otherwise a tiny
+    LLaVA-OneVision r4b model (:func:`rollout_model_config`, bf16 on the GPU) and its processor
+    files, the requests of :func:`rollout_requests` under greedy decoding at temperature 1,
+    through ``EmbeddedEngine`` and ``VLLMEngine`` on the same weights; ``ok`` when every
+    request's tokens are equal and the log-probs within :data:`VLLM_LOGPROB_TOL`.  An error
+    ends the record with ``error`` (what ran before it stays)."""
+    import importlib.util
+
+    rec: dict = {"ok": False}
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vllm not installed"}
+    import torch
+
+    rec["cuda_available"] = torch.cuda.is_available()
+    if not rec["cuda_available"] and not cpu:
+        return {"skipped": "no CUDA device (torch.cuda.is_available() is False)"}
+    import dataclasses
+    import traceback
+
+    t0 = time.perf_counter()
+    try:
+        import vllm
+    except Exception as e:  # noqa: BLE001 - installed but broken (CUDA / torch mismatch)
+        return {**rec, "error": f"import vllm failed: {type(e).__name__}: {e}\n"
+                                + traceback.format_exc(limit=-8)}
+    rec.update(vllm_version=str(getattr(vllm, "__version__", "unknown")),
+               vllm_import_s=round(time.perf_counter() - t0, 2))
+    rec["standin"] = rec["vllm_version"].endswith(STANDIN_SUFFIX)
+    if not rec["cuda_available"] and not rec["standin"]:
+        return {"skipped": f"vllm {rec['vllm_version']} needs a CUDA device; none is visible",
+                "vllm_version": rec["vllm_version"]}
+    try:
+        from r4b.models import build_model
+        from r4b.rollout import EmbeddedEngine, SamplingParams
+        from r4b.rollout.vllm_engine import VLLMEngine
+        from r4b.runtime import init_runtime
+
+        rt = init_runtime(1)
+        dtype = "bfloat16" if rt.device.type == "cuda" else "float32"
+        cfg = rollout_model_config(dtype)
+        torch.manual_seed(0)
+        model = build_model(cfg, device=rt.device).eval()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # weights of 2 / sqrt(fan-in): peaked, varied, image-dependent tokens
+            for name, p in model.named_parameters():
+                if p.dim() >= 2:
+                    w = torch.randn(p.shape, generator=g) * 2.0 * p[0].numel() ** -0.5
+                elif name.endswith("weight"):  # norms
+                    w = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+                else:
+                    continue
+                p.copy_(w)
+        rec.update(device=str(rt.device), dtype=dtype, architecture=None,
+                   model={"vocab_size": cfg.lm.vocab_size, "hidden_size": cfg.lm.hidden_size,
+                          "num_layers": cfg.lm.num_layers, "head_dim": cfg.lm.head_dim,
+                          "vision_hidden_size": cfg.vision.hidden_size,
+                          "image_size": cfg.vision.image_size, "patch_size": cfg.vision.patch_size},
+                   logprob_tol=VLLM_LOGPROB_TOL[dtype], image_hw=list(VLLM_ROLLOUT_IMAGE))
+        work.mkdir(parents=True, exist_ok=True)
+        proc_dir = write_rollout_processor(work / "processor", cfg)
+        reqs = rollout_requests(cfg)
+        n = VLLM_ROLLOUT_NEW_TOKENS
+        params = SamplingParams(greedy=True, temperature=1.0, max_new_tokens_think=n,
+                                max_new_tokens_no_think=n, max_new_tokens_auto=n)
+        rec["sampling"] = dataclasses.asdict(params)
+        kw = dict(stop_ids=[_TOK_IM_END], max_seqlen=512, banned_ids=[_TOK_IMAGE])
+        embedded = EmbeddedEngine(model, **kw)
+        t = time.perf_counter()
+        want = embedded.generate(reqs, params)
+        rec["embedded_generate_s"] = round(time.perf_counter() - t, 3)
+        rec["embedded"] = [_rollout_fields(r) for r in want]
+        engine_dir = work / "engine"
+        if engine_dir.exists():
+            shutil.rmtree(engine_dir)
+        t = time.perf_counter()
+        eng = VLLMEngine(model, **kw, tokenizer_dir=proc_dir, work_dir=engine_dir,
+                         gpu_memory_utilization=0.3, enforce_eager=True)
+        rec.update(vllm_init_s=round(time.perf_counter() - t, 2), architecture=eng.arch)
+        try:  # what vLLM's image processor makes of the image (informative: not a pass mark)
+            rec.update(_processor_pixels(engine_dir, reqs[0].images[0], cfg))
+        except Exception as e:  # noqa: BLE001 - recorded; the rollout still runs
+            rec["processor_error"] = f"{type(e).__name__}: {e}"
+        t = time.perf_counter()
+        got = eng.generate(reqs, params)
+        rec["vllm_generate_s"] = round(time.perf_counter() - t, 3)
+        rec.pop("embedded")
+        rec["requests"] = compare_rollouts(reqs, got, want)
+        diffs = [q["logprob_max_abs_diff"] for q in rec["requests"]
+                 if q["logprob_max_abs_diff"] is not None]
+        rec["logprob_max_abs_diff"] = max(diffs) if diffs else None
+        rec["tokens_equal"] = all(q["tokens_equal"] for q in rec["requests"])
+        rec["ok"] = rec["tokens_equal"] and all(d <= rec["logprob_tol"] for d in diffs)
+        eng.shutdown()
+    except Exception as e:  # noqa: BLE001 - recorded with what ran before it
+        rec["error"] = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exc(limit=-8))
+        rec["ok"] = False
+    rec["wall_s_inside"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+def vllm_rollout_main(argv) -> int:
+    """``device_check.py vllm-rollout``: run :func:`vllm_rollout` and print its record."""
+    ap = argparse.ArgumentParser(prog="device_check.py vllm-rollout",
+                                 description="The device check's vLLM rollout phase, in its own "
+                                             "process: prints one DEVICE_CHECK_JSON= line.")
+    ap.add_argument("--work-dir", required=True, help="folder for the processor and engine files")
+    ap.add_argument("--cpu", action="store_true",
+                    help="run without CUDA (only r4b's vLLM stand-in runs there: the dry run)")
+    a = ap.parse_args(argv)
+    rec = vllm_rollout(Path(a.work_dir).resolve(), cpu=a.cpu)
+    print("DEVICE_CHECK_JSON=" + json.dumps(rec, default=str), flush=True)
+    return 0 if rec.get("ok") or rec.get("skipped") else 1
 
 
 # ---------------------------------------------------------------- fetch (machine with network)
@@ -1215,6 +1500,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fetch"]:
         return fetch_main(argv[1:])
+    if argv[:1] == ["vllm-rollout"]:
+        return vllm_rollout_main(argv[1:])
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     return Check(args).run()
