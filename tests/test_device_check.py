@@ -5,6 +5,7 @@ missing wheel reported by name."""
 import importlib.metadata as md
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -15,7 +16,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "device_check.py"
 PHASES = ["env", "wheels", "install", "build", "extension", "gpu_tests", "benchmarks", "main_job",
-          "kernel_tests"]
+          "vllm_rollout", "kernel_tests"]
+STANDIN = REPO / "tests" / "vllm_standin"
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 def _load():
@@ -159,11 +162,12 @@ def test_pytest_output_parsers():
     assert c["collected"] == 2 and c["tests"] == ["tests/t.py::a", "tests/t.py::b"]
 
 
-def _dry_run(folder, tmp_path, *extra, timeout=120):
+def _dry_run(folder, tmp_path, *extra, timeout=120, env=None):
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), "--dry-run", "--wheels", str(folder), "--out", str(out),
            "--work-dir", str(tmp_path / "work"), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                       env=None if env is None else {**os.environ, **env})
     files = sorted(out.glob("device-check-*.json"))
     assert len(files) == 1, r.stdout + r.stderr
     return r, json.loads(files[0].read_text())
@@ -187,7 +191,8 @@ def test_dry_run_quick_phases(folder, tmp_path):
     """The dry run's static phases (seconds): JSON structure, the pip commands printed with
     --no-index and the carried folder, nothing written to benchmarks/results/."""
     before = set((REPO / "benchmarks" / "results").glob("device-check-*"))
-    r, res = _dry_run(folder, tmp_path, "--skip", "gpu_tests,benchmarks,main_job,kernel_tests",
+    r, res = _dry_run(folder, tmp_path,
+                      "--skip", "gpu_tests,benchmarks,main_job,vllm_rollout,kernel_tests",
                       "--timeout", "wheels=60")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     _check_structure(res)
@@ -231,3 +236,93 @@ def test_dry_run_every_phase(folder, tmp_path):
     assert mj["status"] == "passed" and mj["gpu_args_valid"]
     assert set(mj["report"]) >= {"auto", "think", "no_think"}
     assert mj["last_metrics"]["step"] == 1
+
+
+# ---------------------------------------------------------------- the vLLM rollout phase
+@pytest.mark.parametrize("version", ["0.10.2", "0.34.0"])
+def test_dry_run_vllm_rollout_against_the_standin(tmp_path, version):
+    """The phase end to end on CPU, its subprocess importing tests/vllm_standin as ``vllm``:
+    three greedy requests (an image, an image with forced tokens, text only) through
+    VLLMEngine and EmbeddedEngine on the same weights give the same tokens and log-probs, and
+    the record says it was the stand-in."""
+    r, res = _dry_run(tmp_path / "wheels", tmp_path, "--only", "vllm_rollout",
+                      env={"PYTHONPATH": os.pathsep.join([str(STANDIN)] + [
+                          p for p in [os.environ.get("PYTHONPATH")] if p]),
+                           "R4B_VLLM_STANDIN_VERSION": version})
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    rec = res["phases"]["vllm_rollout"]
+    assert rec["status"] == "passed", rec.get("error") or rec
+    assert rec["vllm_version"] == f"{version}+r4b.standin" and rec["standin"] is True
+    assert rec["device"] == "cpu" and rec["dtype"] == "float32" and rec["ok"] is True
+    assert rec["architecture"] == "LlavaOnevisionForConditionalGeneration"
+    assert "(stand-in)" in rec["summary_text"]
+    for k in ("vllm_import_s", "vllm_init_s", "vllm_generate_s", "embedded_generate_s"):
+        assert rec[k] >= 0, k
+    # the image processor files vLLM reads give r4b's tiles
+    assert rec["processor_tiles"] == rec["r4b_tiles"] and rec["processor_pixels_max_abs_diff"] == 0
+    reqs = rec["requests"]
+    assert [q["uid"] for q in reqs] == ["image", "image+forced", "text"]
+    assert [q["images"] for q in reqs] == [1, 1, 0]
+    budget = rec["sampling"]["max_new_tokens_auto"]
+    for q in reqs:
+        v, e = q["vllm"], q["embedded"]
+        assert v["tokens"] == e["tokens"] and q["tokens_equal"] is True
+        assert q["agreed_tokens"] == len(v["tokens"]) > len(q["forced_ids"])
+        assert len(v["tokens"]) <= budget + len(q["forced_ids"])
+        assert v["tokens"][:len(q["forced_ids"])] == q["forced_ids"]
+        assert len(v["logprobs"]) == len(e["logprobs"]) == len(v["tokens"])
+        diff = max(abs(a - b) for a, b in zip(v["logprobs"], e["logprobs"]))
+        assert diff <= 1e-5 and q["logprob_max_abs_diff"] <= rec["logprob_tol"] == 1e-3
+        assert all(x <= 0 for x in v["logprobs"])
+    assert reqs[1]["forced_ids"] and not reqs[0]["forced_ids"]
+    # the image matters: the image prompt and the text prompt answer differently
+    assert reqs[0]["vllm"]["tokens"] != reqs[2]["vllm"]["tokens"]
+
+
+def test_vllm_rollout_comparison_reports_the_first_disagreement():
+    """Log-probs are compared only where the tokens agree, and a mismatch is reported."""
+    from types import SimpleNamespace as NS
+
+    q = NS(uid=0, mode="auto", images=None, prompt_ids=[1, 2], forced_ids=[])
+    got = NS(response_ids=[5, 6, 7, 8], finished=False, behaviour_logprobs=[-1.0, -2.0, -0.5, -3])
+    want = NS(response_ids=[5, 6, 9], finished=True, behaviour_logprobs=[-1.25, -2.0, -9.0])
+    (row,) = dc.compare_rollouts([q], [got], [want])
+    assert row["tokens_equal"] is False and row["agreed_tokens"] == 2
+    assert row["logprob_max_abs_diff"] == 0.25  # position 2 (other tokens) is left out
+    assert row["vllm"]["tokens"] == [5, 6, 7, 8] and row["embedded"]["finished"] is True
+    (row,) = dc.compare_rollouts([q], [want], [NS(response_ids=[4], finished=False,
+                                                  behaviour_logprobs=[-1.0])])
+    assert row["agreed_tokens"] == 0 and row["logprob_max_abs_diff"] is None
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed here: its absence cannot be shown")
+def test_dry_run_without_vllm_records_the_phase_as_skipped(tmp_path):
+    r, res = _dry_run(tmp_path / "wheels", tmp_path, "--only", "vllm_rollout")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    rec = res["phases"]["vllm_rollout"]
+    assert rec["status"] == "skipped" and rec["reason"] == "vllm not installed"
+    assert "requests" not in rec and "vllm_version" not in rec
+    assert res["ok"] is True and res["complete"] is False
+    assert "vllm_rollout  skipped" in r.stdout and "vllm not installed" in r.stdout
+
+
+def test_vllm_rollout_needs_cuda_outside_the_dry_run_and_real_vllm_on_cpu(tmp_path, monkeypatch):
+    """Without CUDA the GPU run skips the phase; on CPU only the stand-in runs (a real vLLM
+    there would fail to start), and nothing is built before those checks."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    monkeypatch.syspath_prepend(str(STANDIN))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    rec = dc.vllm_rollout(tmp_path / "w", cpu=False)
+    assert rec == {"skipped": "no CUDA device (torch.cuda.is_available() is False)"}
+    fake = tmp_path / "fake"
+    (fake / "vllm").mkdir(parents=True)
+    (fake / "vllm" / "__init__.py").write_text('__version__ = "0.10.2"\n')
+    monkeypatch.syspath_prepend(str(fake))
+    try:
+        rec = dc.vllm_rollout(tmp_path / "w", cpu=True)
+    finally:
+        sys.modules.pop("vllm", None)  # the fake must not outlive this test
+    assert rec["skipped"] == "vllm 0.10.2 needs a CUDA device; none is visible"
+    assert not (tmp_path / "w").exists()
