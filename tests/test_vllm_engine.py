@@ -670,3 +670,49 @@ def test_a_single_process_without_torchrun_gets_the_launchers_variables(vllm, en
 
     assert (eng.llm.rank, eng.llm.local_rank) == (0, 0)
     assert os.environ["RANK"] == "0" and os.environ["LOCAL_RANK"] == "0"
+
+
+@BOTH
+def test_forced_token_logprobs_are_read_from_the_end_of_vllms_prompt_logprobs(vllm, tmp_path):
+    """vLLM's prompt log-probs cover its own, image-expanded prompt (one entry per position,
+    the first None), not the prompt the engine sent (one <image> per image): the forced tokens'
+    entries are the last ones.  The prompt starts with the forced tokens themselves, so reading
+    from the start finds entries for the same token ids with other values (no KeyError)."""
+    from r4b.data.images import process_image, prompt_image_tokens
+    from r4b.models import ImageBatch
+
+    model = _mm_model(26, pre_norm=True)
+    eng = _mm_engine(model, tmp_path)
+    forced = [7, 9]
+    g = torch.Generator().manual_seed(6)
+    reqs = []
+    for k, (h, w) in enumerate([(19, 13), (24, 24)]):
+        image = torch.randint(0, 256, (3, h, w), generator=g).float() / 255
+        (n,) = prompt_image_tokens([(h, w)], model.cfg)
+        ids = [1] + forced + [IMG] * n + [3] + torch.randint(10, 60, (3,), generator=g).tolist()
+        reqs.append(RolloutRequest(prompt_ids=ids, mode="think", forced_ids=forced,
+                                   images=[image], uid=k))
+    got = eng.generate(reqs, MM_GREEDY)
+    want = EmbeddedEngine(model, stop_ids=[5], max_seqlen=512, banned_ids=[IMG]).generate(
+        reqs, MM_GREEDY)
+    for r, g_, w_ in zip(reqs, got, want):
+        assert g_.response_ids[:2] == forced == w_.response_ids[:2]
+        # the embedded engine scores the forced tokens on r4b's expanded prompt (temperature 1)
+        torch.testing.assert_close(torch.tensor(g_.logprobs[:2]), torch.tensor(w_.logprobs[:2]),
+                                   atol=2e-5, rtol=0)
+        assert g_.behaviour_logprobs[:2] == g_.logprobs[:2]
+        # and directly: log_softmax of one forward over prompt + forced, at the forced positions
+        ids = torch.tensor([list(r.prompt_ids) + forced])
+        with torch.no_grad():
+            logits = model(input_ids=ids, images=ImageBatch.collate(
+                [process_image(r.images[0], model.cfg)]))[0].float()
+        n = len(r.prompt_ids)
+        ref = torch.log_softmax(logits[n - 1:n + 1], -1)[torch.arange(2), torch.tensor(forced)]
+        torch.testing.assert_close(torch.tensor(g_.logprobs[:2]), ref, atol=2e-5, rtol=0)
+        # the test can tell: the same ids at the start of the prompt score differently
+        start = torch.log_softmax(logits[0:2], -1)[torch.arange(2), torch.tensor(forced)]
+        assert float((start - ref).abs().max()) > 1e-2, (start, ref)
+    # vLLM got one <image> per image and returned its expanded prompt (longer than the one sent)
+    for r, p in zip(reqs, eng.llm.prompts_seen[-1]):
+        assert p["prompt_token_ids"].count(IMG) == 1
+        assert len(p["prompt_token_ids"]) < len(r.prompt_ids) + len(forced)
