@@ -288,7 +288,8 @@ def _flash_available() -> bool:
     return True
 
 
-def _resolve(impl: str, q: torch.Tensor) -> str:
+def _resolve(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             layout: PrefixLayout) -> str:
     if impl not in PREFIX_ATTENTION_IMPLS:
         raise ValueError(f"impl must be one of {PREFIX_ATTENTION_IMPLS}, got {impl!r}")
     dev = q.device
@@ -301,13 +302,24 @@ def _resolve(impl: str, q: torch.Tensor) -> str:
     if impl == "auto":
         if dev.type == "cuda" and q.dtype in _FLASH_DTYPES and _flash_available():
             return "flash"
-        if dev.type == "cuda" and HAS_TRITON_GPU and q.dtype in _KERNEL_DTYPES:
+        if (dev.type == "cuda" and HAS_TRITON_GPU and q.dtype in _FLASH_DTYPES
+                and q.shape[2] <= MAX_TRITON_HEAD_DIM):
             return "triton"
         return "torch"
     impl = resolve_impl(impl, dev)
-    if impl == "triton" and q.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"impl='triton' supports q/k/v in {[str(d) for d in _KERNEL_DTYPES]}, got "
-                        f"{q.dtype}; use impl='torch'")
+    if impl == "triton":
+        if q.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"impl='triton' supports q/k/v in {[str(d) for d in _KERNEL_DTYPES]}, "
+                            f"got {q.dtype}; use impl='torch'")
+        if q.shape[2] > MAX_TRITON_HEAD_DIM:
+            raise ValueError(f"impl='triton' supports head_dim <= {MAX_TRITON_HEAD_DIM}, got "
+                             f"{q.shape[2]}; use impl='flash' or 'torch'")
+        row = max(q.stride(0), k.stride(0), v.stride(0), q.shape[1] * q.shape[2])
+        span = layout.max_unit_len * row
+        if span >= 2**31:
+            raise ValueError(f"impl='triton' indexes rows inside a unit in int32: the longest unit "
+                             f"({layout.max_unit_len} tokens) times the token stride must stay "
+                             f"below 2**31, got {span}")
     return impl
 
 
@@ -363,9 +375,498 @@ def _cumsum(xs):
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-# (filled in below)
+#: Tests set this to fill the kernels' outputs with NaN before the launch, so that an element
+#: no program writes shows up in the results instead of stale memory.
+POISON_BUFFERS = False
+
+_LOG2E = 1.4426950408889634
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    if POISON_BUFFERS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _prefix_attention_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, plen_ptr, seg_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        stride_lh, qk_scale, head_dim, group,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # One program per (query block of a unit, unit, query head).  Row indices are
+        # unit-local int32 (i, j in [0, L)); the unit's first row and the head are folded into
+        # int64 base pointers once, so the tiles' index vectors stay 32-bit.
+        #   loop 1: prompt keys [0, min(p, m1)), visible iff j <= i;
+        #   loop 2: keys [max(p, seg_start of the block's first query), m1), visible iff
+        #           seg_start[i] <= j <= i.  Keys of earlier responses (between the prompt and
+        #           that start) are never loaded: the saving over a causal kernel.
+        # Scores live in base-2 units (scale * log2 e folded into qk_scale) so the online
+        # softmax uses exp2; m, l, acc and the saved logsumexp are fp32.
+        mb = tl.program_id(0)
+        u = tl.program_id(1)
+        h = tl.program_id(2).to(tl.int64)
+        start = tl.load(cu_ptr + u)
+        L = tl.load(cu_ptr + u + 1) - start
+        m0 = mb * BLOCK_M
+        if m0 >= L:
+            return
+        p = tl.load(plen_ptr + u)
+        m1 = tl.minimum(m0 + BLOCK_M, L)
+        row0 = start.to(tl.int64)
+        kvh = h // group
+        q_base = q_ptr + row0 * stride_qt + h * stride_qh
+        k_base = k_ptr + row0 * stride_kt + kvh * stride_kh
+        v_base = v_ptr + row0 * stride_vt + kvh * stride_vh
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < m1
+        d_ok = offs_d < head_dim
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter multiplies raw bits of bf16 tiles: dot in fp32 there
+            q = q.to(tl.float32)
+        seg = tl.load(seg_ptr + start + offs_m, mask=m_ok, other=0)
+        # A finite start for the running max: rows past the unit (all keys masked) then stay
+        # at exp2(-inf) = 0 instead of producing inf - inf.
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        hi1 = tl.minimum(p, m1)
+        for n0 in range(0, hi1, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi1
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            vis = n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            pm = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pm, 1)
+            acc = acc * alpha[:, None] + tl.dot(pm.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        lo2 = tl.maximum(p, tl.load(seg_ptr + start + m0))
+        for n0 in range(lo2, m1, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < m1
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            vis = (n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None])
+                   & (offs_n[None, :] >= seg[:, None]))
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            pm = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pm, 1)
+            acc = acc * alpha[:, None] + tl.dot(pm.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        o_base = o_ptr + row0 * stride_ot + h * stride_oh
+        tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        # base-2 logsumexp of the scaled scores: backward recomputes P = exp2(s - lse)
+        tl.store(lse_ptr + h * stride_lh + row0 + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
+
+    @triton.jit
+    def _prefix_attention_bwd_preprocess_kernel(
+        o_ptr, do_ptr, delta_ptr, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
+        n_tokens, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # delta[h, i] = sum_d dO[i, h, d] * O[i, h, d] (fp32): the row term of the softmax
+        # backward, dS = P * (dP - delta).
+        mb = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < n_tokens)[:, None] & (offs_d < head_dim)[None, :]
+        o = tl.load(o_ptr + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+        tl.store(delta_ptr + h * stride_lh + offs_m, tl.sum(o * do, 1), mask=offs_m < n_tokens)
+
+    @triton.jit
+    def _prefix_attention_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, blocks_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+        qk_scale, sm_scale, head_dim, group,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # One program per (key block, kv head).  Key blocks never straddle a segment; the
+        # table row is (unit start, k0, k1, q1) with unit-local keys [k0, k1) and the queries
+        # that can see them, [k0, q1): [k0, unit end) for a prompt block (every later query of
+        # the unit, all responses: the prompt's K/V are loaded once for the whole group) and
+        # [k0, response end) for a response block.  Inside that range visibility is j <= i.
+        # The program loops over the `group` query heads of its kv head and accumulates dK/dV
+        # in fp32 registers: no atomics, no per-head partials, a fixed summation order.
+        kb = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
+        row0 = tl.load(blocks_ptr + kb * 4).to(tl.int64)
+        k0 = tl.load(blocks_ptr + kb * 4 + 1)
+        k1 = tl.load(blocks_ptr + kb * 4 + 2)
+        q1 = tl.load(blocks_ptr + kb * 4 + 3)
+        offs_n = k0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < k1
+        d_ok = offs_d < head_dim
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + row0 * stride_kt + kvh * stride_kh + offs_n[:, None] * stride_kt
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + row0 * stride_vt + kvh * stride_vh + offs_n[:, None] * stride_vt
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for g in range(group):
+            h = kvh * group + g
+            q_base = q_ptr + row0 * stride_qt + h * stride_qh
+            do_base = do_ptr + row0 * stride_dot + h * stride_doh
+            lse_base = lse_ptr + h * stride_lh + row0
+            delta_base = delta_ptr + h * stride_lh + row0
+            for m0 in range(k0, q1, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < q1
+                q_mask = m_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask,
+                            other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask,
+                             other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+                delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+                # transposed tiles [keys, queries]: dK = dS^T Q and dV = P^T dO need no
+                # transpose of the accumulators
+                st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+                vis = n_ok[:, None] & m_ok[None, :] & (offs_n[:, None] <= offs_m[None, :])
+                pt = tl.exp2(tl.where(vis, st - lse[None, :], float("-inf")))
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                dst = pt * (dpt - delta[None, :])
+                dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk = dk * sm_scale
+        tl.store(dk_ptr + row0 * stride_dkt + kvh * stride_dkh + offs_n[:, None] * stride_dkt
+                 + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + row0 * stride_dvt + kvh * stride_dvh + offs_n[:, None] * stride_dvt
+                 + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _prefix_attention_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, plen_ptr, seg_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, head_dim, group,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # One program per (query block of a unit, unit, query head), the forward's two key
+        # loops: dQ = scale * sum_j dS_ij K_j with dS = P * (dO V^T - delta).
+        mb = tl.program_id(0)
+        u = tl.program_id(1)
+        h = tl.program_id(2).to(tl.int64)
+        start = tl.load(cu_ptr + u)
+        L = tl.load(cu_ptr + u + 1) - start
+        m0 = mb * BLOCK_M
+        if m0 >= L:
+            return
+        p = tl.load(plen_ptr + u)
+        m1 = tl.minimum(m0 + BLOCK_M, L)
+        row0 = start.to(tl.int64)
+        kvh = h // group
+        k_base = k_ptr + row0 * stride_kt + kvh * stride_kh
+        v_base = v_ptr + row0 * stride_vt + kvh * stride_vh
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < m1
+        d_ok = offs_d < head_dim
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + row0 * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt
+                    + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + row0 * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot
+                     + offs_d[None, :], mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_ptr + h * stride_lh + row0 + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(delta_ptr + h * stride_lh + row0 + offs_m, mask=m_ok, other=0.0)
+        seg = tl.load(seg_ptr + start + offs_m, mask=m_ok, other=0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        hi1 = tl.minimum(p, m1)
+        for n0 in range(0, hi1, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi1
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            vis = n_ok[None, :] & m_ok[:, None] & (offs_n[None, :] <= offs_m[:, None])
+            pm = tl.exp2(tl.where(vis, s - lse[:, None], float("-inf")))
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = pm * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+        lo2 = tl.maximum(p, tl.load(seg_ptr + start + m0))
+        for n0 in range(lo2, m1, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < m1
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            vis = (n_ok[None, :] & m_ok[:, None] & (offs_n[None, :] <= offs_m[:, None])
+                   & (offs_n[None, :] >= seg[:, None]))
+            pm = tl.exp2(tl.where(vis, s - lse[:, None], float("-inf")))
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = pm * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+        dq = dq * sm_scale
+        tl.store(dq_ptr + row0 * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt
+                 + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+class PrefixAttentionTiles(NamedTuple):
+    """Block sizes, warps and pipeline stages of the three attention kernels (+ preprocess)."""
+
+    block_d: int
+    fwd_m: int
+    fwd_n: int
+    fwd_warps: int
+    fwd_stages: int
+    dkdv_n: int
+    dkdv_m: int
+    dkdv_warps: int
+    dkdv_stages: int
+    dq_m: int
+    dq_n: int
+    dq_warps: int
+    dq_stages: int
+    pre_m: int = 64
+
+
+def prefix_attention_tiles(head_dim: int, dtype: torch.dtype, *,
+                           interpret: bool | None = None) -> PrefixAttentionTiles:
+    """Tiles of the kernels for this head dim and dtype.
+
+    The head dim is padded to the next power of two (>= 16, ``tl.dot``'s smallest K) and
+    masked.  Under the interpreter (``interpret``, default ``TRITON_INTERPRET``) every block is
+    16 rows, so that small test layouts cross block and segment boundaries.
+
+    On a GPU the sizes are ones that compile without a register spill and within the sm_80
+    shared-memory limit on sm_80 and sm_90 (checked by tests/test_prefix_attention_compile.py
+    at the Qwen3-4B attention shape).  Swept with Triton 3.9's ptxas; at D=128 bf16 the
+    128 x 64 forward tile spilled on sm_80 (255 registers), 128 x 32 with 8 warps does not
+    (192); the dK/dV program holds two [64, D] fp32 accumulators plus its K and V tiles, so
+    it walks the queries 32 rows at a time with 8 warps.  fp32 inputs multiply in full fp32
+    (``input_precision="ieee"``, no tensor cores), which only fits small tiles: a
+    correctness path, not a fast one (``impl="auto"`` sends fp32 to the reference).
+    """
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be an int >= 1, got {head_dim!r}")
+    d = max(16, next_power_of_2(head_dim))
+    if TRITON_INTERPRET if interpret is None else interpret:
+        return PrefixAttentionTiles(d, 16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1, 16)
+    wide = d > 64
+    if dtype == torch.float32:
+        if wide:
+            return PrefixAttentionTiles(d, 32, 16, 8, 1, 16, 16, 2, 1, 16, 32, 4, 1)
+        return PrefixAttentionTiles(d, 32, 32, 4, 1, 16, 32, 4, 1, 32, 32, 4, 1)
+    if wide:
+        return PrefixAttentionTiles(d, 128, 32, 8, 3, 64, 32, 8, 2, 64, 64, 8, 2)
+    return PrefixAttentionTiles(d, 128, 64, 8, 3, 64, 32, 8, 2, 64, 64, 4, 2)
+
+
+#: Largest head dim of the Triton kernels (their tiles are sized for D <= 128).
+MAX_TRITON_HEAD_DIM = 128
+
+
 def _kv_block_table(layout: PrefixLayout, block_n: int) -> torch.Tensor:
-    raise NotImplementedError
+    """int32 [NB, 4] rows (unit start, k0, k1, q1) of the dK/dV kernel: unit-local key blocks
+    [k0, k1) of at most ``block_n`` rows that never straddle a segment, and the end q1 of the
+    queries [k0, q1) that can see them; longest query ranges first (the prompt blocks), so the
+    long programs start in the first wave."""
+    off = layout.unit_offsets()
+    rows = []
+    for u, (p, ss) in enumerate(zip(layout.prefix_lens_host, layout.suffix_lens_host)):
+        L = off[u + 1] - off[u]
+        segs = [(0, p, L)]
+        start = p
+        for n in ss:
+            segs.append((start, start + n, start + n))
+            start += n
+        for a, b, q1 in segs:
+            for k0 in range(a, b, block_n):
+                rows.append((off[u], k0, min(k0 + block_n, b), q1))
+    rows.sort(key=lambda r: r[1] - r[3])  # stable: most queries first
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision products (the default tf32 keeps 10 mantissa bits);
+    # fp16/bf16 tiles are exact in any mode.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(interpret: bool | None) -> bool:
+    return bool(TRITON_INTERPRET if interpret is None else interpret)
+
+
+def _fwd_launch(tiles, q, k, v, o, lse, cu, plen, seg, n_units, max_unit_len, scale,
+                interpret=None) -> KernelLaunch:
+    group = q.shape[1] // k.shape[1]
+    return KernelLaunch(
+        _prefix_attention_fwd_kernel, (cdiv(max_unit_len, tiles.fwd_m), n_units, q.shape[1]),
+        (q, k, v, o, lse, cu, plen, seg, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+         v.stride(0), v.stride(1), o.stride(0), o.stride(1), lse.stride(0), scale * _LOG2E,
+         q.shape[2], group),
+        dict(BLOCK_M=tiles.fwd_m, BLOCK_N=tiles.fwd_n, BLOCK_D=tiles.block_d,
+             UPCAST=_upcast(interpret), DOT_PRECISION=_dot_precision(q.dtype),
+             num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages))
+
+
+def _bwd_launches(tiles, q, k, v, o, do, lse, delta, dq, dk, dv, cu, plen, seg, blocks,
+                  n_units, max_unit_len, scale, interpret=None) -> list[KernelLaunch]:
+    T, hq, d = q.shape
+    group = hq // k.shape[1]
+    up, prec = _upcast(interpret), _dot_precision(q.dtype)
+    pre = KernelLaunch(
+        _prefix_attention_bwd_preprocess_kernel, (cdiv(T, tiles.pre_m), hq),
+        (o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), T, d),
+        dict(BLOCK_M=tiles.pre_m, BLOCK_D=tiles.block_d, num_warps=4))
+    dkdv = KernelLaunch(
+        _prefix_attention_bwd_dkdv_kernel, (blocks.shape[0], k.shape[1]),
+        (q, k, v, do, lse, delta, dk, dv, blocks, q.stride(0), q.stride(1), k.stride(0),
+         k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0),
+         dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), scale * _LOG2E, scale, d, group),
+        dict(BLOCK_M=tiles.dkdv_m, BLOCK_N=tiles.dkdv_n, BLOCK_D=tiles.block_d, UPCAST=up,
+             DOT_PRECISION=prec, num_warps=tiles.dkdv_warps, num_stages=tiles.dkdv_stages))
+    dql = KernelLaunch(
+        _prefix_attention_bwd_dq_kernel, (cdiv(max_unit_len, tiles.dq_m), n_units, hq),
+        (q, k, v, do, lse, delta, dq, cu, plen, seg, q.stride(0), q.stride(1), k.stride(0),
+         k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
+         dq.stride(1), lse.stride(0), scale * _LOG2E, scale, d, group),
+        dict(BLOCK_M=tiles.dq_m, BLOCK_N=tiles.dq_n, BLOCK_D=tiles.block_d, UPCAST=up,
+             DOT_PRECISION=prec, num_warps=tiles.dq_warps, num_stages=tiles.dq_stages))
+    return [pre, dkdv, dql]
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # the kernels take token and head strides; the head dim must be unit-stride
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def prefix_attention_fwd(q, k, v, layout: PrefixLayout, scale: float):
+    """Launcher of the forward kernel: (out [T, Hq, D] in q's dtype, base-2 logsumexp
+    [Hq, T] fp32 of the scaled scores)."""
+    T, hq, d = q.shape
+    tiles = prefix_attention_tiles(d, q.dtype)
+    o = _alloc((T, hq, d), q.dtype, q.device)
+    lse = _alloc((hq, T), torch.float32, q.device)
+    if T == 0:
+        return o, lse
+    with device_guard(q.device):
+        _fwd_launch(tiles, q, k, v, o, lse, layout.cu_units, layout.prefix_lens, layout.seg_start,
+                    layout.num_units, layout.max_unit_len, scale).run()
+    return o, lse
+
+
+def prefix_attention_bwd(do, q, k, v, o, lse, layout: PrefixLayout, scale: float):
+    """Launcher of the backward: delta preprocess, dK/dV kernel, dQ kernel -> (dq, dk, dv)."""
+    T, hq, d = q.shape
+    tiles = prefix_attention_tiles(d, q.dtype)
+    dq = _alloc(q.shape, q.dtype, q.device)
+    dk = _alloc(k.shape, k.dtype, k.device)
+    dv = _alloc(v.shape, v.dtype, v.device)
+    if T == 0:
+        return dq, dk, dv
+    delta = _alloc((hq, T), torch.float32, q.device)
+    blocks = layout._host_index(f"kv_blocks:{tiles.dkdv_n}", q.device)
+    with device_guard(q.device):
+        for launch in _bwd_launches(tiles, q, k, v, o, do, lse, delta, dq, dk, dv, layout.cu_units,
+                                    layout.prefix_lens, layout.seg_start, blocks, layout.num_units,
+                                    layout.max_unit_len, scale):
+            launch.run()
+    return dq, dk, dv
+
+
+class _PrefixAttentionFunction(torch.autograd.Function):
+    """Triton forward and backward of :func:`prefix_shared_attention`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale):
+        q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+        o, lse = prefix_attention_fwd(q, k, v, layout, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layout, ctx.scale = layout, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = prefix_attention_bwd(_rows_contiguous(do), q, k, v, o, lse, ctx.layout,
+                                          ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def planned_launches(prefix_lens: Sequence[int], suffix_lens: Sequence[Sequence[int]], *,
+                     num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                     with_grad: bool = True, scale: float | None = None,
+                     interpret: bool | None = None) -> list[KernelLaunch]:
+    """Every Triton launch of one ``prefix_shared_attention(impl="triton")`` forward (and,
+    with ``with_grad``, backward) at this layout and shape, built by the launchers' own
+    functions on meta tensors (nothing is allocated or run), for the ahead-of-time compile
+    check; ``interpret`` picks the interpreter's tiles (default ``TRITON_INTERPRET``)."""
+    layout = PrefixLayout.build(prefix_lens, suffix_lens)
+    T, U = layout.num_tokens, layout.num_units
+    dev = torch.device("meta")
+    tiles = prefix_attention_tiles(head_dim, dtype, interpret=interpret)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+    def e(shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device=dev)
+
+    i32 = torch.int32
+    q, k, v = e((T, num_heads, head_dim)), e((T, num_kv_heads, head_dim)), e((T, num_kv_heads, head_dim))
+    o, lse = e((T, num_heads, head_dim)), e((num_heads, T), torch.float32)
+    cu, plen, seg = e(U + 1, i32), e(U, i32), e(T, i32)
+    out = [_fwd_launch(tiles, q, k, v, o, lse, cu, plen, seg, U, layout.max_unit_len, scale,
+                       interpret)]
+    if with_grad:
+        nb = _kv_block_table(layout, tiles.dkdv_n).shape[0]
+        out += _bwd_launches(tiles, q, k, v, o, e(o.shape), lse, e(lse.shape, torch.float32),
+                             e(q.shape), e(k.shape), e(v.shape), cu, plen, seg, e((nb, 4), i32),
+                             U, layout.max_unit_len, scale, interpret)
+    return out
 
 
 def prefix_shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -384,9 +885,9 @@ def prefix_shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         [T, Hq, D] in q's dtype; differentiable w.r.t. q, k and v.
     """
     scale = _check_inputs(q, k, v, layout, scale)
-    impl = _resolve(impl, q)
+    impl = _resolve(impl, q, k, v, layout)
     if impl == "torch":
         return _prefix_attention_torch(q, k, v, layout, scale)
     if impl == "flash":
         return _prefix_attention_flash(q, k, v, layout, scale)
-    raise NotImplementedError("impl='triton'")
+    return _PrefixAttentionFunction.apply(q, k, v, layout, scale)
