@@ -8,11 +8,21 @@ which mode the completion is in (for auto requests: the mode the model chose).
 
 How a batch runs:
 
-1. **Prefill.** Rows with equal prompt length run as one cached forward (images of the group
-   concatenated in row order), at most ``prefill_tokens`` prompt tokens per forward, filling
-   their KV-cache rows; only the last position of each row goes through the LM head (its
-   logits seed decoding).  The cache holds ``max(prompt + budget)`` tokens per row, never
-   more than ``max_seqlen``.
+1. **Prefill.** Rows are grouped by identical prompt (the same ``prompt_ids`` and images of the
+   same content); each distinct prompt is prefilled once, into the KV-cache row of its first
+   request, and then *forked*: every layer's cached keys and values of positions
+   ``[0, len)`` are copied into the cache rows of the group's other requests
+   (:func:`fork_cache_rows`), whose logits are the representative's.  Distinct prompts of
+   equal length run as one cached forward (images concatenated in row order), at most
+   ``prefill_tokens`` prompt tokens per forward; only the last position of each goes through
+   the LM head (its logits seed decoding).  The cache holds ``max(prompt + budget)`` tokens
+   per row, never more than ``max_seqlen``.  Under token routing the 2g requests of a BPO group
+   have one prompt, so the group costs one prefill and one image encoding instead of 2g
+   (and requests passing the same images object share one processed image batch).
+   Under prompt routing the mode prefix is part of the prompt, so the think and no-think
+   prompts of a group differ in their last tokens: only exact duplicates share (the g
+   requests of each mode), not the longest common prefix.  ``share_prompts=False`` prefills
+   every row on its own (the same results; for comparison).
 2. **Decode.** All live rows advance in lock step, so response position ``t`` is decoding step
    ``t`` for every row: one sampler call and one device→host copy (tokens and log-probs
    together) per step.  Forced tokens replace the draw at their positions; every row is drawn
@@ -41,6 +51,7 @@ same ids to the next step.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
@@ -168,6 +179,117 @@ def row_seeds(generator: torch.Generator | None, n: int) -> torch.Tensor:
     return torch.randint(0, 2**62, (n,), generator=generator, device=dev).cpu()
 
 
+_WAVE_STATS = ("prefill_seconds", "decode_seconds", "decode_steps", "prompt_tokens",
+               "prefill_tokens", "distinct_prompts", "prefill_forwards", "prefill_images")
+"""Statistics each wave reports and :meth:`EmbeddedEngine.generate` sums over waves."""
+
+
+def _image_digest(batch) -> tuple | None:
+    """A content key of a request's processed images: dtype, shape, tile counts, sizes and a
+    hash of the pixel bytes (None: no image).  Equal keys are confirmed by
+    :func:`_same_images` before two requests share a prefill."""
+    if batch is None:
+        return None
+    pv = batch.pixel_values.detach().cpu().contiguous()
+    h = hashlib.blake2b(pv.reshape(-1).view(torch.uint8).numpy(), digest_size=16)
+    sizes = None if batch.image_sizes is None else tuple(map(tuple, batch.image_sizes.tolist()))
+    return (str(pv.dtype), tuple(pv.shape), tuple(batch.tile_counts()), sizes, h.digest())
+
+
+def _same_images(a, b) -> bool:
+    """Whether two processed image batches (or None) hold exactly the same tiles and layout."""
+    if a is b:
+        return True
+    if a is None or b is None:
+        return a is None and b is None
+    if a.tile_counts() != b.tile_counts():
+        return False
+    if (a.image_sizes is None) != (b.image_sizes is None):
+        return False
+    if a.image_sizes is not None and not torch.equal(a.image_sizes, b.image_sizes):
+        return False
+    pa, pb = a.pixel_values, b.pixel_values
+    return pa.dtype == pb.dtype and pa.shape == pb.shape and torch.equal(pa.cpu(), pb.cpu())
+
+
+def prompt_groups(reqs: Sequence[RolloutRequest], images: Sequence, *,
+                  share: bool = True) -> list[list[int]]:
+    """Row indices grouped by identical prompt: equal ``prompt_ids`` and images of equal content
+    (``images[i]``: request ``i``'s processed :class:`~r4b.models.ImageBatch` or None).
+
+    Groups are in order of their first row, rows ascending within a group; the first row is
+    the group's representative (the one prefilled).  Images are compared by content (a hash of
+    their bytes, shape, tile counts and sizes, then an exact comparison); identity only
+    shortcuts the comparison (one object is equal to itself), it is never needed: equal images
+    in different objects share, and two requests whose images differ in any pixel never do.
+    Only exact duplicates share; prompts with a common prefix but different ends are separate
+    groups.  ``share=False``:
+    every row is its own group."""
+    if len(images) != len(reqs):
+        raise ValueError(f"images must hold one entry per request ({len(reqs)}), got "
+                         f"{len(images)}")
+    if not share:
+        return [[i] for i in range(len(reqs))]
+    buckets: dict[tuple, list[list[int]]] = {}
+    groups: list[list[int]] = []
+    digests: dict[int, tuple | None] = {}  # one hash per image batch object
+    for i, r in enumerate(reqs):
+        im = images[i]
+        if id(im) not in digests:
+            digests[id(im)] = _image_digest(im)
+        key = (tuple(int(t) for t in r.prompt_ids), digests[id(im)])
+        for g in buckets.setdefault(key, []):
+            if _same_images(images[g[0]], images[i]):
+                g.append(i)
+                break
+        else:
+            g = [i]
+            buckets[key].append(g)
+            groups.append(g)
+    return groups
+
+
+def fork_cache_rows(cache, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+    """Copy the first ``length`` cached positions of KV-cache rows ``src`` into rows ``dst``
+    (every local layer's keys and values; ``src[j]`` → ``dst[j]``) and set the length of each
+    ``dst`` row to ``length``: the ``dst`` rows then continue as if they had been prefilled
+    with the same tokens.
+
+    ``cache``: a :class:`~r4b.models.attention.KVCache`; ``src``, ``dst``: LongTensors ``[n]``
+    of row indices (``dst`` distinct and disjoint from ``src``); every ``src`` row must hold at
+    least ``length`` cached tokens."""
+    src_h = torch.as_tensor(src, dtype=torch.long).cpu().reshape(-1)
+    dst_h = torch.as_tensor(dst, dtype=torch.long).cpu().reshape(-1)
+    if src_h.numel() != dst_h.numel():
+        raise ValueError(f"src and dst must have the same number of rows, got {src_h.numel()} "
+                         f"and {dst_h.numel()}")
+    if src_h.numel() == 0:
+        return
+    for name, rows in (("src", src_h), ("dst", dst_h)):
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= cache.batch_size:
+            raise ValueError(f"{name} rows must lie in [0, {cache.batch_size}), got values in "
+                             f"[{lo}, {hi}]")
+    if dst_h.unique().numel() != dst_h.numel():
+        raise ValueError(f"dst rows must be distinct, got {dst_h.tolist()}")
+    if set(dst_h.tolist()) & set(src_h.tolist()):
+        raise ValueError(f"dst rows {dst_h.tolist()} must not overlap src rows {src_h.tolist()}")
+    if isinstance(length, bool) or not isinstance(length, int) \
+            or not 1 <= length <= cache.max_seqlen:
+        raise ValueError(f"length must be an int in [1, {cache.max_seqlen}], got {length!r}")
+    held = cache._host_lengths[src_h]
+    if int(held.min()) < length:
+        bad = [(int(r), int(n)) for r, n in zip(src_h, held) if n < length]
+        raise ValueError(f"src rows must hold at least length={length} cached tokens, got "
+                         f"(row, tokens) {bad}")
+    dev = cache.lengths.device
+    s, d = src_h.to(dev), dst_h.to(dev)
+    for buf in (*cache.k, *cache.v):
+        buf[d, :length] = buf[s, :length]
+    cache.lengths[d] = length
+    cache._host_lengths[dst_h] = length
+
+
 class EmbeddedEngine:
     """KV-cache sampler over an r4b model.
 
@@ -189,13 +311,27 @@ class EmbeddedEngine:
         prefill_tokens: prompt tokens per prefill forward (rows of one prompt length are
             split into forwards of at most this many tokens; one row always fits).
         kv_budget_tokens: most KV-cache tokens held at once (None: no bound); see above.
+        share_prompts: prefill each distinct prompt (token ids and image content) once and fork
+            its KV-cache rows into the other requests of that prompt (default); False prefills
+            every request on its own, the same computation row by row (to measure the saving).
+            Only exact duplicates share; see the module docstring.
+
+    ``last_stats`` after :meth:`generate`: ``seconds``, ``prefill_seconds``,
+    ``decode_seconds``, ``decode_steps``, ``rows``, ``response_tokens``, ``tokens_per_s``,
+    ``waves``, ``kv_tokens_peak``, and for the prefill ``prompt_tokens`` (all requests' prompt
+    tokens), ``prefill_tokens`` (prompt tokens that went through the model),
+    ``distinct_prompts`` (prompts prefilled, summed over waves), ``prefill_forwards`` and
+    ``prefill_images`` (images encoded).
     """
 
     def __init__(self, model: torch.nn.Module, *, stop_ids: Sequence[int],
                  mode_classifier: Callable[[list[int], list[int]], str | None] | None = None,
                  max_seqlen: int = 512, vocab_limit: int | None = None,
                  banned_ids: Sequence[int] | None = None, prefill_tokens: int = 65536,
-                 kv_budget_tokens: int | None = None):
+                 kv_budget_tokens: int | None = None, share_prompts: bool = True):
+        if not isinstance(share_prompts, bool):
+            raise ValueError(f"share_prompts must be a bool, got {share_prompts!r}")
+        self.share_prompts = share_prompts
         if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int) \
                 or prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be an int >= 1, got {prefill_tokens!r}")
@@ -294,12 +430,19 @@ class EmbeddedEngine:
         if not requests:
             with full_params(self.model):  # a sharded model's gathers are collective
                 pass
-            self.last_stats = {"seconds": 0.0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
-                               "decode_steps": 0, "rows": 0, "response_tokens": 0,
-                               "tokens_per_s": 0.0}
+            self.last_stats = {"seconds": 0.0, **dict.fromkeys(_WAVE_STATS, 0), "rows": 0,
+                               "response_tokens": 0, "tokens_per_s": 0.0, "waves": 0,
+                               "kv_tokens_peak": 0}
             return []
         cfg = getattr(self.model, "cfg", None)
-        images = [_as_images(r.images, i, cfg) for i, r in enumerate(requests)]
+        # Requests that pass the same images object (a BPO group's 2g rollouts) share one
+        # processed batch; equal images in different objects are matched by content later.
+        processed: dict[int, Any] = {}
+        images = []
+        for i, r in enumerate(requests):
+            if id(r.images) not in processed:
+                processed[id(r.images)] = _as_images(r.images, i, cfg)
+            images.append(processed[id(r.images)])
         self._check_images(requests, images)
         seeds = row_seeds(generator, len(requests))
         waves = self._waves(requests, budgets)
@@ -307,7 +450,7 @@ class EmbeddedEngine:
         was_training = self.model.training
         self.model.eval()
         out: list[Rollout | None] = [None] * len(requests)
-        stats = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "decode_steps": 0}
+        stats = dict.fromkeys(_WAVE_STATS, 0)
         try:
             # A sharded policy gathers its weights once for the whole rollout, not per step.
             with full_params(self.model):
@@ -381,16 +524,20 @@ class EmbeddedEngine:
         capacity = max(len(r.prompt_ids) + b for r, b in zip(reqs, budgets))
         cache = self.model.new_kv_cache(B, capacity)
 
-        # 1. Prefill, one forward per distinct prompt length.
+        # 1. Prefill each distinct prompt once (its first row), one forward per prompt length
+        #    within the token budget; then fork its cache rows into the group's other rows.
         t0 = time.perf_counter()
+        groups = prompt_groups(reqs, images, share=self.share_prompts)
         by_len: dict[int, list[int]] = {}
-        for i, r in enumerate(reqs):
-            by_len.setdefault(len(r.prompt_ids), []).append(i)
-        last_hidden = None
-        for length, group in sorted(by_len.items()):
+        for gi, g in enumerate(groups):
+            by_len.setdefault(len(reqs[g[0]].prompt_ids), []).append(gi)
+        hidden = None  # [n_groups, H]: last-position hidden state of each distinct prompt
+        n_fwd = n_img = n_tok = 0
+        for length, gis in sorted(by_len.items()):
             per = max(1, self.prefill_tokens // length)
-            for s in range(0, len(group), per):
-                rows = group[s:s + per]
+            for s in range(0, len(gis), per):
+                part = gis[s:s + per]
+                rows = [groups[gi][0] for gi in part]
                 ids = torch.tensor([[int(t) for t in reqs[i].prompt_ids] for i in rows],
                                    dtype=torch.long, device="cpu").to(dev, non_blocking=True)
                 batch = ImageBatch.collate([images[i] for i in rows if images[i] is not None])
@@ -398,10 +545,22 @@ class EmbeddedEngine:
                 # Hidden states, not logits: only each row's last position needs the LM head.
                 h = self.model(input_ids=ids, kv_cache=cache, images=pix, return_hidden=True,
                                cache_rows=torch.tensor(rows, dtype=torch.long, device="cpu"))[:, -1]
-                if last_hidden is None:
-                    last_hidden = h.new_empty((B, h.shape[-1]))
-                last_hidden[torch.tensor(rows, device=dev)] = h
-        logits = self.model.logits_of_hidden(last_hidden)
+                if hidden is None:
+                    hidden = h.new_empty((len(groups), h.shape[-1]))
+                hidden[torch.tensor(part, device=dev)] = h
+                n_fwd += 1
+                n_tok += length * len(rows)
+                n_img += 0 if batch is None else batch.num_images
+            pairs = [(groups[gi][0], i) for gi in gis for i in groups[gi][1:]]
+            if pairs:
+                fork_cache_rows(cache, torch.tensor([a for a, _ in pairs], dtype=torch.long),
+                                torch.tensor([b for _, b in pairs], dtype=torch.long), length)
+        logits = self.model.logits_of_hidden(hidden)
+        if len(groups) < B:  # each row takes its prompt's logits
+            of_row = torch.empty(B, dtype=torch.long)
+            for gi, g in enumerate(groups):
+                of_row[g] = gi
+            logits = logits.index_select(0, of_row.to(logits.device))
         t_prefill = time.perf_counter() - t0
 
         # 2. Decode in lock step: response position t == step t for every live row.
@@ -464,5 +623,8 @@ class EmbeddedEngine:
             out.append(Rollout(request=r, response_ids=resp[i], logprobs=lps[i],
                                finished=finished[i], mode_chosen=chosen,
                                behaviour_logprobs=blps[i]))
-        stats = {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "decode_steps": step}
+        stats = {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "decode_steps": step,
+                 "prompt_tokens": sum(len(r.prompt_ids) for r in reqs), "prefill_tokens": n_tok,
+                 "distinct_prompts": len(groups), "prefill_forwards": n_fwd,
+                 "prefill_images": n_img}
         return out, stats
