@@ -454,6 +454,11 @@ def test_flash_errors(monkeypatch):
     for t in (q, q.to(torch.bfloat16)):  # CPU tensors: refused before flash-attn is looked up
         with pytest.raises(RuntimeError, match=r"impl='flash' needs CUDA fp16/bf16 tensors"):
             prefix_shared_attention(t, t, t, layout, impl="flash")
+    old = types.ModuleType("flash_attn")
+    old.flash_attn_varlen_func, old.__version__ = topleft_flash_attn_varlen_func, "2.0.9"
+    monkeypatch.setitem(sys.modules, "flash_attn", old)
+    with pytest.raises(RuntimeError, match=r"needs flash-attn >= 2.1 \(bottom-right .* got 2.0.9"):
+        pa._flash_varlen()
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # not importable
     with pytest.raises(RuntimeError, match=r"needs flash-attn >= 2.1"):
         pa._flash_varlen()

@@ -28,11 +28,21 @@ Implementations (``impl=``):
   ``causal=True``, which flash-attn >= 2.1 aligns to the bottom-right corner, so response row
   ``r`` sees keys up to ``p + r``).  Exact with the standard kernels; CUDA and fp16/bf16 only.
   The gathered keys copy ``P`` once per response (``n * p`` extra K/V rows per layer).
-* ``"triton"`` - a flash-attention-2 style kernel with this mask (forward and backward, see
-  ``_prefix_attention_fwd_kernel``), which skips the key blocks of the other responses and
-  reads ``P``'s keys and values once per query block.
+* ``"triton"`` - flash-attention-2 style kernels with this mask, as an autograd Function.
+  Forward: one program per (query block, unit, query head), online softmax in fp32, two key
+  loops (the prompt; then from the segment start of the block's first query), so the keys of
+  earlier responses are not loaded (only a query block that straddles two responses loads
+  the earlier one's tail, masked); the base-2 logsumexp is saved.  Backward: a delta =
+  rowsum(dO * O) preprocess; a dK/dV kernel with one program per (segment-aligned key
+  block, kv head), which loops over the kv head's query heads (GQA) and over every query
+  that can see the block (for a prompt block: all later queries of the unit, every
+  response, so ``P``'s K/V are loaded once per group) and accumulates in registers (no
+  atomics, no per-head partials); a dQ kernel per query block that mirrors the forward.
+  bf16/fp16/fp32 in, fp32 math, outputs in the input dtype; head dims up to 128 (padded to
+  a power of two and masked).  Under ``TRITON_INTERPRET=1`` it runs on CPU tensors.
 * ``"auto"`` - flash when the tensors are on CUDA in fp16/bf16 and flash-attn imports, else
-  triton when compiled Triton runs on CUDA, else torch.
+  triton for CUDA fp16/bf16 when compiled Triton runs, else torch (fp32 included: the Triton
+  fp32 path multiplies in full fp32 without tensor cores and is a correctness path).
 """
 
 from __future__ import annotations
@@ -155,7 +165,8 @@ class PrefixLayout:
         return PrefixLayout(cu_units=self.cu_units.to(device), prefix_lens=self.prefix_lens.to(device),
                             seg_start=self.seg_start.to(device), max_unit_len=self.max_unit_len,
                             prefix_lens_host=self.prefix_lens_host,
-                            suffix_lens_host=self.suffix_lens_host)
+                            suffix_lens_host=self.suffix_lens_host,
+                            _cache=self._cache)  # entries are keyed by device
 
     @property
     def num_units(self) -> int:
@@ -165,18 +176,20 @@ class PrefixLayout:
     @property
     def num_tokens(self) -> int:
         """Packed tokens ``T`` of all units."""
-        return sum(self.unit_len(u) for u in range(self.num_units))
+        return self.unit_offsets()[-1]
 
     def unit_len(self, u: int) -> int:
         """Tokens of unit ``u``: its prefix plus all its suffixes."""
         return self.prefix_lens_host[u] + sum(self.suffix_lens_host[u])
 
     def unit_offsets(self) -> list[int]:
-        """Host copy of ``cu_units``: ``[0, L_0, L_0 + L_1, ...]``."""
-        out = [0]
-        for u in range(self.num_units):
-            out.append(out[-1] + self.unit_len(u))
-        return out
+        """Host copy of ``cu_units``: ``[0, L_0, L_0 + L_1, ...]`` (computed once)."""
+        if "offsets" not in self._cache:
+            out = [0]
+            for u in range(self.num_units):
+                out.append(out[-1] + self.unit_len(u))
+            self._cache["offsets"] = out
+        return list(self._cache["offsets"])
 
     def _seg_start_host(self, u: int) -> torch.Tensor:
         p = self.prefix_lens_host[u]
@@ -274,10 +287,23 @@ def _check_inputs(q, k, v, layout, scale):
 def _flash_varlen():
     """flash-attn's ``flash_attn_varlen_func``, imported when used (RuntimeError if absent)."""
     try:
-        return importlib.import_module("flash_attn").flash_attn_varlen_func
+        mod = importlib.import_module("flash_attn")
+        fn = mod.flash_attn_varlen_func
     except (ImportError, AttributeError) as e:
         raise RuntimeError(f"impl='flash' needs flash-attn >= 2.1 (flash_attn_varlen_func); it is "
-                           f"not importable ({e}); install flash-attn or use impl='triton' / 'torch'") from e
+                           f"not importable ({e}); install flash-attn or use impl='triton' / "
+                           "'torch'") from e
+    version = getattr(mod, "__version__", None)
+    if isinstance(version, str):
+        try:
+            major_minor = tuple(int(x) for x in version.split(".")[:2])
+        except ValueError:
+            major_minor = None
+        # before 2.1 causal=True aligned the mask to the top-left corner: wrong for [P; R_i]
+        if major_minor is not None and major_minor < (2, 1):
+            raise RuntimeError(f"impl='flash' needs flash-attn >= 2.1 (bottom-right causal "
+                               f"alignment), got {version}")
+    return fn
 
 
 def _flash_available() -> bool:
