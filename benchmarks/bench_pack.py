@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from r4b import packing as P
+from r4b.packing import thd as P
 
 from _harness import record, time_fn
 

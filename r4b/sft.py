@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .batching import forward_rows, pack, plan
+from .packing import forward_rows, pack, plan
 from .components import image_processor
 from .config import require_range
 from .log import get_logger

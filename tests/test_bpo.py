@@ -71,7 +71,7 @@ def test_first_inner_step_ratio_one_kl_zero_and_engine_logprobs(rt, routing, tas
         # Recomputed old log-probs match the engine's sampling log-probs (KV-cache decode vs
         # packed forward: same fp32 math in a different order).
         torch.testing.assert_close(mb.old_lp, mb.engine_lp, atol=2e-5, rtol=0)
-        from r4b.batching import forward_rows
+        from r4b.packing import forward_rows
         h = forward_rows(model, mb.pk)
         out = K.policy_loss(h, model.lm_head_weight(), mb.targets, mb.old_lp, mb.advantages,
                             token_weights=mb.weights, ref_logprobs=mb.ref_lp, kl_coef=0.1)

@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r4b import _packing_py as pyref
-from r4b import _packing_ref as ref
-from r4b import packing as P
+from r4b.packing import python_ref as pyref
+from r4b.packing import reference as ref
+from r4b.packing import thd as P
 
 needs_c = pytest.mark.skipif(not P.HAS_R4B_C, reason="r4b._C is not built")
 IMPLS = [pytest.param("cpp", marks=needs_c), "numpy", "python"]
@@ -468,7 +468,7 @@ def test_missing_extension_falls_back_with_one_warning(tmp_path):
             def emit(self, r): records.append(r)
         logging.getLogger("r4b").addHandler(H())
         logging.getLogger("r4b").setLevel(logging.DEBUG)
-        from r4b import packing as P
+        from r4b.packing import thd as P
         import r4b.packing
         warns = [r for r in records if r.levelno >= logging.WARNING]
         assert len(warns) == 1 and "r4b._C not importable" in warns[0].getMessage(), warns

@@ -166,7 +166,7 @@ def test_tp2_matches_tp1_loss_and_grad_norm(runs):
 def test_real_widths_loss_matches_transformers(real):
     """At r4b-4b's widths: r4b's loss on a 384x384-image SFT example (1485 image tokens)
     equals transformers' on the same checkpoint."""
-    from r4b.batching import forward_rows, pack
+    from r4b.packing import forward_rows, pack
     from r4b.components import (ModelChoice, build_policy, image_processor, load_items,
                                 make_template, make_tokenizer, model_config, Setup)
     from r4b.data import TaskConfig

@@ -389,7 +389,7 @@ def test_top_p_behaviour_logprobs_and_the_importance_weight_is_the_kept_mass(vll
     mbs, _ = trainer.microbatches(batch, ga.advantages, weights, keep)
     trainer.score_old_and_ref(mbs)
     kept = [batch[i] for i in keep.nonzero()[:, 0].tolist()]
-    from r4b.batching import forward_rows
+    from r4b.packing import forward_rows
 
     ratios, masses = [], []
     for mb in mbs:

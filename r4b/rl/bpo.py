@@ -47,7 +47,7 @@ import torch
 import r4b_kernels as K
 
 from ..log import get_logger
-from ..batching import PackedMicroBatch, forward_rows, pack, plan
+from ..packing import PackedMicroBatch, forward_rows, pack, plan
 from ..components import image_processor
 from ..rewards import verify
 from ..rollout.engine import RolloutRequest

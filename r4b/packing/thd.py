@@ -19,8 +19,8 @@ non-thinking ones) and the 2g rollouts of a prompt arrive together.  This module
   values (e.g. log-probs) back to per-sequence tensors.
 
 Implementations, all with identical output: ``"cpp"`` (``r4b._C``, torch-free C++ on NumPy
-buffers), ``"numpy"`` (``r4b._packing_ref``, vectorised NumPy, the fallback), ``"python"``
-(``r4b._packing_py``, the pure-Python row-by-row specification: slow, for reading and testing),
+buffers), ``"numpy"`` (``r4b.packing.reference``, vectorised NumPy, the fallback), ``"python"``
+(``r4b.packing.python_ref``, the pure-Python row-by-row specification: slow, for reading and testing),
 ``"cuda"`` (``r4b._C_cuda``, gathers of device-resident tensors: :func:`pack_microbatch` with
 CUDA ``token_ids``, :func:`gather_rows`, :func:`scatter_rows`, :func:`unpack_rows`).
 ``"auto"`` picks CUDA for device tensors when built, else C++, else NumPy.  Availability is
@@ -51,9 +51,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import _packing_py as pyref
-from . import _packing_ref as ref
-from .log import get_logger
+from ..log import get_logger
+from . import python_ref as pyref
+from . import reference as ref
 
 log = get_logger(__name__)
 
@@ -62,7 +62,7 @@ _ABI_VERSION = 3
 COSTS = {"tokens": ref.COST_TOKENS, "flops": ref.COST_FLOPS}
 
 try:  # Optional: the C++ packer, built by setup.py / CMakeLists.txt.
-    from . import _C
+    from .. import _C
 
     if _C.abi_version() != _ABI_VERSION:
         raise ImportError(f"r4b._C has ABI version {_C.abi_version()}, this r4b expects "
@@ -76,7 +76,7 @@ except ImportError as e:
     log.warning("C++ packer unavailable, using the NumPy fallback: %s", _C_WHY)
 
 try:  # Optional: the CUDA gathers (built only where nvcc was found).
-    from . import _C_cuda
+    from .. import _C_cuda
 
     if _C_cuda.abi_version() != _ABI_VERSION:
         raise ImportError(f"r4b._C_cuda has ABI version {_C_cuda.abi_version()}, this r4b "

@@ -2,9 +2,9 @@
 ``r4b._C`` is missing).
 
 Every function here has a C++ twin in ``csrc/pack_core.cpp`` and a pure-Python twin in
-``r4b/_packing_py.py`` with the same validation, the same algorithm and the same tie-breaking,
+``r4b/packing/python_ref.py`` with the same validation, the same algorithm and the same tie-breaking,
 so all three produce identical outputs; the tests compare them on random inputs.  Inputs are
-NumPy arrays already converted by ``r4b.packing`` (int64 lengths/offsets/indices, int8 modes,
+NumPy arrays already converted by ``r4b.packing.thd`` (int64 lengths/offsets/indices, int8 modes,
 float32 advantages); outputs are NumPy arrays.
 
 Plan (see ``plan``):
@@ -313,7 +313,7 @@ def pack(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
          seq_indices: np.ndarray, modes: np.ndarray | None = None,
          advantages: np.ndarray | None = None, pad_to_multiple: int = 1,
          pad_token_id: int = 0, bounds: np.ndarray | None = None) -> dict:
-    """Pack sequences ``seq_indices`` into THD micro-batches (see ``r4b.packing.PackedBatch``).
+    """Pack sequences ``seq_indices`` into THD micro-batches (see ``r4b.packing.thd.PackedBatch``).
 
     ``bounds`` ([B + 1], default ``[0, k]``) splits ``seq_indices`` into B micro-batches.
     Returns a list of B dicts (``input_ids``, ``position_ids``, ``labels``, ``loss_mask``,

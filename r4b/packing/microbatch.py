@@ -1,6 +1,6 @@
 """From sequences to this rank's packed micro-batches (shared by annealing and BPO).
 
-A sequence is prompt + response token ids with its images; the C++ packer (``r4b.packing``)
+A sequence is prompt + response token ids with its images; the C++ packer (``r4b.packing.thd``)
 balances all sequences of the global batch across data-parallel ranks and fills micro-batches
 under a token budget; each rank then packs its own micro-batches into THD layout.  Scored rows
 follow the label-shift convention: row ``p`` of a sequence with prompt length ``P`` and length
@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .packing import IGNORE_INDEX, flatten_sequences, pack_microbatches, plan_microbatches
+from .thd import IGNORE_INDEX, flatten_sequences, pack_microbatches, plan_microbatches
 
 
 @dataclass
@@ -39,9 +39,19 @@ class PackedMicroBatch:
     images: object
     """The packed sequences' images in order, as one :class:`~r4b.models.ImageBatch`, or
     None."""
+    prefix_layout: object = None
+    """The prefix-shared layout (:class:`r4b_kernels.PrefixLayout`) when ``cu_seqlens`` bounds
+    units of a shared prompt and its rollouts (:mod:`r4b.packing.groups`); None: one sequence
+    per rollout."""
+    row_targets: torch.Tensor | None = None
+    """The token each scored row predicts, when a row can predict for several rollouts (the
+    shared layout); None: read from ``labels``."""
 
     @property
     def targets(self) -> torch.Tensor:
+        """The token each scored row predicts."""
+        if self.row_targets is not None:
+            return self.row_targets
         return self.labels.index_select(0, self.rows)
 
     @property
@@ -60,7 +70,9 @@ class PackedMicroBatch:
         return dataclasses.replace(
             self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
             cu_seqlens=move(self.cu_seqlens), labels=move(self.labels), rows=move(self.rows),
-            images=None if self.images is None else self.images.to(dev))
+            images=None if self.images is None else self.images.to(dev),
+            prefix_layout=None if self.prefix_layout is None else self.prefix_layout.to(dev),
+            row_targets=None if self.row_targets is None else move(self.row_targets))
 
 
 def plan(lengths: Sequence[int], *, dp_rank: int, dp_size: int, tokens_per_microbatch: int,
@@ -114,7 +126,7 @@ def empty_microbatch() -> PackedMicroBatch:
 
 
 def _with_rows(pk, plens: np.ndarray, images: Sequence[list], process) -> PackedMicroBatch:
-    from .models.multimodal import ImageBatch
+    from ..models.multimodal import ImageBatch
 
     seqs = [int(j) for j in pk.seq_indices.tolist()]  # packed order
     rows = pk.response_rows.to(torch.long)
@@ -136,7 +148,8 @@ def _with_rows(pk, plens: np.ndarray, images: Sequence[list], process) -> Packed
 def forward_rows(model, mb: PackedMicroBatch, *, return_hidden: bool = True,
                  gather_logits: bool = True) -> torch.Tensor:
     """Hidden states (or logits) of ``model`` at the scored rows of ``mb``."""
+    shared = {} if mb.prefix_layout is None else {"prefix_layout": mb.prefix_layout}
     out = model(input_ids=mb.input_ids, cu_seqlens=mb.cu_seqlens, position_ids=mb.position_ids,
                 max_seqlen=mb.max_seqlen, images=mb.images, return_hidden=return_hidden,
-                gather_logits=gather_logits)
+                gather_logits=gather_logits, **shared)
     return out.reshape(-1, out.shape[-1]).index_select(0, mb.rows)

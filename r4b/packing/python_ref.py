@@ -4,7 +4,7 @@ Three implementations of the packer produce identical output (the tests compare 
 inputs):
 
 * ``r4b._C`` (``impl="cpp"``) — the C++ core, used by default;
-* ``r4b._packing_ref`` (``impl="numpy"``) — vectorised NumPy, the fallback when ``r4b._C`` is
+* ``r4b.packing.reference`` (``impl="numpy"``) — vectorised NumPy, the fallback when ``r4b._C`` is
   not built;
 * this module (``impl="python"``) — plain Python over ints and lists (loops over sequences,
   list building per sequence, no NumPy arithmetic).  It is the readable statement of what a
@@ -14,8 +14,8 @@ inputs):
 
 Validation is shared with the NumPy reference (same checks, same messages), so every
 implementation rejects bad input with the same error.  Inputs and outputs follow
-``r4b._packing_ref``: NumPy arrays in (already converted by ``r4b.packing``), a dict of NumPy
-arrays out.  The algorithm and its tie-breaks are described in ``r4b._packing_ref``'s
+``r4b.packing.reference``: NumPy arrays in (already converted by ``r4b.packing.thd``), a dict of NumPy
+arrays out.  The algorithm and its tie-breaks are described in ``r4b.packing.reference``'s
 module docstring.
 """
 
@@ -25,8 +25,8 @@ from bisect import bisect_left
 
 import numpy as np
 
-from . import _packing_ref as ref
-from ._packing_ref import COST_TOKENS, IGNORE_INDEX
+from . import reference as ref
+from .reference import COST_TOKENS, IGNORE_INDEX
 
 
 # ---------------------------------------------------------------- plan
@@ -63,7 +63,7 @@ def plan(seq_lens: np.ndarray, num_ranks: int, tokens_per_microbatch: int,
          group_ids: np.ndarray | None = None, modes: np.ndarray | None = None,
          cost: int = COST_TOKENS, flops_a: int = 0, keep_groups: bool = False,
          pad_to_multiple: int = 1) -> dict:
-    """Assign sequences to ranks and micro-batches; same contract as ``r4b._packing_ref.plan``."""
+    """Assign sequences to ranks and micro-batches; same contract as ``r4b.packing.reference.plan``."""
     ref._check_plan(seq_lens, num_ranks, tokens_per_microbatch, group_ids, modes, cost, flops_a,
                     keep_groups, pad_to_multiple)
     R, budget, m, a = int(num_ranks), int(tokens_per_microbatch), int(pad_to_multiple), int(flops_a)
@@ -154,7 +154,7 @@ def pack(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
          seq_indices: np.ndarray, modes: np.ndarray | None = None,
          advantages: np.ndarray | None = None, pad_to_multiple: int = 1,
          pad_token_id: int = 0, bounds: np.ndarray | None = None) -> dict:
-    """THD micro-batches built sequence by sequence; same contract as ``r4b._packing_ref.pack``.
+    """THD micro-batches built sequence by sequence; same contract as ``r4b.packing.reference.pack``.
 
     Row ``p`` of sequence ``s`` (length ``L``, prompt ``P``, padded length ``Lp``): input token
     ``p`` (``pad_token_id`` when ``p >= L``), position ``p``, and — iff ``P - 1 <= p < L - 1``
