@@ -12,6 +12,12 @@ The backend is resolved in one place, :func:`resolve_backend`:
   to ``[n, max_seqlen]`` and run the same way (the CPU path; flex attention has no CPU
   backward).
 
+Prefix-shared units (:mod:`r4b.packing.groups`: a group's prompt once, then each rollout's
+suffix, which sees the prompt and causally itself) run through
+:func:`r4b_kernels.prefix_shared_attention`: flash-attn's varlen kernel under ``flash``, the
+r4b Triton kernel on other CUDA fp16/bf16 activations, the explicit-mask reference under
+``sdpa`` and on CPU.
+
 Cached decoding (:class:`KVCache`) always uses SDPA with an explicit per-row mask: the new
 ``s`` tokens of row ``r`` see the row's cached prefix and themselves, causally.
 """
@@ -46,6 +52,9 @@ except ImportError:  # older torch: no varlen module
     HAVE_TORCH_VARLEN = False
 
 BACKENDS = ("flash", "torch_varlen", "sdpa")
+PREFIX_IMPL = {"flash": "flash", "torch_varlen": "auto", "sdpa": "torch"}
+"""The :func:`r4b_kernels.prefix_shared_attention` implementation of each backend (torch's
+varlen kernel has no such mask: its CUDA activations take the Triton kernel)."""
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -90,7 +99,8 @@ class AttnMeta:
     ``cu_seqlens`` int32 ``[n+1]`` on the activations' device; ``max_seqlen`` host int;
     ``dense`` = ``(B, S)`` when all sequences have the same length ``S`` (tokens are then
     ``[B*S]`` row-major); ``pad_rows``: for SDPA on packed sequences of unequal length, the
-    flat index ``[T]`` of each token in an ``[n, max_seqlen]`` right-padded layout.
+    flat index ``[T]`` of each token in an ``[n, max_seqlen]`` right-padded layout; ``prefix``:
+    the :class:`r4b_kernels.PrefixLayout` of prefix-shared units (``cu_seqlens`` bounds units).
     """
 
     backend: str
@@ -98,16 +108,20 @@ class AttnMeta:
     max_seqlen: int
     dense: tuple[int, int] | None = None
     pad_rows: torch.Tensor | None = None
+    prefix: object = None
 
 
 def make_attn_meta(cu_seqlens: torch.Tensor, max_seqlen: int, *, backend: str,
-                   dense: tuple[int, int] | None = None) -> AttnMeta:
+                   dense: tuple[int, int] | None = None, prefix=None) -> AttnMeta:
     """Build the metadata once per forward (the padded layout only where SDPA needs it).
 
     SDPA on ragged packed sequences runs on a right-padded ``[n, max_seqlen]`` batch with
     ``is_causal``: padding sits after every real token, so causality alone keeps it out, and
     the cost is ``n * max_seqlen^2`` instead of the ``T^2`` of a block-diagonal mask.
     """
+    if prefix is not None:
+        return AttnMeta(backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                        prefix=prefix)
     pad_rows = None
     if backend == "sdpa" and dense is None:
         n_tok = int(cu_seqlens[-1])
@@ -125,6 +139,11 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
                      scale: float) -> torch.Tensor:
     """Causal attention within each packed sequence: ``q [T, Hq, D]``, ``k, v [T, Hk, D]`` →
     ``[T, Hq, D]``; ``Hq`` a multiple of ``Hk`` (grouped-query attention)."""
+    if meta.prefix is not None:
+        import r4b_kernels
+
+        return r4b_kernels.prefix_shared_attention(q, k, v, meta.prefix, scale=scale,
+                                                   impl=PREFIX_IMPL[meta.backend])
     if meta.backend == "flash":
         from flash_attn import flash_attn_varlen_func
 

@@ -403,7 +403,7 @@ class R4BModel(nn.Module):
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None, kv_cache: KVCache | None = None,
                 cache_rows: torch.Tensor | None = None, return_hidden: bool = False,
-                gather_logits: bool = True) -> torch.Tensor:
+                gather_logits: bool = True, prefix_layout=None) -> torch.Tensor:
         """Run this stage.
 
         Args:
@@ -422,6 +422,9 @@ class R4BModel(nn.Module):
                 all rows, ``b`` must equal the cache's batch size).
             return_hidden: return final-normed hidden states ``[..., H]`` instead of logits.
             gather_logits: gather logits over TP (``False``: this rank's ``[..., V_local]``).
+            prefix_layout: a :class:`r4b_kernels.PrefixLayout` when the packed tokens are
+                prefix-shared units (:mod:`r4b.packing.groups`); ``cu_seqlens`` then bounds
+                the units and ``position_ids`` must be given.
 
         Returns:
             last stage: logits ``[B, S, V]`` / ``[T, V]`` (or hidden ``[..., H]``); other
@@ -432,6 +435,8 @@ class R4BModel(nn.Module):
                                         gather_logits)
         lm = self.language_model
         max_pos = self.cfg.lm.max_position_embeddings
+        if prefix_layout is not None:
+            _check_prefix_layout(prefix_layout, cu_seqlens, position_ids)
         if cu_seqlens is not None:
             if input_ids is not None:
                 if input_ids.dim() == 2 and input_ids.shape[0] == 1:
@@ -485,7 +490,8 @@ class R4BModel(nn.Module):
         else:
             hidden = self._stage_input()
         backend = resolve_backend(self.cfg.attention_backend, hidden.device, hidden.dtype)
-        meta = make_attn_meta(cu.to(hidden.device), max_seqlen, backend=backend, dense=dense)
+        meta = make_attn_meta(cu.to(hidden.device), max_seqlen, backend=backend, dense=dense,
+                              prefix=None if prefix_layout is None else prefix_layout.to(hidden.device))
         hidden = lm.run_layers(hidden, position_ids.to(hidden.device), meta=meta)
         if not self.post_process:
             return hidden.unsqueeze(1)
@@ -563,6 +569,20 @@ def _first_misfit(runs: list[tuple[int, int]], counts: list[int], sizes) -> str:
         return (f"{extra} placeholders from flat position {start} of input_ids are left over "
                 f"after the {len(counts)} images")
     return ""
+
+
+def _check_prefix_layout(layout, cu_seqlens, position_ids) -> None:
+    """The layout must bound the same units as ``cu_seqlens``; positions cannot be derived."""
+    if cu_seqlens is None or position_ids is None:
+        raise ValueError("prefix_layout needs cu_seqlens (the units' bounds) and position_ids "
+                         "(a suffix continues from its prefix), got "
+                         f"cu_seqlens={'set' if cu_seqlens is not None else None}, "
+                         f"position_ids={'set' if position_ids is not None else None}")
+    if layout.cu_units.shape != cu_seqlens.shape or (
+            cu_seqlens.device.type == "cpu" and layout.cu_units.device.type == "cpu"
+            and not torch.equal(layout.cu_units, cu_seqlens.to(torch.int32))):
+        raise ValueError(f"prefix_layout.cu_units {layout.cu_units.tolist()} must equal "
+                         f"cu_seqlens {cu_seqlens.tolist()}")
 
 
 def _positions_from_cu(cu: torch.Tensor, t: int | None) -> torch.Tensor:

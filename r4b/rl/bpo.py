@@ -13,7 +13,10 @@ One step (DESIGN.md §2):
    zero-variance filtering, and per-token loss weights normalised over the *global* batch
    (``sequence_loss_weights``) so micro-batching and DP do not change the objective.
 4. **Packing.** The C++ packer balances sequences across DP ranks and packs each rank's share
-   into THD micro-batches; labels never cross a sequence boundary.
+   into THD micro-batches; labels never cross a sequence boundary.  With ``share_prefix``
+   (default) a packed unit is a group: its prompt and images once, then each rollout's
+   response, which attends to the prompt and to itself (``r4b.packing.groups``); the planner
+   balances the units' real token counts.
 5. **Old / reference log-probs**: forward-only fused kernel (``token_logprobs``).
 6. **Update**: policy forward → fused clipped-ratio loss (``policy_loss``, logits never
    materialised, vocab-parallel over TP) → backward → DP all-reduce → clip → finite check →
@@ -47,7 +50,7 @@ import torch
 import r4b_kernels as K
 
 from ..log import get_logger
-from ..packing import PackedMicroBatch, forward_rows, pack, plan
+from ..packing import PackedMicroBatch, forward_rows, group_units, pack, pack_groups, plan
 from ..components import image_processor
 from ..rewards import verify
 from ..rollout.engine import RolloutRequest
@@ -279,9 +282,26 @@ class BPOTrainer:
         kept = [batch[i] for i in idx]
         tokens = [s.prompt_ids + s.response_ids for s in kept]
         plens = [len(s.prompt_ids) for s in kept]
-        mine, imbalance = plan([len(t) for t in tokens], dp_rank=rt.dp_rank, dp_size=rt.dp_size,
-                               tokens_per_microbatch=cfg.tokens_per_microbatch,
-                               group_ids=[s.group for s in kept], modes=[s.mode for s in kept])
+        process = image_processor(self.policy.cfg) if self.policy.cfg.vision is not None else None
+        images = [s.images for s in kept]
+        stats: dict = {}
+        if cfg.share_prefix:
+            units, st = group_units(tokens, plens, [s.group for s in kept], images,
+                                    budget=cfg.tokens_per_microbatch,
+                                    image_token_id=self.policy.cfg.image_token_id)
+            mine, imbalance = plan([u.length for u in units], dp_rank=rt.dp_rank,
+                                   dp_size=rt.dp_size, tokens_per_microbatch=cfg.tokens_per_microbatch)
+            packed = pack_groups(tokens, plens, images, units, mine, process=process)
+            stats = {"pack/dense_tokens": st["dense_tokens"], "pack/tokens": st["shared_tokens"],
+                     "pack/prefix_copies_lost": st["prefix_copies_lost"],
+                     "pack/unshared_groups": st["unshared_groups"]}
+        else:
+            mine, imbalance = plan([len(t) for t in tokens], dp_rank=rt.dp_rank,
+                                   dp_size=rt.dp_size, tokens_per_microbatch=cfg.tokens_per_microbatch,
+                                   group_ids=[s.group for s in kept], modes=[s.mode for s in kept])
+            packed = pack(tokens, plens, images, mine, process=process)
+            n_tok = sum(len(t) for t in tokens)
+            stats = {"pack/dense_tokens": n_tok, "pack/tokens": n_tok}
         sel_keep = torch.tensor(idx, dtype=torch.long, device="cpu")
         adv_k = adv[sel_keep].float()
         w_k = weights[sel_keep].float()
@@ -289,8 +309,7 @@ class BPOTrainer:
         modes_k = torch.tensor([s.mode for s in kept], dtype=torch.int8, device="cpu")
         plens_t = torch.tensor(plens, dtype=torch.long, device="cpu")
         out = []
-        process = image_processor(self.policy.cfg) if self.policy.cfg.vision is not None else None
-        for pk in pack(tokens, plens, [s.images for s in kept], mine, process=process):
+        for pk in packed:
             seqs = pk.seqs  # packed order: cu_seqlens and row_seq refer to it
             if not seqs:  # this rank's share ran out: an empty micro-batch, same collectives
                 dpk = pk.to(dev)
@@ -301,9 +320,14 @@ class BPOTrainer:
                                       modes=torch.zeros(0, dtype=torch.int8, device=dev)))
                 continue
             sel = torch.tensor(seqs, dtype=torch.long, device="cpu")
-            tok_adv, tok_w = K.token_advantage_weights(
-                pk.cu_seqlens, plens_t[sel], adv_k[sel], w_k[sel],
-                total_tokens=pk.input_ids.shape[0])
+            rows = pk.rows
+            if pk.prefix_layout is None:
+                tok_adv, tok_w = K.token_advantage_weights(
+                    pk.cu_seqlens, plens_t[sel], adv_k[sel], w_k[sel],
+                    total_tokens=pk.input_ids.shape[0])
+                row_adv, row_w = tok_adv[rows], tok_w[rows]
+            else:  # a shared prompt row scores for several rollouts: per row, not per token
+                row_adv, row_w = adv_k[sel][pk.row_seq], w_k[sel][pk.row_seq]
             at = list(zip(pk.row_seq.tolist(), pk.row_token.tolist()))
             eng = torch.tensor([kept[seqs[j]].engine_logprobs[k] for j, k in at],
                                dtype=torch.float32, device="cpu")
@@ -314,11 +338,9 @@ class BPOTrainer:
             n_template = torch.tensor([template_tokens(kept[j]) for j in seqs], dtype=torch.long,
                                       device="cpu")
             template = (pk.row_token >= 1) & (pk.row_token <= n_template[pk.row_seq])
-            rows = pk.rows
-            row_adv = tok_adv[rows]
             if bonus_k is not None:
                 row_adv = torch.where(routing, row_adv + bonus_k[sel][pk.row_seq], row_adv)
-            row_w = torch.where(template, 0.0, tok_w[rows])
+            row_w = torch.where(template, 0.0, row_w)
             host = (row_adv, row_w, eng, beh, routing, modes_k[sel][pk.row_seq])
             d_adv, d_w, d_eng, d_beh, d_routing, d_modes = (t.to(dev) for t in host)
             dpk = pk.to(dev)
@@ -326,7 +348,10 @@ class BPOTrainer:
                                   engine_lp=d_eng, behaviour_lp=d_beh, routing_rows=d_routing,
                                   modes=d_modes,
                                   has_routing=bool(routing.any())))
-        return out, {"imbalance": imbalance}
+        stats["imbalance"] = imbalance
+        stats["pack/rank_vision_tiles"] = sum(mb.pk.images.num_tiles for mb in out
+                                         if mb.pk.images is not None)
+        return out, stats
 
     # ------------------------------------------------------------ 5. old / ref log-probs
     @torch.no_grad()

@@ -69,6 +69,12 @@ class RLConfig:
     """Optimizer steps per pass over the rollout batch."""
     tokens_per_microbatch: int = 4096
     """Token budget of one packed micro-batch (the packer's budget)."""
+    share_prefix: bool = True
+    """Pack each group's shared prompt (and its images) once, followed by its rollouts'
+    responses, in the old-log-prob, reference and update passes (``r4b.packing.groups``);
+    the log-probs, loss and gradients equal those of one sequence per rollout (``false``, the
+    comparison path), with fewer LM tokens and vision tiles.  A group over the token budget is
+    split, each part with its own copy of the prompt."""
     lr: float = 1e-4
     """AdamW learning rate of the policy (5e-4 destabilised the tiny model on the embedded
     task: forced-thinking accuracy on level 4 fell from 0.76 to 0.12 in 60 steps)."""
