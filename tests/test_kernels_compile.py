@@ -88,7 +88,17 @@ def default_plans():
             + _grouped_plans(
                 [dict(n=4096, max_group_size=8),  # BPO: 2g = 8 rollouts per prompt
                  dict(n=4096, max_group_size=1000, baseline="mode", leave_one_out=True)],  # 256 lanes
-                [dict(n=64, total_tokens=16384), dict(n=1, total_tokens=4099, cu_dtype=torch.int64)]))
+                [dict(n=64, total_tokens=16384), dict(n=1, total_tokens=4099, cu_dtype=torch.int64)])
+            + _prefix_attention_plans())
+
+
+def _prefix_attention_plans():
+    """The prefix-shared attention's forward and backward launches (their own compile test,
+    ``tests/test_prefix_attention_compile.py``, builds them)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_prefix_attention_compile import prefix_attention_plans
+
+    return prefix_attention_plans()
 
 
 def exhaustive_plans():
