@@ -153,9 +153,9 @@ class PrefixLayout:
                 start += n
         dev = torch.device("cpu") if device is None else torch.device(device)
         i32 = torch.int32
-        return cls(cu_units=torch.tensor(cu, dtype=i32).to(dev),
-                   prefix_lens=torch.tensor(ps, dtype=i32).to(dev),
-                   seg_start=torch.tensor(seg, dtype=i32).to(dev),
+        return cls(cu_units=torch.tensor(cu, dtype=i32, device="cpu").to(dev),
+                   prefix_lens=torch.tensor(ps, dtype=i32, device="cpu").to(dev),
+                   seg_start=torch.tensor(seg, dtype=i32, device="cpu").to(dev),
                    max_unit_len=max(lens, default=0), prefix_lens_host=tuple(ps),
                    suffix_lens_host=tuple(ss))
 
@@ -193,10 +193,10 @@ class PrefixLayout:
 
     def _seg_start_host(self, u: int) -> torch.Tensor:
         p = self.prefix_lens_host[u]
-        parts = [torch.zeros(p, dtype=torch.int64)]
+        parts = [torch.zeros(p, dtype=torch.int64, device="cpu")]
         start = p
         for n in self.suffix_lens_host[u]:
-            parts.append(torch.full((n,), start, dtype=torch.int64))
+            parts.append(torch.full((n,), start, dtype=torch.int64, device="cpu"))
             start += n
         return torch.cat(parts)
 
@@ -207,8 +207,8 @@ class PrefixLayout:
             raise ValueError(f"u must be a unit index in [0, {self.num_units}), got {u!r}")
         L = self.unit_len(u)
         p = self.prefix_lens_host[u]
-        i = torch.arange(L)[:, None]
-        j = torch.arange(L)[None, :]
+        i = torch.arange(L, device="cpu")[:, None]
+        j = torch.arange(L, device="cpu")[None, :]
         seg = self._seg_start_host(u)[:, None]
         return ((j <= i) & ((j < p) | (j >= seg))).to(self.cu_units.device)
 
@@ -224,24 +224,24 @@ class PrefixLayout:
 def _build_index(layout: PrefixLayout, key: str) -> torch.Tensor:
     off = layout.unit_offsets()
     if key == "prefix_idx":  # packed rows of every prefix token, unit order
-        return torch.cat([torch.arange(off[u], off[u] + p) for u, p in
-                          enumerate(layout.prefix_lens_host)] or [torch.zeros(0)]).long()
+        return torch.cat([torch.arange(off[u], off[u] + p, device="cpu") for u, p in
+                          enumerate(layout.prefix_lens_host)] or [torch.zeros(0, device="cpu")]).long()
     if key == "suffix_idx":  # packed rows of every suffix token, unit then response order
-        rows = [torch.arange(off[u] + p, off[u + 1]) for u, p in enumerate(layout.prefix_lens_host)]
-        return torch.cat(rows or [torch.zeros(0)]).long()
+        rows = [torch.arange(off[u] + p, off[u + 1], device="cpu") for u, p in enumerate(layout.prefix_lens_host)]
+        return torch.cat(rows or [torch.zeros(0, device="cpu")]).long()
     if key == "suffix_kv_idx":  # per suffix: its unit's prefix rows, then its own rows
         rows = []
         for u, (p, ss) in enumerate(zip(layout.prefix_lens_host, layout.suffix_lens_host)):
             start = off[u] + p
             for n in ss:
-                rows.append(torch.arange(off[u], off[u] + p))
-                rows.append(torch.arange(start, start + n))
+                rows.append(torch.arange(off[u], off[u] + p, device="cpu"))
+                rows.append(torch.arange(start, start + n, device="cpu"))
                 start += n
-        return torch.cat(rows or [torch.zeros(0)]).long()
+        return torch.cat(rows or [torch.zeros(0, device="cpu")]).long()
     if key == "inverse":  # row of every packed token in cat([prefix rows, suffix rows])
         perm = torch.cat([_build_index(layout, "prefix_idx"), _build_index(layout, "suffix_idx")])
         inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel())
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
         return inv
     if key.startswith("kv_blocks:"):
         return _kv_block_table(layout, int(key.split(":")[1]))
@@ -754,7 +754,7 @@ def _kv_block_table(layout: PrefixLayout, block_n: int) -> torch.Tensor:
             for k0 in range(a, b, block_n):
                 rows.append((off[u], k0, min(k0 + block_n, b), q1))
     rows.sort(key=lambda r: r[1] - r[3])  # stable: most queries first
-    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4)
+    return torch.tensor(rows, dtype=torch.int32, device="cpu").reshape(-1, 4)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

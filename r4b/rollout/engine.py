@@ -553,11 +553,11 @@ class EmbeddedEngine:
                 n_img += 0 if batch is None else batch.num_images
             pairs = [(groups[gi][0], i) for gi in gis for i in groups[gi][1:]]
             if pairs:
-                fork_cache_rows(cache, torch.tensor([a for a, _ in pairs], dtype=torch.long),
-                                torch.tensor([b for _, b in pairs], dtype=torch.long), length)
+                fork_cache_rows(cache, torch.tensor([a for a, _ in pairs], dtype=torch.long, device="cpu"),
+                                torch.tensor([b for _, b in pairs], dtype=torch.long, device="cpu"), length)
         logits = self.model.logits_of_hidden(hidden)
         if len(groups) < B:  # each row takes its prompt's logits
-            of_row = torch.empty(B, dtype=torch.long)
+            of_row = torch.empty(B, dtype=torch.long, device="cpu")
             for gi, g in enumerate(groups):
                 of_row[g] = gi
             logits = logits.index_select(0, of_row.to(logits.device))
