@@ -39,6 +39,7 @@ from r4b_kernels._common import KernelLaunch  # noqa: E402
 
 pl = importlib.import_module("r4b_kernels.policy_loss")
 ga = importlib.import_module("r4b_kernels.grouped_advantage")
+pa = importlib.import_module("r4b_kernels.prefix_attention")
 aot = importlib.import_module("r4b_kernels._aot")
 
 H4B, V4B = 2560, 151936  # Qwen3-4B LM head
@@ -92,13 +93,22 @@ def default_plans():
             + _prefix_attention_plans())
 
 
-def _prefix_attention_plans():
-    """The prefix-shared attention's forward and backward launches (their own compile test,
-    ``tests/test_prefix_attention_compile.py``, builds them)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_prefix_attention_compile import prefix_attention_plans
+PROMPT_4B = 1485  # one 384-px image
+RESPONSES_4B = [400, 80] * 4  # a BPO group of 2g = 8 rollouts
 
-    return prefix_attention_plans()
+
+def _prefix_attention_plans():
+    """The prefix-shared attention's forward and backward launches on one BPO group at
+    Qwen3-4B's attention (Hq=32, Hk=8, D=128, bf16), and D=64 bf16 and D=128 fp32."""
+    out = []
+    for hq, hk, d, dtype in ((32, 8, 128, torch.bfloat16), (32, 8, 64, torch.bfloat16),
+                             (32, 8, 128, torch.float32)):
+        where = f"p={PROMPT_4B} responses={RESPONSES_4B} Hq={hq} Hk={hk} D={d} {dtype}"
+        for launch in pa.planned_launches([PROMPT_4B], [RESPONSES_4B], num_heads=hq,
+                                          num_kv_heads=hk, head_dim=d, dtype=dtype,
+                                          interpret=False):
+            out.append((f"prefix_attention {where}", launch))
+    return out
 
 
 def exhaustive_plans():
@@ -271,8 +281,8 @@ def recorded_launches(monkeypatch):
         return real_run(self)
 
     monkeypatch.setattr(KernelLaunch, "run", run)
-    monkeypatch.setattr(pl, "device_guard", guard)
-    monkeypatch.setattr(ga, "device_guard", guard)
+    for mod in (pl, ga, pa):
+        monkeypatch.setattr(mod, "device_guard", guard)
     yield seen
 
 
@@ -319,3 +329,23 @@ def test_planned_grouped_launches_are_the_launchers_launches(monkeypatch):
                                             total_tokens=2000, impl="triton")
         planned += ga.planned_launches("token_advantage_weights", n=3, total_tokens=2000)
     assert seen == [_signature(p) for p in planned] and len(seen) == 2
+
+
+@pytest.mark.skipif(not pa.TRITON_INTERPRET, reason="checks the interpreter's launches")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_planned_prefix_attention_launches_are_the_launchers_launches(monkeypatch, dtype):
+    prefix, suffix = [5, 9], [[3, 17], []]
+    layout = pa.PrefixLayout.build(prefix, suffix)
+    T, hq, hk, d = layout.num_tokens, 4, 2, 24
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(T, h, d, generator=g).to(dtype).requires_grad_() for h in (hq, hk, hk))
+    with recorded_launches(monkeypatch) as seen:
+        out = pa.prefix_shared_attention(q, k, v, layout, impl="triton")
+        out.backward(torch.randn_like(out))
+    planned = pa.planned_launches(prefix, suffix, num_heads=hq, num_kv_heads=hk, head_dim=d,
+                                  dtype=dtype, interpret=True)
+    assert seen == [_signature(p) for p in planned]
+    assert [s[0] for s in seen] == ["_prefix_attention_fwd_kernel",
+                                    "_prefix_attention_bwd_preprocess_kernel",
+                                    "_prefix_attention_bwd_dkdv_kernel",
+                                    "_prefix_attention_bwd_dq_kernel"]

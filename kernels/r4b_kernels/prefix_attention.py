@@ -709,7 +709,7 @@ def prefix_attention_tiles(head_dim: int, dtype: torch.dtype, *,
     16 rows, so that small test layouts cross block and segment boundaries.
 
     On a GPU the sizes are ones that compile without a register spill and within the sm_80
-    shared-memory limit on sm_80 and sm_90 (checked by tests/test_prefix_attention_compile.py
+    shared-memory limit on sm_80 and sm_90 (checked by tests/test_kernels_compile.py
     at the Qwen3-4B attention shape).  Swept with Triton 3.9's ptxas; at D=128 bf16 the
     128 x 64 forward tile spilled on sm_80 (255 registers), 128 x 32 with 8 warps does not
     (192); the dK/dV program holds two [64, D] fp32 accumulators plus its K and V tiles, so
