@@ -160,8 +160,11 @@ class PrefixLayout:
                    suffix_lens_host=tuple(ss))
 
     def to(self, device) -> "PrefixLayout":
-        """The same layout with its tensors on ``device`` (host fields shared)."""
+        """The same layout with its tensors on ``device`` (host fields shared); itself when it
+        is there already."""
         device = torch.device(device)
+        if self.cu_units.device == device:
+            return self
         return PrefixLayout(cu_units=self.cu_units.to(device), prefix_lens=self.prefix_lens.to(device),
                             seg_start=self.seg_start.to(device), max_unit_len=self.max_unit_len,
                             prefix_lens_host=self.prefix_lens_host,

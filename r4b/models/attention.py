@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+import r4b_kernels
+
 from ..log import get_logger
 from .layers import RMSNorm, apply_rotary, column_linear, row_linear
 
@@ -140,8 +142,6 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     """Causal attention within each packed sequence: ``q [T, Hq, D]``, ``k, v [T, Hk, D]`` →
     ``[T, Hq, D]``; ``Hq`` a multiple of ``Hk`` (grouped-query attention)."""
     if meta.prefix is not None:
-        import r4b_kernels
-
         return r4b_kernels.prefix_shared_attention(q, k, v, meta.prefix, scale=scale,
                                                    impl=PREFIX_IMPL[meta.backend])
     if meta.backend == "flash":

@@ -284,7 +284,6 @@ class BPOTrainer:
         plens = [len(s.prompt_ids) for s in kept]
         process = image_processor(self.policy.cfg) if self.policy.cfg.vision is not None else None
         images = [s.images for s in kept]
-        stats: dict = {}
         if cfg.share_prefix:
             units, st = group_units(tokens, plens, [s.group for s in kept], images,
                                     budget=cfg.tokens_per_microbatch,
