@@ -99,6 +99,11 @@ class AnnealConfig:
     forced prefix as prompt (keeps forced thinking / non-thinking usable on every level)."""
     tokens_per_microbatch: int = 4096
     """Token budget of one packed micro-batch."""
+    share_prefix: bool = True
+    """Pack the examples of one item that are in the same batch (its answer forms under their
+    forced prefixes) as one unit: their common prompt and the images once, then each example's
+    rest; the loss and gradients are those of one sequence per example (to rounding).  Logged
+    as ``pack/tokens`` vs ``pack/dense_tokens``.  False: one sequence per example."""
     ckpt_every: int = 100
     """Checkpoint every this many optimizer steps (and at every phase end)."""
 
@@ -252,12 +257,14 @@ def annealing_examples(items: Sequence[Sample], needs: Sequence[bool], template,
         has_r = bool(it.reasoning and it.reasoning.strip())
         form = "think" if (think and has_r) else "no_think"
         ex = template.item_sft_example(it, it.reasoning if form == "think" else None)
-        out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), int(form == "think")))
+        out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), int(form == "think"),
+                           item=it.uid))
         other = "no_think" if form == "think" else "think"
         if rng.random() < forced_mode_fraction and (other == "no_think" or has_r):
             ex = template.item_sft_example(it, it.reasoning if other == "think" else None,
                                            prompt_mode=other)
-            out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), int(other == "think")))
+            out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), int(other == "think"),
+                               item=it.uid))
     return out
 
 
@@ -268,10 +275,10 @@ def direct_examples(items: Sequence[Sample], template, *, both_forms: bool = Fal
     out = []
     for it in items:
         ex = template.item_sft_example(it, None, prompt_mode="no_think")
-        out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), 0))
+        out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), 0, item=it.uid))
         if both_forms and it.reasoning and it.reasoning.strip():
             ex = template.item_sft_example(it, it.reasoning, prompt_mode="think")
-            out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), 1))
+            out.append(Example(ex.input_ids, ex.prompt_len, list(it.images), 1, item=it.uid))
     return out
 
 
@@ -373,7 +380,8 @@ def _run_anneal(job: AnnealJob, rt: Runtime, judge: Judge) -> AnnealResult:
             train_sft(model, optimizer, warm, rt, steps=cfg.warmup_steps,
                       start_step=state["step"], batch_size=cfg.batch_size, optim=cfg.optim,
                       seed=setup.seed, tokens_per_microbatch=cfg.tokens_per_microbatch,
-                      on_step=saver("warmup"), progress_desc="warm-up")
+                      on_step=saver("warmup"), progress_desc="warm-up",
+                      share_prefix=cfg.share_prefix)
         state = {"phase": "curate", "step": 0}
         optimizer = make_optimizer(model, cfg.optim)  # the anneal phase starts a fresh schedule
         with rt.phase("checkpoint"):
@@ -413,7 +421,7 @@ def _run_anneal(job: AnnealJob, rt: Runtime, judge: Judge) -> AnnealResult:
         train_sft(model, optimizer, examples, rt, steps=cfg.anneal_steps, start_step=state["step"],
                   batch_size=cfg.batch_size, optim=cfg.optim, seed=setup.seed + 2,
                   tokens_per_microbatch=cfg.tokens_per_microbatch, on_step=saver("anneal"),
-                  progress_desc="anneal")
+                  progress_desc="anneal", share_prefix=cfg.share_prefix)
         state = {"phase": "done", "step": 0}
         with rt.phase("checkpoint"):
             save_checkpoint(ckpt_dir, _global_step(state, cfg), model=model, optimizer=optimizer,

@@ -2,7 +2,11 @@
 
 Loss: token-level cross-entropy on response tokens (``sft_loss_mask``), summed over the whole
 global batch and divided by its global number of target tokens, so micro-batching and data
-parallelism leave the objective unchanged.  Cross-entropy is vocab-parallel over TP
+parallelism leave the objective unchanged.  With ``share_prefix`` the examples of one source
+item in a batch (its two answer forms under their forced prefixes, which differ only after the
+common part of the prompt) are packed as one prefix-shared unit: the common prompt and the
+images once, then each example's rest (:mod:`r4b.packing.groups`); the loss and every gradient
+are those of one sequence per example.  Cross-entropy is vocab-parallel over TP
 (megatron-core's ``vocab_parallel_cross_entropy`` on this rank's logit shard).  AdamW with
 linear warm-up and cosine decay; non-finite steps are skipped and counted.
 """
@@ -17,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .packing import forward_rows, pack, plan
+from .packing import forward_rows, group_units, pack, pack_groups, plan
 from .components import image_processor
 from .config import require_range
 from .log import get_logger
@@ -74,36 +78,75 @@ class Example:
     prompt_len: int
     images: list
     mode: int = 0
+    item: str | None = None
+    """The source item's uid: examples of one item (e.g. both answer forms) share a prompt
+    prefix and the images, and with ``share_prefix`` a batch packs them as one unit.  None:
+    the example is its own unit."""
 
 
 def sft_step(model, optimizer, examples: Sequence[Example], rt: Runtime, *, lr: float,
-             grad_clip: float, tokens_per_microbatch: int) -> dict:
+             grad_clip: float, tokens_per_microbatch: int, share_prefix: bool = True) -> dict:
     """One optimizer step on ``examples`` (the *global* batch; every rank passes the same list).
 
-    Micro-batches go to the model's device with one copy each; loss and accuracy accumulate on
-    the device, and the step syncs with the host once, after the last micro-batch."""
+    With ``share_prefix`` the examples of one ``item`` are packed as one prefix-shared unit
+    (when no item has two examples in the batch, the layout is one sequence per example either
+    way).  The metrics hold ``pack/tokens`` (tokens packed) and ``pack/dense_tokens`` (tokens
+    of one sequence per example).  Micro-batches go to the model's device with one copy each;
+    loss and accuracy accumulate on the device, and the step syncs with the host once, after
+    the last micro-batch."""
     with rt.phase("update"):
         return _sft_step(model, optimizer, examples, rt, lr=lr, grad_clip=grad_clip,
-                         tokens_per_microbatch=tokens_per_microbatch)
+                         tokens_per_microbatch=tokens_per_microbatch, share_prefix=share_prefix)
 
 
-def _sft_step(model, optimizer, examples, rt, *, lr, grad_clip, tokens_per_microbatch) -> dict:
+def item_groups(examples: Sequence[Example]) -> list[int]:
+    """Group id per example: examples with the same ``item`` share an id; an example without
+    one is a group of its own.  Ids are numbered in order of first appearance."""
+    ids: dict[object, int] = {}
+    return [ids.setdefault(e.item if e.item is not None else ("", j), len(ids))
+            for j, e in enumerate(examples)]
+
+
+def _sft_microbatches(examples: Sequence[Example], rt: Runtime, *, tokens_per_microbatch: int,
+                      share_prefix: bool, process, image_token_id: int | None):
+    """This rank's packed micro-batches of ``examples`` and the ``pack/*`` statistics."""
+    tokens = [e.ids for e in examples]
+    plens = [e.prompt_len for e in examples]
+    images = [e.images for e in examples]
+    n_tok = sum(len(t) for t in tokens)
+    groups = item_groups(examples)
+    if share_prefix and len(set(groups)) < len(groups):
+        units, st = group_units(tokens, plens, groups, images, budget=tokens_per_microbatch,
+                                image_token_id=image_token_id)
+        mine, _ = plan([u.length for u in units], dp_rank=rt.dp_rank, dp_size=rt.dp_size,
+                       tokens_per_microbatch=tokens_per_microbatch)
+        stats = {"pack/dense_tokens": st["dense_tokens"], "pack/tokens": st["shared_tokens"],
+                 "pack/prefix_copies_lost": st["prefix_copies_lost"],
+                 "pack/unshared_groups": st["unshared_groups"]}
+        return pack_groups(tokens, plens, images, units, mine, process=process), stats
+    mine, _ = plan([len(t) for t in tokens], dp_rank=rt.dp_rank, dp_size=rt.dp_size,
+                   tokens_per_microbatch=tokens_per_microbatch, modes=[e.mode for e in examples])
+    stats = {"pack/dense_tokens": n_tok, "pack/tokens": n_tok}
+    return pack(tokens, plens, images, mine, process=process), stats
+
+
+def _sft_step(model, optimizer, examples, rt, *, lr, grad_clip, tokens_per_microbatch,
+              share_prefix) -> dict:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     for g in optimizer.param_groups:
         g["lr"] = lr
     dev = rt.device
-    tokens = [e.ids for e in examples]
-    plens = [e.prompt_len for e in examples]
-    n_target = sum(len(t) - p for t, p in zip(tokens, plens))
-    mine, _ = plan([len(t) for t in tokens], dp_rank=rt.dp_rank, dp_size=rt.dp_size,
-                   tokens_per_microbatch=tokens_per_microbatch, modes=[e.mode for e in examples])
+    n_target = sum(len(e.ids) - e.prompt_len for e in examples)
     optimizer.zero_grad(set_to_none=True)
     # [loss sum, correct tokens] of this rank, reduced over DP after the last micro-batch.
     acc = torch.zeros(2, dtype=torch.float64, device=dev)
     cfg = getattr(model, "cfg", None)
     process = image_processor(cfg) if getattr(cfg, "vision", None) is not None else None
-    for mb in pack(tokens, plens, [e.images for e in examples], mine, process=process):
+    packed, stats = _sft_microbatches(examples, rt, tokens_per_microbatch=tokens_per_microbatch,
+                                      share_prefix=share_prefix, process=process,
+                                      image_token_id=getattr(cfg, "image_token_id", None))
+    for mb in packed:
         mb = mb.to(dev)
         logits = forward_rows(model, mb, return_hidden=False, gather_logits=False).float()
         targets = mb.targets
@@ -128,7 +171,7 @@ def _sft_step(model, optimizer, examples, rt, *, lr, grad_clip, tokens_per_micro
         log.warning("SFT step skipped: non-finite loss (%s) or gradient norm (%s)", loss_sum, norm)
     optimizer.zero_grad(set_to_none=True)
     out = {"loss": loss_sum, "grad_norm": norm, "lr": lr, "skipped": int(not ok),
-           "target_tokens": n_target}
+           "target_tokens": n_target, **stats}
     if rt.tp_size == 1:
         out["token_acc"] = correct / max(1, n_target)
     return out
@@ -145,8 +188,9 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 def train_sft(model, optimizer, examples: Sequence[Example], rt: Runtime, *, steps: int,
               start_step: int, batch_size: int, optim: OptimConfig, seed: int,
               tokens_per_microbatch: int, on_step: Callable[[int, dict], None] | None = None,
-              progress_desc: str = "sft") -> None:
-    """Run SFT steps ``start_step .. steps-1`` (resumable: batches depend only on the step)."""
+              progress_desc: str = "sft", share_prefix: bool = True) -> None:
+    """Run SFT steps ``start_step .. steps-1`` (resumable: batches depend only on the step);
+    ``share_prefix`` as in :func:`sft_step`."""
     from .log import progress
 
     bar = progress(total=steps, initial=start_step, desc=progress_desc)
@@ -154,7 +198,8 @@ def train_sft(model, optimizer, examples: Sequence[Example], rt: Runtime, *, ste
         t0 = time.perf_counter()
         batch = [examples[i] for i in batch_indices(len(examples), batch_size, step, seed)]
         m = sft_step(model, optimizer, batch, rt, lr=cosine_lr(step, steps, optim),
-                     grad_clip=optim.grad_clip, tokens_per_microbatch=tokens_per_microbatch)
+                     grad_clip=optim.grad_clip, tokens_per_microbatch=tokens_per_microbatch,
+                     share_prefix=share_prefix)
         m["time/step"] = time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}")
