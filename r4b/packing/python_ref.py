@@ -208,3 +208,104 @@ def unpack_rows(values: np.ndarray, cu_seqlens: np.ndarray, seq_lens: np.ndarray
     rows = [r for start, L in zip(cu_seqlens.tolist(), seq_lens.tolist())
             for r in range(start, start + L)]
     return values[np.array(rows, dtype=np.int64)]
+
+
+# ---------------------------------------------------------------- prefix-shared group units
+def group_units(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
+                group_ids: np.ndarray, image_class: np.ndarray, budget: int,
+                image_token_id: int | None = None) -> dict:
+    """Prefix-shared units, group by group; same contract as ``r4b.packing.reference.group_units``
+    (whose comment states the rules)."""
+    ref.check_group_units(token_ids.shape[0], offsets, prompt_lens, group_ids, image_class,
+                          int(budget))
+    off, plens, cls = offsets.tolist(), prompt_lens.tolist(), image_class.tolist()
+    n = len(plens)
+    seq = [token_ids[off[j]:off[j + 1]].tolist() for j in range(n)]
+    groups: dict[int, list[int]] = {}
+    for j, g in enumerate(group_ids.tolist()):
+        groups.setdefault(g, []).append(j)
+    units: list[tuple[list[int], int, int]] = []  # (sequences, shared, length)
+    lost = unshared = 0
+    for members in groups.values():
+        head = seq[members[0]]
+        shared = min(plens[j] for j in members)
+        for j in members[1:]:
+            t = 0
+            while t < shared and seq[j][t] == head[t]:
+                t += 1
+            shared = t
+        ok = shared >= 1 and all(cls[j] == cls[members[0]] for j in members)
+        if ok and image_token_id is not None and cls[members[0]] != 0:
+            ok = all(image_token_id not in seq[j][shared:] for j in members)
+        if not ok or len(members) == 1:
+            unshared += len(members) > 1
+            units += [([j], plens[j], len(seq[j])) for j in members]
+            continue
+        room = int(budget) - shared
+        bins: list[list[int]] = []
+        fill: list[int] = []
+        for j in sorted(members, key=lambda j: (-(len(seq[j]) - shared), j)):
+            s = len(seq[j]) - shared
+            b = next((b for b, f in enumerate(fill) if f + s <= room), len(fill))
+            if b == len(fill):
+                bins.append([])
+                fill.append(0)
+            bins[b].append(j)
+            fill[b] += s
+        lost += (len(bins) - 1) * shared
+        units += [(sorted(b), shared, shared + f) for b, f in zip(bins, fill)]
+    unit_offsets = [0]
+    for s, _, _ in units:
+        unit_offsets.append(unit_offsets[-1] + len(s))
+    i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
+    return {"unit_seqs": i64([j for s, _, _ in units for j in s]),
+            "unit_offsets": i64(unit_offsets), "unit_shared": i64([c for _, c, _ in units]),
+            "unit_length": i64([L for _, _, L in units]),
+            "dense_tokens": sum(len(s) for s in seq),
+            "shared_tokens": sum(L for _, _, L in units), "prefix_copies_lost": lost,
+            "unshared_groups": unshared}
+
+
+def pack_groups(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
+                unit_seqs: np.ndarray, unit_offsets: np.ndarray, unit_shared: np.ndarray,
+                unit_indices: np.ndarray, bounds: np.ndarray | None = None) -> list[dict]:
+    """Prefix-shared micro-batches built unit by unit, row by row; same contract as
+    ``r4b.packing.reference.pack_groups``."""
+    bnd = ref.check_group_pack(token_ids, offsets, prompt_lens, unit_seqs, unit_offsets,
+                               unit_shared, unit_indices, bounds).tolist()
+    off, plens = offsets.tolist(), prompt_lens.tolist()
+    useqs, uoff, ushared = unit_seqs.tolist(), unit_offsets.tolist(), unit_shared.tolist()
+    sel = unit_indices.tolist()
+    out = []
+    for lo, hi in zip(bnd[:-1], bnd[1:]):
+        ids, pos, rows, tgt, row_seq, row_token = [], [], [], [], [], []
+        prefix_lens, suffix_lens, seqs, cu = [], [], [], [0]
+        for u in sel[lo:hi]:
+            members = useqs[uoff[u]:uoff[u + 1]]
+            c, start = ushared[u], cu[-1]
+            ids += token_ids[off[members[0]]:off[members[0]] + c].tolist()
+            pos += range(c)
+            at = start + c  # first row of the next suffix
+            for j in members:
+                t = token_ids[off[j]:off[j + 1]].tolist()
+                L, P = len(t), plens[j]
+                ids += t[c:]
+                pos += range(c, L)
+                for v in range(P - 1, L - 1):  # row of position v predicts token v + 1
+                    rows.append(start + v if v < c else at + v - c)
+                    tgt.append(t[v + 1])
+                    row_seq.append(len(seqs))
+                    row_token.append(v + 1 - P)
+                seqs.append(j)
+                suffix_lens.append(L - c)
+                at += L - c
+            prefix_lens.append(c)
+            cu.append(at)
+        i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
+        out.append({"input_ids": i64(ids), "position_ids": i64(pos),
+                    "cu_seqlens": np.array(cu, dtype=np.int32), "rows": i64(rows),
+                    "row_targets": i64(tgt), "row_seq": i64(row_seq), "row_token": i64(row_token),
+                    "prefix_lens": i64(prefix_lens), "suffix_lens": i64(suffix_lens),
+                    "seqs": i64(seqs),
+                    "max_seqlen": max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)})
+    return out

@@ -230,8 +230,8 @@ def plan(seq_lens: np.ndarray, num_ranks: int, tokens_per_microbatch: int,
 
 
 # ---------------------------------------------------------------- pack
-def check_bounds(bounds: np.ndarray | None, k: int) -> np.ndarray:
-    """Micro-batch boundaries in ``seq_indices`` (``[0, k]`` when ``bounds`` is None)."""
+def check_bounds(bounds: np.ndarray | None, k: int, indices: str = "seq_indices") -> np.ndarray:
+    """Micro-batch boundaries in ``indices`` (``[0, k]`` when ``bounds`` is None)."""
     if bounds is None:
         return np.array([0, k], dtype=np.int64)
     B = bounds.shape[0] - 1
@@ -245,7 +245,7 @@ def check_bounds(bounds: np.ndarray | None, k: int) -> np.ndarray:
         raise ValueError(f"bounds must be non-decreasing, got {int(bounds[i])} at index {i} "
                          f"after {int(bounds[i - 1])}")
     if bounds[B] != k:
-        raise ValueError(f"bounds must end at len(seq_indices) = {k}, got {int(bounds[B])} at "
+        raise ValueError(f"bounds must end at len({indices}) = {k}, got {int(bounds[B])} at "
                          f"index {B}")
     return bounds
 
@@ -399,3 +399,325 @@ def unpack_rows(values: np.ndarray, cu_seqlens: np.ndarray, seq_lens: np.ndarray
     idx = np.repeat(starts - np.concatenate([[0], np.cumsum(seq_lens)[:-1]]), seq_lens)
     idx += np.arange(int(seq_lens.sum()), dtype=np.int64)
     return values[idx]
+
+
+# ---------------------------------------------------------------- prefix-shared group units
+# The layout of r4b.packing.groups on flat buffers: sequence j is
+# ``token_ids[offsets[j]:offsets[j + 1]]`` with prompt length ``prompt_lens[j]``.  A unit set is
+# given in CSR form: unit u holds the sequences ``unit_seqs[unit_offsets[u]:unit_offsets[u + 1]]``
+# (its suffixes in that order) after a shared prefix of ``unit_shared[u]`` tokens, the first
+# ``unit_shared[u]`` tokens of its first sequence.
+#
+# Units (see ``group_units``):
+#
+# 1. groups are numbered by first appearance; a group's members are its sequences ascending;
+# 2. a group's shared prefix is the longest common prefix of its members' tokens, at most its
+#    shortest prompt;
+# 3. a group of two or more is shared iff that prefix is non-empty, every member has the first
+#    member's ``image_class`` and, when ``image_token_id`` is given and the class is non-zero
+#    (0 means "no images"), no member holds ``image_token_id`` at or after the prefix;
+# 4. a shared group is split first-fit-decreasing (suffix length desc, index asc) into units of
+#    at most ``budget - shared`` suffix tokens (a suffix longer than that gets a unit of its
+#    own); units in creation order, members ascending inside each;
+# 5. every member of an unshared group (and a group of one) is its own unit, its whole prompt
+#    as prefix.
+def check_sequences(token_count: int, offsets: np.ndarray, prompt_lens: np.ndarray) -> np.ndarray:
+    """Validates the flat sequences of a group request; returns their lengths."""
+    n = prompt_lens.shape[0]
+    if offsets.shape[0] != n + 1:
+        raise ValueError(f"offsets must have len(prompt_lens) + 1 = {n + 1} entries, "
+                         f"got {offsets.shape[0]}")
+    if offsets[0] < 0:
+        raise ValueError(f"offsets must be non-negative, got {int(offsets[0])} at index 0")
+    lens = np.diff(offsets)
+    bad = lens < 0
+    if bad.any():
+        i = _first_bad(bad)
+        raise ValueError(f"offsets must be non-decreasing: sequence {i} has length {int(lens[i])} "
+                         f"(offsets[{i}] = {int(offsets[i])}, offsets[{i + 1}] = {int(offsets[i + 1])})")
+    if offsets[n] > token_count:
+        raise ValueError(f"offsets[{n}] = {int(offsets[n])} exceeds len(token_ids) = {token_count}")
+    bad = (prompt_lens < 1) | (prompt_lens > lens)
+    if bad.any():
+        j = _first_bad(bad)
+        raise ValueError(f"prompt_lens[{j}] = {int(prompt_lens[j])}: expected 1 <= prompt length "
+                         f"<= sequence length {int(lens[j])}")
+    return lens
+
+
+def check_group_units(token_count: int, offsets: np.ndarray, prompt_lens: np.ndarray,
+                      group_ids: np.ndarray, image_class: np.ndarray, budget: int) -> np.ndarray:
+    """Validates a ``group_units`` request; returns the sequence lengths."""
+    n = prompt_lens.shape[0]
+    for name, a in (("group_ids", group_ids), ("image_class", image_class)):
+        if a.shape[0] != n:
+            raise ValueError(f"{name} must have one entry per sequence ({n}), got {a.shape[0]}")
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1 token, got {budget}")
+    return check_sequences(token_count, offsets, prompt_lens)
+
+
+def _first_mismatch(token_ids: np.ndarray, a: np.ndarray, b: np.ndarray,
+                    limit: np.ndarray) -> np.ndarray:
+    """Per pair i: first t < limit[i] with token_ids[a[i] + t] != token_ids[b[i] + t], else
+    limit[i] (every limit >= 1)."""
+    if a.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.zeros(a.size, dtype=np.int64)
+    np.cumsum(limit[:-1], out=starts[1:])
+    pair = np.repeat(np.arange(a.size), limit)
+    t = np.arange(int(limit.sum()), dtype=np.int64) - starts[pair]
+    val = np.where(token_ids[a[pair] + t] != token_ids[b[pair] + t], t, limit[pair])
+    return np.minimum.reduceat(val, starts)
+
+
+def _ffd(members: np.ndarray, sizes: np.ndarray, room: int) -> list[np.ndarray]:
+    """First-fit decreasing of ``members`` (ascending) with ``sizes`` into bins of ``room``;
+    each bin's members ascending, bins in creation order."""
+    order = np.lexsort((members, -sizes))
+    fill = np.zeros(members.size, dtype=np.int64)
+    bin_of = np.empty(members.size, dtype=np.int64)
+    nb = 0
+    for i in order.tolist():
+        s = sizes[i]
+        fits = fill[:nb] <= room - s
+        b = int(fits.argmax()) if nb and fits.any() else nb
+        nb += b == nb
+        fill[b] += s
+        bin_of[i] = b
+    return [members[bin_of == b] for b in range(nb)]
+
+
+def group_units(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
+                group_ids: np.ndarray, image_class: np.ndarray, budget: int,
+                image_token_id: int | None = None) -> dict:
+    """Prefix-shared units of a batch (rules in the comment above this function).
+
+    Returns a dict: ``unit_seqs`` / ``unit_offsets`` / ``unit_shared`` / ``unit_length`` (int64,
+    the CSR unit set and each unit's token count) and the int statistics ``dense_tokens``
+    (sum of sequence lengths), ``shared_tokens`` (sum of unit lengths), ``prefix_copies_lost``
+    (tokens of the extra prefix copies that splitting costs) and ``unshared_groups`` (groups of
+    two or more that could not share).
+    """
+    lens = check_group_units(token_ids.shape[0], offsets, prompt_lens, group_ids, image_class,
+                             int(budget))
+    n = lens.shape[0]
+    if n == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return {"unit_seqs": z, "unit_offsets": np.zeros(1, dtype=np.int64), "unit_shared": z,
+                "unit_length": z.copy(), "dense_tokens": 0, "shared_tokens": 0,
+                "prefix_copies_lost": 0, "unshared_groups": 0}
+    _, first, inv = np.unique(group_ids, return_index=True, return_inverse=True)
+    by_first = np.argsort(first, kind="stable")
+    rank = np.empty_like(by_first)
+    rank[by_first] = np.arange(by_first.size)
+    g = rank[inv.reshape(-1)]                     # group of each sequence, first-appearance order
+    G = first.size
+    members = np.argsort(g, kind="stable")        # grouped, ascending inside each group
+    gsize = np.bincount(g, minlength=G)
+    gstart = np.zeros(G + 1, dtype=np.int64)
+    np.cumsum(gsize, out=gstart[1:])
+    head = members[gstart[:-1]]
+    shared = np.minimum.reduceat(prompt_lens[members], gstart[:-1]).astype(np.int64)
+    others = np.flatnonzero(head[g] != np.arange(n))
+    lcp = _first_mismatch(token_ids, offsets[others], offsets[head[g[others]]], shared[g[others]])
+    np.minimum.at(shared, g[others], lcp)
+    ok = shared >= 1
+    ok &= np.bincount(g, weights=image_class != image_class[head[g]], minlength=G) == 0
+    if image_token_id is not None:
+        lo, hi = int(offsets[0]), int(offsets[n])
+        hit = np.flatnonzero(token_ids[lo:hi] == image_token_id) + lo
+        s = np.searchsorted(offsets, hit, side="right") - 1
+        bad = (hit - offsets[s] >= shared[g[s]]) & (image_class[head[g[s]]] != 0)
+        ok[np.unique(g[s[bad]])] = False
+    unshared = int(((~ok) & (gsize > 1)).sum())
+    seqs, bounds, sh, length = [], [], [], []
+    lost = 0
+    for k in range(G):
+        mem = members[gstart[k]:gstart[k + 1]]
+        if not ok[k] or mem.size == 1:
+            seqs.append(mem)
+            bounds.append(np.ones(mem.size, dtype=np.int64))
+            sh.append(prompt_lens[mem])
+            length.append(lens[mem])
+            continue
+        c = int(shared[k])
+        sizes = lens[mem] - c
+        bins = _ffd(mem, sizes, int(budget) - c)
+        lost += (len(bins) - 1) * c
+        seqs += bins
+        bounds.append(np.array([b.size for b in bins], dtype=np.int64))
+        sh.append(np.full(len(bins), c, dtype=np.int64))
+        length.append(np.array([c + int((lens[b] - c).sum()) for b in bins], dtype=np.int64))
+    sizes = np.concatenate(bounds)
+    unit_offsets = np.zeros(sizes.size + 1, dtype=np.int64)
+    np.cumsum(sizes, out=unit_offsets[1:])
+    unit_length = np.concatenate(length).astype(np.int64)
+    return {"unit_seqs": np.concatenate(seqs).astype(np.int64), "unit_offsets": unit_offsets,
+            "unit_shared": np.concatenate(sh).astype(np.int64), "unit_length": unit_length,
+            "dense_tokens": int(lens.sum()), "shared_tokens": int(unit_length.sum()),
+            "prefix_copies_lost": int(lost), "unshared_groups": unshared}
+
+
+def check_group_pack(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
+                     unit_seqs: np.ndarray, unit_offsets: np.ndarray, unit_shared: np.ndarray,
+                     unit_indices: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
+    """Validates a ``pack_groups`` request; returns the micro-batch bounds.
+
+    Checked, in this order: the sequences (:func:`check_sequences`); the unit set (``unit_offsets``
+    [U + 1] from 0 to ``len(unit_seqs)``, every unit non-empty, ``unit_seqs`` in [0, n));
+    ``bounds``; ``unit_indices`` in [0, U) without repeats; no sequence in two packed units;
+    per packed unit, ``1 <= unit_shared[u] <= P`` of each of its sequences and their first
+    ``unit_shared[u]`` tokens equal to its first sequence's; int32 row counts.
+    """
+    lens = check_sequences(token_ids.shape[0], offsets, prompt_lens)
+    n, U = lens.shape[0], unit_shared.shape[0]
+    if unit_offsets.shape[0] != U + 1:
+        raise ValueError(f"unit_offsets must have len(unit_shared) + 1 = {U + 1} entries, got "
+                         f"{unit_offsets.shape[0]}")
+    if unit_offsets[0] != 0:
+        raise ValueError(f"unit_offsets must start at 0, got {int(unit_offsets[0])} at index 0")
+    cnt = np.diff(unit_offsets)
+    bad = cnt < 1
+    if bad.any():
+        u = _first_bad(bad)
+        raise ValueError(f"unit_offsets must be strictly increasing (every unit holds at least "
+                         f"one sequence): unit {u} has {int(cnt[u])}")
+    if unit_offsets[U] != unit_seqs.shape[0]:
+        raise ValueError(f"unit_offsets must end at len(unit_seqs) = {unit_seqs.shape[0]}, got "
+                         f"{int(unit_offsets[U])} at index {U}")
+    bad = (unit_seqs < 0) | (unit_seqs >= n)
+    if bad.any():
+        i = _first_bad(bad)
+        raise ValueError(f"unit_seqs must be sequence indices in [0, {n}), got "
+                         f"{int(unit_seqs[i])} at index {i}")
+    k = unit_indices.shape[0]
+    bnd = check_bounds(bounds, k, "unit_indices")
+    bad = (unit_indices < 0) | (unit_indices >= U)
+    if bad.any():
+        j = _first_bad(bad)
+        raise ValueError(f"unit_indices must be in [0, {U}), got {int(unit_indices[j])} at "
+                         f"index {j}")
+    if k > 1:
+        order = np.argsort(unit_indices, kind="stable")
+        s = unit_indices[order]
+        dup = s[1:] == s[:-1]
+        if dup.any():
+            d = _first_bad(dup)
+            a, b = sorted((int(order[d]), int(order[d + 1])))
+            raise ValueError(f"unit_indices must not repeat a unit, got {int(s[d])} at indices "
+                             f"{a} and {b}")
+    # The packed sequences in packed order, with their unit.
+    cnt_k = cnt[unit_indices]
+    unit_of = np.repeat(unit_indices, cnt_k)
+    first_pos = np.zeros(k, dtype=np.int64)
+    if k:
+        np.cumsum(cnt_k[:-1], out=first_pos[1:])
+    src = unit_offsets[unit_of] + (np.arange(unit_of.size) - np.repeat(first_pos, cnt_k))
+    q = unit_seqs[src]
+    if q.size > 1:
+        _, fi = np.unique(q, return_index=True)
+        again = np.ones(q.size, dtype=bool)
+        again[fi] = False
+        if again.any():
+            p = _first_bad(again)
+            e = int(np.flatnonzero(q[:p] == q[p])[0])
+            raise ValueError(f"every sequence must be in at most one packed unit, but sequence "
+                             f"{int(q[p])} is in units {int(unit_of[e])} and {int(unit_of[p])}")
+    c = unit_shared[unit_of]
+    bad = (c < 1) | (c > prompt_lens[q])
+    if bad.any():
+        p = _first_bad(bad)
+        raise ValueError(f"unit_shared[{int(unit_of[p])}] = {int(c[p])}: expected 1 <= shared "
+                         f"prefix <= prompt length {int(prompt_lens[q[p]])} of its sequence "
+                         f"{int(q[p])}")
+    head = unit_seqs[unit_offsets[unit_of]]
+    rest = np.flatnonzero(q != head)
+    t = _first_mismatch(token_ids, offsets[q[rest]], offsets[head[rest]], c[rest])
+    bad = t < c[rest]
+    if bad.any():
+        p = int(rest[_first_bad(bad)])
+        raise ValueError(f"unit_shared[{int(unit_of[p])}] = {int(c[p])}: the unit's sequence "
+                         f"{int(q[p])} differs from its first sequence {int(head[p])} at token "
+                         f"{int(t[bad][0])} (the shared prefix must be common to all of them)")
+    # Rows per micro-batch: its units' prefixes plus its sequences' suffixes.
+    pre = np.zeros(k + 1, dtype=np.int64)
+    np.cumsum(unit_shared[unit_indices], out=pre[1:])
+    suf = np.zeros(q.size + 1, dtype=np.int64)
+    np.cumsum(lens[q] - c, out=suf[1:])
+    fp = np.append(first_pos, q.size)
+    per_batch = (pre[bnd[1:]] - pre[bnd[:-1]]) + (suf[fp[bnd[1:]]] - suf[fp[bnd[:-1]]])
+    over = per_batch > INT32_MAX
+    if over.any():
+        raise ValueError(f"the micro-batch holds {int(per_batch[_first_bad(over)])} rows; "
+                         f"cu_seqlens is int32, so at most {INT32_MAX}")
+    return bnd
+
+
+def pack_groups(token_ids: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray,
+                unit_seqs: np.ndarray, unit_offsets: np.ndarray, unit_shared: np.ndarray,
+                unit_indices: np.ndarray, bounds: np.ndarray | None = None) -> list[dict]:
+    """Pack units ``unit_indices`` into prefix-shared THD micro-batches.
+
+    ``bounds`` ([B + 1], default ``[0, k]``) splits ``unit_indices`` into B micro-batches.  A
+    unit with prefix ``c`` is ``c`` tokens of its first sequence (positions ``0 .. c-1``), then
+    each sequence's tokens ``c .. L-1`` (positions ``c .. L-1``).  Token ``v + 1`` of a sequence
+    (``P - 1 <= v < L - 1``) is predicted by the row holding its position ``v``: the prefix row
+    ``v`` when ``v < c`` (only ``v = c - 1 = P - 1``: the last prefix row, once per sequence),
+    else its own suffix row.  Returns one dict per micro-batch of int64 arrays (``input_ids``,
+    ``position_ids``, ``rows``, ``row_targets``, ``row_seq`` (position in ``seqs``), ``row_token``
+    (index of the predicted token in the response), ``prefix_lens`` [units],
+    ``suffix_lens`` / ``seqs`` [sequences, packed order]), int32 ``cu_seqlens`` over units and
+    ``max_seqlen`` (the longest unit, 0 when empty).
+    """
+    bnd = check_group_pack(token_ids, offsets, prompt_lens, unit_seqs, unit_offsets, unit_shared,
+                           unit_indices, bounds)
+    lens = np.diff(offsets)
+    out = []
+    for lo, hi in zip(bnd[:-1].tolist(), bnd[1:].tolist()):
+        us = unit_indices[lo:hi]
+        ku = us.size
+        cnt = unit_offsets[us + 1] - unit_offsets[us]
+        first = np.zeros(ku, dtype=np.int64)
+        if ku:
+            np.cumsum(cnt[:-1], out=first[1:])
+        uo = np.repeat(np.arange(ku), cnt)                         # local unit of each sequence
+        seqs = unit_seqs[unit_offsets[us][uo] + np.arange(uo.size) - first[uo]]
+        ks = seqs.size
+        c_u = unit_shared[us].astype(np.int64)
+        c = c_u[uo]
+        L, P = lens[seqs], prompt_lens[seqs]
+        suf = L - c
+        ulen = c_u + (np.add.reduceat(suf, first) if ku else suf[:0])
+        cu = np.zeros(ku + 1, dtype=np.int64)
+        np.cumsum(ulen, out=cu[1:])
+        # Segments in row order: unit 0's prefix, its suffixes, unit 1's prefix, ...
+        pre_i = first + np.arange(ku)
+        suf_i = np.arange(ks) + uo + 1
+        seg_src = np.empty(ku + ks, dtype=np.int64)
+        seg_len = np.empty(ku + ks, dtype=np.int64)
+        seg_pos = np.empty(ku + ks, dtype=np.int64)
+        seg_src[pre_i], seg_len[pre_i], seg_pos[pre_i] = offsets[seqs[first]], c_u, 0
+        seg_src[suf_i], seg_len[suf_i], seg_pos[suf_i] = offsets[seqs] + c, suf, c
+        row0 = np.zeros(ku + ks + 1, dtype=np.int64)
+        np.cumsum(seg_len, out=row0[1:])
+        T = int(row0[-1])
+        sid = np.repeat(np.arange(ku + ks), seg_len)
+        local = np.arange(T, dtype=np.int64) - row0[sid]
+        input_ids = token_ids[seg_src[sid] + local].astype(np.int64)
+        position_ids = seg_pos[sid] + local
+        # Scored rows, sequence by sequence.
+        nr = L - P
+        r0 = np.zeros(ks, dtype=np.int64)
+        if ks:
+            np.cumsum(nr[:-1], out=r0[1:])
+        rs = np.repeat(np.arange(ks), nr)
+        v = (P - 1)[rs] + np.arange(int(nr.sum()), dtype=np.int64) - r0[rs]
+        rows = np.where(v < c[rs], cu[:-1][uo][rs] + v, row0[suf_i][rs] + v - c[rs])
+        out.append({"input_ids": input_ids, "position_ids": position_ids,
+                    "cu_seqlens": cu.astype(np.int32), "rows": rows,
+                    "row_targets": token_ids[offsets[seqs][rs] + v + 1].astype(np.int64),
+                    "row_seq": rs.astype(np.int64), "row_token": v + 1 - P[rs],
+                    "prefix_lens": c_u, "suffix_lens": suf, "seqs": seqs.astype(np.int64),
+                    "max_seqlen": int(ulen.max()) if ku else 0})
+    return out
