@@ -1,5 +1,5 @@
-// Torch-free core of the r4b ragged packer; see pack_core.h and r4b/_packing_ref.py (the
-// reference whose algorithm and tie-breaking this file reproduces exactly).
+// Torch-free core of the r4b ragged packer; see pack_core.h and r4b/packing/reference.py (the
+// reference whose algorithms and tie-breaking this file reproduces exactly).
 #include "pack_core.h"
 
 #include <algorithm>
@@ -374,6 +374,290 @@ void unpack_rows(const void* values, int64_t row_bytes, const int32_t* cu,
     if (nbytes) std::memcpy(out, src + int64_t(cu[j]) * row_bytes, nbytes);
     out += nbytes;
   }
+}
+
+// ------------------------------------------------------------ prefix-shared group units
+namespace {
+
+// Validates the flat sequences of a group request (the offsets' length is checked by the
+// caller, which knows it); messages as r4b/packing/reference.py, check_sequences.
+void check_group_sequences(int64_t token_count, const int64_t* off, const int64_t* plens,
+                           int64_t n) {
+  if (off[0] < 0) fail("offsets must be non-negative, got ", off[0], " at index 0");
+  for (int64_t i = 0; i < n; ++i)
+    if (off[i + 1] < off[i])
+      fail("offsets must be non-decreasing: sequence ", i, " has length ", off[i + 1] - off[i],
+           " (offsets[", i, "] = ", off[i], ", offsets[", i + 1, "] = ", off[i + 1], ")");
+  if (off[n] > token_count)
+    fail("offsets[", n, "] = ", off[n], " exceeds len(token_ids) = ", token_count);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t L = off[j + 1] - off[j];
+    if (plens[j] < 1 || plens[j] > L)
+      fail("prompt_lens[", j, "] = ", plens[j],
+           ": expected 1 <= prompt length <= sequence length ", L);
+  }
+}
+
+// First t < limit with a[t] != b[t], else limit.
+template <class Tok>
+int64_t first_mismatch(const Tok* a, const Tok* b, int64_t limit) {
+  int64_t t = 0;
+  while (t < limit && a[t] == b[t]) ++t;
+  return t;
+}
+
+template <class Tok>
+GroupUnits form_units(const GroupArgs& a) {
+  const Tok* tok = static_cast<const Tok*>(a.token_ids);
+  const int64_t n = a.n;
+  const int64_t* off = a.offsets;
+  GroupUnits r;
+  r.unit_offsets.push_back(0);
+  // Groups by first appearance; members ascending.
+  std::unordered_map<int64_t, int64_t> gid;
+  gid.reserve(size_t(n) * 2);
+  std::vector<std::vector<int64_t>> groups;
+  for (int64_t j = 0; j < n; ++j) {
+    auto [it, fresh] = gid.try_emplace(a.group_ids[j], int64_t(groups.size()));
+    if (fresh) groups.emplace_back();
+    groups[size_t(it->second)].push_back(j);
+    r.dense_tokens += off[j + 1] - off[j];
+  }
+  auto emit = [&r](const int64_t* seqs, size_t count, int64_t shared, int64_t length) {
+    r.unit_seqs.insert(r.unit_seqs.end(), seqs, seqs + count);
+    r.unit_offsets.push_back(int64_t(r.unit_seqs.size()));
+    r.unit_shared.push_back(shared);
+    r.unit_length.push_back(length);
+    r.shared_tokens += length;
+  };
+  std::vector<int64_t> order, fill;
+  std::vector<std::vector<int64_t>> bins;
+  for (const auto& mem : groups) {
+    const int64_t head = mem[0];
+    int64_t shared = a.prompt_lens[head];
+    for (int64_t j : mem) shared = std::min(shared, a.prompt_lens[j]);
+    for (size_t i = 1; i < mem.size() && shared > 0; ++i)
+      shared = first_mismatch(tok + off[mem[i]], tok + off[head], shared);
+    bool ok = shared >= 1;
+    for (int64_t j : mem) ok = ok && a.image_class[j] == a.image_class[head];
+    if (ok && a.has_image_token && a.image_class[head] != 0) {
+      for (size_t i = 0; ok && i < mem.size(); ++i) {
+        const int64_t j = mem[i];
+        const Tok* end = tok + off[j + 1];
+        for (const Tok* t = tok + off[j] + shared; t < end; ++t)
+          if (int64_t(*t) == a.image_token_id) {
+            ok = false;
+            break;
+          }
+      }
+    }
+    if (!ok || mem.size() == 1) {
+      r.unshared_groups += mem.size() > 1;
+      for (int64_t j : mem) emit(&j, 1, a.prompt_lens[j], off[j + 1] - off[j]);
+      continue;
+    }
+    // First-fit decreasing of the suffixes (length desc, index asc) into units of
+    // budget - shared suffix tokens.
+    order.assign(mem.begin(), mem.end());
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+      return off[x + 1] - off[x] > off[y + 1] - off[y];
+    });
+    const int64_t room = a.budget - shared;
+    bins.clear();
+    fill.clear();
+    for (int64_t j : order) {
+      const int64_t s = off[j + 1] - off[j] - shared;
+      size_t b = 0;
+      while (b < fill.size() && fill[b] > room - s) ++b;
+      if (b == fill.size()) {
+        bins.emplace_back();
+        fill.push_back(0);
+      }
+      bins[b].push_back(j);
+      fill[b] += s;
+    }
+    r.prefix_copies_lost += int64_t(bins.size() - 1) * shared;
+    for (size_t b = 0; b < bins.size(); ++b) {
+      std::sort(bins[b].begin(), bins[b].end());
+      emit(bins[b].data(), bins[b].size(), shared, shared + fill[b]);
+    }
+  }
+  return r;
+}
+
+}  // namespace
+
+GroupUnits group_units(const GroupArgs& a) {
+  if (a.budget < 1) fail("budget must be >= 1 token, got ", a.budget);
+  check_group_sequences(a.token_count, a.offsets, a.prompt_lens, a.n);
+  return a.token_itemsize == 4 ? form_units<int32_t>(a) : form_units<int64_t>(a);
+}
+
+namespace {
+
+template <class Tok>
+void check_shared_prefixes(const GroupPackArgs& a, const std::vector<int64_t>& q,
+                           const std::vector<int64_t>& unit_of) {
+  const Tok* tok = static_cast<const Tok*>(a.token_ids);
+  for (size_t p = 0; p < q.size(); ++p) {
+    const int64_t u = unit_of[p], c = a.unit_shared[u], j = q[p];
+    if (c < 1 || c > a.prompt_lens[j])
+      fail("unit_shared[", u, "] = ", c, ": expected 1 <= shared prefix <= prompt length ",
+           a.prompt_lens[j], " of its sequence ", j);
+  }
+  for (size_t p = 0; p < q.size(); ++p) {
+    const int64_t u = unit_of[p], c = a.unit_shared[u], j = q[p];
+    const int64_t h = a.unit_seqs[a.unit_offsets[u]];
+    if (j == h) continue;
+    const int64_t t = first_mismatch(tok + a.offsets[j], tok + a.offsets[h], c);
+    if (t < c)
+      fail("unit_shared[", u, "] = ", c, ": the unit's sequence ", j,
+           " differs from its first sequence ", h, " at token ", t,
+           " (the shared prefix must be common to all of them)");
+  }
+}
+
+}  // namespace
+
+GroupPackSizes group_pack_sizes(const GroupPackArgs& a) {
+  const int64_t n = a.n, U = a.num_units, k = a.k;
+  const int64_t* off = a.offsets;
+  check_group_sequences(a.token_count, off, a.prompt_lens, n);
+  if (a.unit_offsets_len != U + 1)
+    fail("unit_offsets must have len(unit_shared) + 1 = ", U + 1, " entries, got ",
+         a.unit_offsets_len);
+  const int64_t* uo = a.unit_offsets;
+  if (uo[0] != 0) fail("unit_offsets must start at 0, got ", uo[0], " at index 0");
+  for (int64_t u = 0; u < U; ++u)
+    if (uo[u + 1] - uo[u] < 1)
+      fail("unit_offsets must be strictly increasing (every unit holds at least one sequence): "
+           "unit ", u, " has ", uo[u + 1] - uo[u]);
+  if (uo[U] != a.unit_seq_count)
+    fail("unit_offsets must end at len(unit_seqs) = ", a.unit_seq_count, ", got ", uo[U],
+         " at index ", U);
+  for (int64_t i = 0; i < a.unit_seq_count; ++i)
+    if (a.unit_seqs[i] < 0 || a.unit_seqs[i] >= n)
+      fail("unit_seqs must be sequence indices in [0, ", n, "), got ", a.unit_seqs[i],
+           " at index ", i);
+  const int64_t B = a.bounds ? a.num_batches : 1;
+  if (a.bounds) {
+    if (B < 0) fail("bounds must have at least 1 entry, got ", B + 1);
+    if (a.bounds[0] != 0) fail("bounds must start at 0, got ", a.bounds[0], " at index 0");
+    for (int64_t b = 0; b < B; ++b)
+      if (a.bounds[b + 1] < a.bounds[b])
+        fail("bounds must be non-decreasing, got ", a.bounds[b + 1], " at index ", b + 1,
+             " after ", a.bounds[b]);
+    if (a.bounds[B] != k)
+      fail("bounds must end at len(unit_indices) = ", k, ", got ", a.bounds[B], " at index ", B);
+  }
+  for (int64_t j = 0; j < k; ++j)
+    if (a.unit_indices[j] < 0 || a.unit_indices[j] >= U)
+      fail("unit_indices must be in [0, ", U, "), got ", a.unit_indices[j], " at index ", j);
+  if (k > 1) {
+    std::vector<std::pair<int64_t, int64_t>> sorted(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = {a.unit_indices[j], j};
+    std::sort(sorted.begin(), sorted.end());
+    for (size_t j = 0; j + 1 < sorted.size(); ++j)
+      if (sorted[j].first == sorted[j + 1].first)
+        fail("unit_indices must not repeat a unit, got ", sorted[j].first, " at indices ",
+             sorted[j].second, " and ", sorted[j + 1].second);
+  }
+  // The packed sequences in packed order, each once.
+  std::vector<int64_t> q, unit_of, seen(size_t(n), -1);
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t u = a.unit_indices[i];
+    for (int64_t m = uo[u]; m < uo[u + 1]; ++m) {
+      const int64_t j = a.unit_seqs[m];
+      if (seen[size_t(j)] >= 0)
+        fail("every sequence must be in at most one packed unit, but sequence ", j,
+             " is in units ", seen[size_t(j)], " and ", u);
+      seen[size_t(j)] = u;
+      q.push_back(j);
+      unit_of.push_back(u);
+    }
+  }
+  if (a.token_itemsize == 4)
+    check_shared_prefixes<int32_t>(a, q, unit_of);
+  else
+    check_shared_prefixes<int64_t>(a, q, unit_of);
+  GroupPackSizes z;
+  z.rows.assign(size_t(B), 0);
+  z.scored.assign(size_t(B), 0);
+  z.units.assign(size_t(B), 0);
+  z.seqs.assign(size_t(B), 0);
+  z.max_seqlen.assign(size_t(B), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lo = a.bounds ? a.bounds[b] : 0, hi = a.bounds ? a.bounds[b + 1] : k;
+    z.units[b] = hi - lo;
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t u = a.unit_indices[i], c = a.unit_shared[u];
+      int64_t len = c;
+      for (int64_t m = uo[u]; m < uo[u + 1]; ++m) {
+        const int64_t j = a.unit_seqs[m], L = off[j + 1] - off[j];
+        len += L - c;
+        z.scored[b] += L - a.prompt_lens[j];
+      }
+      z.seqs[b] += uo[u + 1] - uo[u];
+      z.rows[b] += len;
+      z.max_seqlen[b] = std::max(z.max_seqlen[b], len);
+    }
+  }
+  for (int64_t b = 0; b < B; ++b)
+    if (z.rows[b] > int64_t(std::numeric_limits<int32_t>::max()))
+      fail("the micro-batch holds ", z.rows[b], " rows; cu_seqlens is int32, so at most ",
+           std::numeric_limits<int32_t>::max());
+  return z;
+}
+
+namespace {
+
+template <class Tok>
+void fill_groups(const GroupPackArgs& a, int64_t lo, int64_t hi, const GroupPackOut& o) {
+  const Tok* tok = static_cast<const Tok*>(a.token_ids);
+  const int64_t* off = a.offsets;
+  int64_t row = 0, sc = 0, ns = 0;
+  o.cu_seqlens[0] = 0;
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t u = a.unit_indices[i], c = a.unit_shared[u], start = row;
+    const Tok* head = tok + off[a.unit_seqs[a.unit_offsets[u]]];
+    for (int64_t p = 0; p < c; ++p) {
+      o.input_ids[row + p] = int64_t(head[p]);
+      o.position_ids[row + p] = p;
+    }
+    row += c;
+    for (int64_t m = a.unit_offsets[u]; m < a.unit_offsets[u + 1]; ++m) {
+      const int64_t j = a.unit_seqs[m], L = off[j + 1] - off[j], P = a.prompt_lens[j];
+      const Tok* t = tok + off[j];
+      for (int64_t p = c; p < L; ++p) {
+        o.input_ids[row + p - c] = int64_t(t[p]);
+        o.position_ids[row + p - c] = p;
+      }
+      // Position v predicts token v + 1: the last prefix row when v < c (then v = c - 1),
+      // else the sequence's own suffix row.
+      for (int64_t v = P - 1; v < L - 1; ++v, ++sc) {
+        o.rows[sc] = v < c ? start + v : row + (v - c);
+        o.row_targets[sc] = int64_t(t[v + 1]);
+        o.row_seq[sc] = ns;
+        o.row_token[sc] = v + 1 - P;
+      }
+      o.seqs[ns] = j;
+      o.suffix_lens[ns] = L - c;
+      ++ns;
+      row += L - c;
+    }
+    o.prefix_lens[i - lo] = c;
+    o.cu_seqlens[i - lo + 1] = int32_t(row);
+  }
+}
+
+}  // namespace
+
+void group_pack_fill(const GroupPackArgs& a, int64_t batch, const GroupPackOut& o) {
+  const int64_t lo = a.bounds ? a.bounds[batch] : 0, hi = a.bounds ? a.bounds[batch + 1] : a.k;
+  if (a.token_itemsize == 4)
+    fill_groups<int32_t>(a, lo, hi, o);
+  else
+    fill_groups<int64_t>(a, lo, hi, o);
 }
 
 }  // namespace r4b
