@@ -24,6 +24,14 @@ own target), and ``index_select`` sums its gradient over them.
 A group larger than the micro-batch budget is split over several units, each with its own copy
 of ``S`` (:func:`group_units`); a group whose images would not sit inside ``S`` (a placeholder
 in a suffix) is not shared: each rollout is its own unit with its whole prompt as prefix.
+
+Both functions take ``impl="auto" | "cpp" | "numpy" | "python"`` as :mod:`r4b.packing.thd`
+does, with identical results: the C++ core (``r4b._C.group_units`` / ``pack_groups``), the
+vectorised NumPy reference (:mod:`r4b.packing.reference`) and the pure-Python specification
+(:mod:`r4b.packing.python_ref`) all work on one flat token buffer with offsets; ``"auto"`` is
+C++ when the extension has these functions (``thd.HAS_R4B_C_GROUPS``), else NumPy.  Images
+never leave Python: which rollouts have the same images is decided here, by content
+(:func:`image_classes`), and handed down as one integer class per rollout.
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import thd
 from .microbatch import PackedMicroBatch, empty_microbatch
-from .thd import IGNORE_INDEX
+from .thd import IGNORE_INDEX, flatten_sequences
 
 
 @dataclass(frozen=True)
@@ -50,21 +59,8 @@ class GroupUnit:
     """Tokens of the unit: ``shared + sum(len(token_ids[j]) - shared for j in seqs)``."""
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]], limit: int) -> int:
-    """Length of the longest common prefix of ``seqs`` (at most ``limit``)."""
-    first = np.asarray(seqs[0][:limit], dtype=np.int64)
-    n = len(first)
-    for s in seqs[1:]:
-        other = np.asarray(s[:n], dtype=np.int64)
-        m = min(n, len(other))
-        diff = np.nonzero(first[:m] != other[:m])[0]
-        n = int(diff[0]) if diff.size else m
-        if n == 0:
-            break
-    return n
-
-
 def _same_images(a: list, b: list) -> bool:
+    """Whether two image lists hold the same images, by content (not by object)."""
     if len(a) != len(b):
         return False
     for x, y in zip(a, b):
@@ -85,9 +81,37 @@ def _same_images(a: list, b: list) -> bool:
     return True
 
 
+def image_classes(images: Sequence[list], group_ids: Sequence[int]) -> np.ndarray:
+    """int64 [n] image class per sequence: the form in which the unit builders see images.
+
+    0 means "no images"; a sequence has its group's first sequence's class iff their images are
+    the same by content, else a class of its own.  So a group can share its prefix only if all
+    its members have one class, and a non-zero class tells the builders to look for image
+    placeholders after the shared prefix.
+    """
+    cls = np.zeros(len(images), dtype=np.int64)
+    head: dict[int, int] = {}
+    fresh = 0
+    for j, g in enumerate(group_ids):
+        h = head.setdefault(int(g), j)
+        if h != j and _same_images(images[h], images[j]):
+            cls[j] = cls[h]
+        elif len(images[j]):
+            fresh += 1
+            cls[j] = fresh
+    return cls
+
+
+def _check_lengths(n: int, **per_seq) -> None:
+    for name, seq in per_seq.items():
+        if len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries, expected one per sequence ({n})")
+
+
 def group_units(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
                 group_ids: Sequence[int], images: Sequence[list], *, budget: int,
-                image_token_id: int | None = None) -> tuple[list[GroupUnit], dict]:
+                image_token_id: int | None = None, impl: str = "auto"
+                ) -> tuple[list[GroupUnit], dict]:
     """Split the batch into prefix-shared units, in order of each group's first sequence.
 
     A group's shared prefix is the longest common prefix of its members' prompts (their whole
@@ -96,65 +120,35 @@ def group_units(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
     unit (prefix = its prompt, one suffix), which is exactly the one-rollout-per-sequence layout.
     A group whose unit would exceed ``budget`` tokens is split first-fit-decreasing over the
     fewest units that fit (each unit repeats the prefix); a single member longer than the budget
-    gets a unit of its own.
+    gets a unit of its own.  ``impl``: "auto" | "cpp" | "numpy" | "python" (identical results).
 
     Returns the units and statistics: ``dense_tokens`` (the one-rollout-per-sequence count),
     ``shared_tokens`` (tokens of all units), ``prefix_copies_lost`` (extra prefix copies from
     splitting, in tokens) and ``unshared_groups``.
     """
     n = len(token_ids)
-    for name, seq in (("prompt_lens", prompt_lens), ("group_ids", group_ids), ("images", images)):
-        if len(seq) != n:
-            raise ValueError(f"{name} has {len(seq)} entries, expected one per sequence ({n})")
+    _check_lengths(n, prompt_lens=prompt_lens, group_ids=group_ids, images=images)
     if budget < 1:
         raise ValueError(f"budget must be >= 1 token, got {budget}")
-    lens = [len(t) for t in token_ids]
-    for j, (p, L) in enumerate(zip(prompt_lens, lens)):
-        if not 1 <= p <= L:
-            raise ValueError(f"prompt_lens[{j}] = {p}: expected 1 <= prompt length <= sequence "
-                             f"length {L}")
-    order: dict[int, list[int]] = {}
-    for j, g in enumerate(group_ids):
-        order.setdefault(int(g), []).append(j)
-    units: list[GroupUnit] = []
-    lost = unshared = 0
-    for members in order.values():
-        shared = _common_prefix([token_ids[j] for j in members],
-                                min(int(prompt_lens[j]) for j in members))
-        ok = shared >= 1 and all(_same_images(images[members[0]], images[j]) for j in members)
-        if ok and image_token_id is not None and images[members[0]]:
-            ok = all(image_token_id not in token_ids[j][shared:] for j in members)
-        if not ok or len(members) == 1:
-            unshared += len(members) > 1
-            units += [GroupUnit((j,), int(prompt_lens[j]), lens[j]) for j in members]
-            continue
-        room = budget - shared
-        # first-fit decreasing of the suffixes into units of capacity budget - shared
-        bins: list[list[int]] = []
-        fill: list[int] = []
-        for j in sorted(members, key=lambda j: (-(lens[j] - shared), j)):
-            s = lens[j] - shared
-            for b in range(len(bins)):
-                if fill[b] + s <= room:
-                    bins[b].append(j)
-                    fill[b] += s
-                    break
-            else:
-                bins.append([j])
-                fill.append(s)
-        lost += (len(bins) - 1) * shared
-        for b, f in zip(bins, fill):
-            b.sort()  # suffixes in batch order inside a unit
-            units.append(GroupUnit(tuple(b), shared, shared + f))
-    stats = {"dense_tokens": int(sum(lens)), "shared_tokens": int(sum(u.length for u in units)),
-             "prefix_copies_lost": int(lost), "unshared_groups": int(unshared)}
+    impl = thd.resolve_impl(impl, groups=True)
+    flat, offsets = flatten_sequences(token_ids)
+    out = thd._host_impl(impl).group_units(
+        flat, offsets, thd._ints("prompt_lens", prompt_lens), thd._ints("group_ids", group_ids),
+        image_classes(images, group_ids), int(budget),
+        None if image_token_id is None else int(image_token_id))
+    seqs, bounds = out["unit_seqs"].tolist(), out["unit_offsets"].tolist()
+    units = [GroupUnit(tuple(seqs[a:b]), c, L) for a, b, c, L in
+             zip(bounds[:-1], bounds[1:], out["unit_shared"].tolist(), out["unit_length"].tolist())]
+    stats = {k: int(out[k]) for k in ("dense_tokens", "shared_tokens", "prefix_copies_lost",
+                                      "unshared_groups")}
     return units, stats
 
 
 def pack_groups(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
                 images: Sequence[list], units: Sequence[GroupUnit],
                 microbatches: Sequence[Sequence[int]], *,
-                process: Callable[[list], list] | None = None) -> list[PackedMicroBatch]:
+                process: Callable[[list], list] | None = None,
+                impl: str = "auto") -> list[PackedMicroBatch]:
     """Pack this rank's micro-batches (lists of indices into ``units``) in the shared layout.
 
     Each :class:`~r4b.packing.microbatch.PackedMicroBatch` has ``cu_seqlens`` over its units,
@@ -164,60 +158,71 @@ def pack_groups(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
     images once.  ``labels`` is -100 everywhere: with shared rows one label per row cannot hold
     the targets; use ``targets`` (``row_targets``).  An empty micro-batch is the one-token batch
     of :func:`~r4b.packing.microbatch.empty_microbatch`.
+
+    No unit may be in two micro-batches and no sequence in two packed units, and each unit's
+    ``shared`` tokens must be a common prefix of its sequences' prompts; errors name the place.
+    ``impl``: "auto" | "cpp" | "numpy" | "python" (identical results; the images of every
+    implementation are gathered here, in Python).
     """
     from r4b_kernels import PrefixLayout
 
     from ..models.multimodal import ImageBatch
 
+    n = len(token_ids)
+    _check_lengths(n, prompt_lens=prompt_lens, images=images)
+    impl = thd.resolve_impl(impl, groups=True)
+    sizes = [len(u.seqs) for u in units]
+    unit_offsets = np.zeros(len(units) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=unit_offsets[1:])
+    unit_seqs = np.fromiter((j for u in units for j in u.seqs), dtype=np.int64,
+                            count=int(unit_offsets[-1]))
+    unit_shared = np.fromiter((u.shared for u in units), dtype=np.int64, count=len(units))
+    parts = [thd._ints(f"microbatches[{b}]", mb) for b, mb in enumerate(microbatches)]
+    bounds = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([p.shape[0] for p in parts], out=bounds[1:])
+    sel = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def where(i: int) -> str:  # position i of the concatenation as microbatches[b][j]
+        b = int(np.searchsorted(bounds, i, side="right")) - 1
+        return f"microbatches[{b}][{i - int(bounds[b])}]"
+
+    bad = (sel < 0) | (sel >= len(units))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where(i)} must be a unit index in [0, {len(units)}), got {int(sel[i])}")
+    if sel.size > 1:
+        order = np.argsort(sel, kind="stable")
+        dup = np.flatnonzero(sel[order[1:]] == sel[order[:-1]])
+        if dup.size:
+            x, y = int(order[dup[0]]), int(order[dup[0] + 1])
+            raise ValueError(f"every unit must be in at most one micro-batch, but unit "
+                             f"{int(sel[x])} is at {where(x)} and {where(y)}")
+    flat, offsets = flatten_sequences(token_ids)
+    packed = thd._host_impl(impl).pack_groups(
+        flat, offsets, thd._ints("prompt_lens", prompt_lens), unit_seqs, unit_offsets,
+        unit_shared, sel, bounds)
     out = []
-    for mb in microbatches:
-        if not len(mb):
+    for d, mb in zip(packed, parts):
+        if not mb.size:
             out.append(empty_microbatch())
             continue
-        ids, pos, rows, tgt, row_seq, row_token = [], [], [], [], [], []
-        seqs: list[int] = []
-        prefix_lens, suffix_lens, unit_imgs = [], [], []
-        cu = [0]
-        for ui in mb:
-            u = units[int(ui)]
-            start = cu[-1]
-            first = token_ids[u.seqs[0]]
-            c = u.shared
-            ids.append(np.asarray(first[:c], dtype=np.int64))
-            pos.append(np.arange(c, dtype=np.int64))
-            at = start + c
-            sl = []
-            for j in u.seqs:
-                t = np.asarray(token_ids[j], dtype=np.int64)
-                L, P = len(t), int(prompt_lens[j])
-                ids.append(t[c:])
-                pos.append(np.arange(c, L, dtype=np.int64))
-                v = np.arange(P - 1, L - 1, dtype=np.int64)  # positions that predict a response token
-                r = np.where(v < c, start + v, at + (v - c))
-                rows.append(r)
-                tgt.append(t[v + 1])
-                row_seq.append(np.full(v.size, len(seqs), dtype=np.int64))
-                row_token.append(v + 1 - P)
-                seqs.append(int(j))
-                sl.append(L - c)
-                at += L - c
-            prefix_lens.append(c)
-            suffix_lens.append(sl)
-            cu.append(at)
-            unit_imgs.append(list(images[u.seqs[0]]))
+        mine = mb.tolist()
+        suffix = d["suffix_lens"].tolist()
+        cuts = np.cumsum([0] + [sizes[u] for u in mine]).tolist()
+        layout = PrefixLayout.build(d["prefix_lens"].tolist(),
+                                    [suffix[a:b] for a, b in zip(cuts[:-1], cuts[1:])],
+                                    device="cpu")
+        unit_imgs = [list(images[units[u].seqs[0]]) for u in mine]
         if process is not None:
             unit_imgs = [process(ims) if ims else [] for ims in unit_imgs]
         flat_imgs = [im for ims in unit_imgs for im in ims]
-        cat = lambda xs: torch.from_numpy(np.concatenate(xs)).long()  # noqa: E731
-        input_ids = cat(ids)
-        layout = PrefixLayout.build(prefix_lens, suffix_lens, device="cpu")
-        cu_t = torch.tensor(cu, dtype=torch.int32, device="cpu")
+        t = {k: torch.from_numpy(d[k]) for k in ("input_ids", "position_ids", "cu_seqlens", "rows",
+                                                 "row_seq", "row_token", "row_targets")}
         out.append(PackedMicroBatch(
-            input_ids=input_ids, position_ids=cat(pos), cu_seqlens=cu_t,
-            max_seqlen=int(np.diff(cu).max()),
-            labels=torch.full_like(input_ids, IGNORE_INDEX), rows=cat(rows), seqs=seqs,
-            row_seq=cat(row_seq), row_token=cat(row_token),
+            input_ids=t["input_ids"], position_ids=t["position_ids"], cu_seqlens=t["cu_seqlens"],
+            max_seqlen=int(d["max_seqlen"]),
+            labels=torch.full_like(t["input_ids"], IGNORE_INDEX), rows=t["rows"],
+            seqs=d["seqs"].tolist(), row_seq=t["row_seq"], row_token=t["row_token"],
             images=ImageBatch.collate(flat_imgs) if flat_imgs else None,
-            prefix_layout=layout, row_targets=cat(tgt)))
+            prefix_layout=layout, row_targets=t["row_targets"]))
     return out
-

@@ -24,8 +24,9 @@ buffers), ``"numpy"`` (``r4b.packing.reference``, vectorised NumPy, the fallback
 ``"cuda"`` (``r4b._C_cuda``, gathers of device-resident tensors: :func:`pack_microbatch` with
 CUDA ``token_ids``, :func:`gather_rows`, :func:`scatter_rows`, :func:`unpack_rows`).
 ``"auto"`` picks CUDA for device tensors when built, else C++, else NumPy.  Availability is
-decided once at import (``HAS_R4B_C``, ``HAS_R4B_CUDA``) and logged with its reason; tests may
-patch the flags.
+decided once at import (``HAS_R4B_C``, ``HAS_R4B_CUDA``, and ``HAS_R4B_C_GROUPS`` for the
+prefix-shared group units of :mod:`r4b.packing.groups`, whose C++ functions an older build may
+lack) and logged with its reason; tests may patch the flags.
 
 Conventions (``P`` prompt length, ``L`` sequence length, ``Lp`` padded length):
 
@@ -46,6 +47,7 @@ With ``equal_microbatches=True`` the plan appends empty micro-batches so that ev
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -87,26 +89,42 @@ except ImportError as e:
     _C_cuda = None
     HAS_R4B_CUDA = False
     _CUDA_WHY = f"r4b._C_cuda not importable ({e})"
-log.debug("packer: HAS_R4B_C=%s (%s); HAS_R4B_CUDA=%s (%s)", HAS_R4B_C, _C_WHY, HAS_R4B_CUDA,
-          _CUDA_WHY)
+# The prefix-shared group units (r4b.packing.groups) came after ABI 3's plan / pack / unpack:
+# an older build still packs, and the group functions fall back to NumPy.
+_GROUP_FUNCS = ("group_units", "pack_groups")
+HAS_R4B_C_GROUPS = HAS_R4B_C and all(hasattr(_C, f) for f in _GROUP_FUNCS)
+if HAS_R4B_C_GROUPS:
+    _C_GROUPS_WHY = "r4b._C has group_units and pack_groups"
+elif HAS_R4B_C:
+    _C_GROUPS_WHY = ("r4b._C predates group_units / pack_groups (stale build); rebuild with "
+                     "`pip install -e . --no-build-isolation`")
+    log.warning("C++ group packer unavailable, using the NumPy fallback: %s", _C_GROUPS_WHY)
+else:
+    _C_GROUPS_WHY = _C_WHY
+log.debug("packer: HAS_R4B_C=%s (%s); HAS_R4B_C_GROUPS=%s (%s); HAS_R4B_CUDA=%s (%s)", HAS_R4B_C,
+          _C_WHY, HAS_R4B_C_GROUPS, _C_GROUPS_WHY, HAS_R4B_CUDA, _CUDA_WHY)
 
 
-def resolve_impl(impl: str, *, device: torch.device | str = "cpu", cuda_ok: bool = False) -> str:
+def resolve_impl(impl: str, *, device: torch.device | str = "cpu", cuda_ok: bool = False,
+                 groups: bool = False) -> str:
     """Map ``impl`` to "cuda", "cpp", "numpy" or "python" for data on ``device``.
 
     ``"auto"``: CUDA for device tensors when ``cuda_ok`` and ``r4b._C_cuda`` is built, else C++
-    when ``r4b._C`` is built, else NumPy.  Explicit choices raise if unavailable.
+    when ``r4b._C`` is built (with ``groups``: when it has the group functions,
+    ``HAS_R4B_C_GROUPS``), else NumPy.  Explicit choices raise if unavailable.
     """
     allowed = ("auto", "cpp", "numpy", "python") + (("cuda",) if cuda_ok else ())
     if impl not in allowed:
         raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
     dev = torch.device(device)
+    has_c, why = ((HAS_R4B_C and HAS_R4B_C_GROUPS, _C_GROUPS_WHY) if groups else
+                  (HAS_R4B_C, _C_WHY))
     if impl == "auto":
         if cuda_ok and dev.type == "cuda" and HAS_R4B_CUDA:
             return "cuda"
-        return "cpp" if HAS_R4B_C else "numpy"
-    if impl == "cpp" and not HAS_R4B_C:
-        raise RuntimeError(f"impl='cpp' requested but {_C_WHY}")
+        return "cpp" if has_c else "numpy"
+    if impl == "cpp" and not has_c:
+        raise RuntimeError(f"impl='cpp' requested but {why}")
     if impl == "cuda":
         if not HAS_R4B_CUDA:
             raise RuntimeError(f"impl='cuda' requested but {_CUDA_WHY}; build with nvcc on PATH")
@@ -116,7 +134,8 @@ def resolve_impl(impl: str, *, device: torch.device | str = "cpu", cuda_ok: bool
 
 
 def _host_impl(impl: str):
-    """The module implementing ``plan`` / ``pack`` / ``unpack_rows`` for a host ``impl``."""
+    """The module implementing ``plan`` / ``pack`` / ``unpack_rows`` / ``group_units`` /
+    ``pack_groups`` for a host ``impl``."""
     return {"cpp": _C, "numpy": ref, "python": pyref}[impl]
 
 
@@ -662,14 +681,21 @@ def unpack_response(values: torch.Tensor, prompt_lens, seq_lens) -> list[torch.T
 
 
 def flatten_sequences(token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sequence token lists → (flat int64 token buffer, int64 offsets [n + 1])."""
+    """Per-sequence token lists (or 1-D arrays / tensors) → (flat int64 token buffer, int64
+    offsets [n + 1])."""
     lens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
     offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
-    flat = np.fromiter((x for t in token_ids for x in t), dtype=np.int64, count=int(offsets[-1]))
+    arrays = [_to_numpy(t) for t in token_ids
+              if isinstance(t, (np.ndarray, torch.Tensor)) and t.ndim == 1]
+    if len(token_ids) and len(arrays) == len(token_ids) and all(a.dtype.kind in "iu"
+                                                                for a in arrays):
+        flat = np.concatenate(arrays).astype(np.int64, copy=False)
+    else:  # one C-level pass over the Python ints (a generator expression is ~6x slower)
+        flat = np.fromiter(chain.from_iterable(token_ids), dtype=np.int64, count=int(offsets[-1]))
     return flat, offsets
 
 
-__all__ = ["HAS_R4B_C", "HAS_R4B_CUDA", "IGNORE_INDEX", "PackedBatch", "Plan", "flatten_sequences",
-           "gather_rows", "pack_microbatch", "pack_microbatches", "plan_microbatches",
-           "resolve_impl", "scatter_rows", "unpack_response", "unpack_rows"]
+__all__ = ["HAS_R4B_C", "HAS_R4B_C_GROUPS", "HAS_R4B_CUDA", "IGNORE_INDEX", "PackedBatch", "Plan",
+           "flatten_sequences", "gather_rows", "pack_microbatch", "pack_microbatches",
+           "plan_microbatches", "resolve_impl", "scatter_rows", "unpack_response", "unpack_rows"]
