@@ -24,9 +24,22 @@ DP):
 * **reference model** (KL on): a full copy in the compute dtype.
 
 Peak = max(update phase, rollout phase) over what is live in each; master weights and moments
-live in both.  The prediction is checked against measured peaks (``tests/test_plan.py``):
-tensor bytes, as ``torch.cuda.max_memory_allocated`` counts them, without the allocator's
-fragmentation (keep 10% of the GPU free for it: ``fits`` uses 90%).
+live in both.
+
+**Packing layout** (:func:`step_layout`; ``--share_prefix``, as the trainer's
+``--rl.share_prefix``).  A group is N = 2g rollouts of P prompt and R response tokens (every
+response at its budget).  One sequence per rollout packs N (P + R) tokens per group; the
+prefix-shared layout packs units of the prompt once and k responses, k = min(N, (B - P) // R)
+(at least 1) for a micro-batch budget B, so ``ceil(N / k)`` units and ``ceil(N / k) P + N R``
+tokens per group: N (P + R) / (P + N R) times fewer when a group fits one unit.  Token counts,
+vision tiles (one image set per unit) and the K/V every trainer pass computes (old and
+reference log-probs, the update: ``tokens x kv bytes per token``) scale with it.  A micro-batch
+is bounded by the same budget in both layouts, so its language-model activations are the same;
+it holds fewer image sets and more scored rows when shared.
+
+The prediction is checked against measured peaks (``tests/test_plan.py``): tensor bytes, as
+``torch.cuda.max_memory_allocated`` counts them, without the allocator's fragmentation (keep
+10% of the GPU free for it: ``fits`` uses 90%).
 """
 
 from __future__ import annotations
@@ -330,11 +343,20 @@ class PlanCLI:
     tokens_per_microbatch: int = 16384
     """Packed tokens per update micro-batch (at least one prompt + response)."""
     image_tiles_per_microbatch: int = 4
-    """Image tiles in one micro-batch (each 729 vision tokens at 384 px)."""
+    """Image tiles in one micro-batch of one sequence per rollout (each 729 vision tokens at
+    384 px); see ``image_tiles_per_prompt``."""
+    image_tiles_per_prompt: int | None = None
+    """Image tiles of one prompt (2 for one 384-px image: the base tile and one AnyRes tile);
+    when given, it overrides ``image_tiles_per_microbatch`` (a micro-batch holds its rollouts'
+    or units' tiles).  None: ``image_tiles_per_microbatch`` over the rollouts such a
+    micro-batch holds."""
     kv_budget_tokens: int | None = None
     """rollout.kv_budget_tokens (None: all of a rank's rollouts at once)."""
     kl: bool = False
     """A reference model for the KL term."""
+    share_prefix: bool = True
+    """The trainer's prefix-shared layout (``--rl.share_prefix``): a group's prompt and images
+    once per packed unit, then its rollouts' responses.  False: one sequence per rollout."""
 
     def __post_init__(self):
         require_choice("preset", self.preset, ("r4b-4b", "tiny"))
@@ -342,6 +364,8 @@ class PlanCLI:
         for f in ("gpus", "prompts_per_step", "group_size", "prompt_tokens", "response_tokens",
                   "tokens_per_microbatch", "image_tiles_per_microbatch"):
             require_range(f, getattr(self, f), 0 if f == "image_tiles_per_microbatch" else 1)
+        if self.image_tiles_per_prompt is not None:
+            require_range("image_tiles_per_prompt", self.image_tiles_per_prompt, 0)
         require_range("gpu_gib", self.gpu_gib, 1.0)
 
 
@@ -378,27 +402,119 @@ def per_token(nbytes: float) -> str:
     return f"{kib:.1f} KiB" if kib < 10 else f"{kib:.0f} KiB"
 
 
-def plan_table(cli: PlanCLI) -> list[dict]:
-    """One row per (TP, DP, recompute)."""
+def step_layout(*, prompts: int, group_size: int, prompt_tokens: int, response_tokens: int,
+                tokens_per_microbatch: int, image_tiles_per_microbatch: int, dp: int,
+                share_prefix: bool, image_tiles_per_prompt: int | None = None) -> dict:
+    """Token and tile counts of one BPO step in one packing layout (see the module docstring).
+
+    A micro-batch holds ``microbatch_tokens = max(budget, P + R)`` tokens.  One sequence per
+    rollout, it holds ``d = microbatch_tokens // (P + R)`` rollouts (at least one),
+    ``int(microbatch_tokens R / (P + R))`` scored rows and ``image_tiles_per_microbatch`` tiles
+    (or ``d`` prompts' tiles with ``image_tiles_per_prompt``; without it a prompt's tiles are
+    ``image_tiles_per_microbatch / d``).  Shared, the fullest micro-batch of whole units has
+    ``int(microbatch_tokens k R / (P + k R))`` scored rows and the tiles of as many units of the
+    smallest size (a group's remainder) as fit.  Returns ``rollouts_per_unit`` (k),
+    ``units_per_group``, ``tokens_per_group``, ``tokens_per_step`` (global), ``tokens_per_rank``,
+    ``tiles_per_prompt``, ``tiles_per_step`` (global), ``tiles_per_rank``,
+    ``microbatch_tokens``, ``scored_per_microbatch`` and ``tiles_per_microbatch``."""
+    n, p, r = 2 * group_size, prompt_tokens, response_tokens
+    seq = p + r
+    mb_tokens = max(tokens_per_microbatch, seq)
+    dense_rollouts = max(1, mb_tokens // seq)
+    if image_tiles_per_prompt is None:
+        dense_tiles = image_tiles_per_microbatch
+        tiles_per_prompt = image_tiles_per_microbatch / dense_rollouts
+    else:
+        dense_tiles = dense_rollouts * image_tiles_per_prompt
+        tiles_per_prompt = float(image_tiles_per_prompt)
+    if share_prefix:
+        k = min(n, max(1, (tokens_per_microbatch - p) // r))  # as group_units fills units
+        units = -(-n // k)
+        smallest = p + (n - (units - 1) * k) * r
+        scored = int(mb_tokens * k * r / (p + k * r))
+        per_mb = max(1, mb_tokens // smallest)  # <= dense_rollouts: a unit has >= P + R tokens
+        tiles_mb = -(-per_mb * dense_tiles // dense_rollouts)
+    else:
+        k, units = 1, n
+        scored = int(mb_tokens * r / seq)
+        tiles_mb = dense_tiles
+    per_group = units * p + n * r
+    return {"rollouts_per_unit": k, "units_per_group": units, "tokens_per_group": per_group,
+            "tokens_per_step": prompts * per_group, "tokens_per_rank": prompts * per_group / dp,
+            "tiles_per_prompt": tiles_per_prompt, "tiles_per_step": prompts * units * tiles_per_prompt,
+            "tiles_per_rank": prompts * units * tiles_per_prompt / dp,
+            "microbatch_tokens": mb_tokens, "scored_per_microbatch": scored,
+            "tiles_per_microbatch": tiles_mb}
+
+
+def _cli_layout(cli: PlanCLI, dp: int, share_prefix: bool) -> dict:
+    return step_layout(prompts=cli.prompts_per_step, group_size=cli.group_size,
+                       prompt_tokens=cli.prompt_tokens, response_tokens=cli.response_tokens,
+                       tokens_per_microbatch=cli.tokens_per_microbatch,
+                       image_tiles_per_microbatch=cli.image_tiles_per_microbatch, dp=dp,
+                       share_prefix=share_prefix, image_tiles_per_prompt=cli.image_tiles_per_prompt)
+
+
+def _workload(cli: PlanCLI, dp: int, lay: dict) -> Workload:
+    per_rank = cli.prompts_per_step * 2 * cli.group_size / dp
+    seq = cli.prompt_tokens + cli.response_tokens
+    rows_at_once = per_rank if cli.kv_budget_tokens is None else \
+        max(1, min(per_rank, cli.kv_budget_tokens // seq))
+    return Workload(tokens_per_microbatch=lay["microbatch_tokens"],
+                    scored_per_microbatch=lay["scored_per_microbatch"],
+                    image_tiles_per_microbatch=lay["tiles_per_microbatch"],
+                    rollout_rows=int(rows_at_once), rollout_tokens_per_row=seq, kl=cli.kl)
+
+
+def _model_cfg(cli: PlanCLI):
     from .models import get_preset, read_hf_config
 
-    cfg = read_hf_config(cli.hf_path)[0] if cli.hf_path else get_preset(cli.preset)
+    return read_hf_config(cli.hf_path)[0] if cli.hf_path else get_preset(cli.preset)
+
+
+def plan_table(cli: PlanCLI) -> list[dict]:
+    """One row per (TP, DP, recompute), in the packing layout ``cli.share_prefix`` selects."""
+    cfg = _model_cfg(cli)
     dtype = _DTYPES[cli.dtype]
     rows = []
     for tp, dp in layouts(cli.gpus, cfg):
-        per_rank = cli.prompts_per_step * 2 * cli.group_size / dp
-        seq = cli.prompt_tokens + cli.response_tokens
-        rows_at_once = per_rank if cli.kv_budget_tokens is None else \
-            max(1, min(per_rank, cli.kv_budget_tokens // seq))
-        work = Workload(tokens_per_microbatch=max(cli.tokens_per_microbatch, seq),
-                        scored_per_microbatch=int(max(cli.tokens_per_microbatch, seq)
-                                                  * cli.response_tokens / seq),
-                        image_tiles_per_microbatch=cli.image_tiles_per_microbatch,
-                        rollout_rows=int(rows_at_once), rollout_tokens_per_row=seq, kl=cli.kl)
+        work = _workload(cli, dp, _cli_layout(cli, dp, cli.share_prefix))
         for rc in ("none", "selective", "full"):
             p = predict(cfg, tp=tp, dp=dp, dtype=dtype, recompute=rc, work=work)
             rows.append({"tp": tp, "dp": dp, "recompute": rc, **p,
                          "fits": p["peak"] <= 0.9 * cli.gpu_gib * GiB})
+    return rows
+
+
+def layout_table(cli: PlanCLI) -> list[dict]:
+    """Both packing layouts per (TP, DP): :func:`step_layout`'s counts, plus per rank the K/V
+    bytes the trainer's passes compute in one step (``kv_per_step``: old log-probs, reference
+    log-probs with ``kl``, the update; ``passes`` of them), the activations one update
+    micro-batch saves at each recompute mode (``activations_<mode>``, :func:`predict`) and the
+    activations the update saves over all its micro-batches without recomputation
+    (``activations_per_step``)."""
+    cfg = _model_cfg(cli)
+    dtype = _DTYPES[cli.dtype]
+    lm = cfg.lm
+    passes = 3 if cli.kl else 2
+    rows = []
+    for tp, dp in layouts(cli.gpus, cfg):
+        a_lm = lm_activation_bytes(cfg, tp, dtype, "none")
+        a_v = vision_activation_bytes(cfg, tp, dtype, "none") if cfg.vision is not None else 0.0
+        patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2 if cfg.vision else 0
+        n_vis = cfg.vision.num_layers if cfg.vision is not None else 0
+        for share in (False, True):
+            lay = _cli_layout(cli, dp, share)
+            work = _workload(cli, dp, lay)
+            kv = 2 * lm.num_layers * max(1, lm.num_kv_heads // tp) * lm.head_dim * dtype.itemsize
+            row = {"tp": tp, "dp": dp, "share_prefix": share, **lay, "passes": passes,
+                   "kv_per_step": passes * lay["tokens_per_rank"] * kv,
+                   "activations_per_step": lay["tokens_per_rank"] * lm.num_layers * a_lm +
+                   lay["tiles_per_rank"] * patches * n_vis * a_v}
+            for rc in ("none", "selective", "full"):
+                row[f"activations_{rc}"] = predict(cfg, tp=tp, dp=dp, dtype=dtype, recompute=rc,
+                                                   work=work, phase="update")["activations"]
+            rows.append(row)
     return rows
 
 
@@ -417,6 +533,32 @@ def format_table(rows: list[dict], gpu_gib: float) -> str:
     return "\n".join(lines) + f"\n\n(GiB per GPU; fits: peak <= 90% of {gpu_gib:g} GiB)\n"
 
 
+def format_layouts(rows: list[dict]) -> str:
+    """The two packing layouts per (TP, DP) as a Markdown table, and the token ratio."""
+    cols = ["TP", "DP", "layout", "units / group (rollouts each)", "tokens / step",
+            "tokens / rank", "vision tiles / rank", "micro-batch: tokens, scored, tiles",
+            "activations / micro-batch (none, selective, full)", "activations saved / step (none)",
+            "K/V of the passes / rank"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            str(r["tp"]), str(r["dp"]), "shared" if r["share_prefix"] else "one per rollout",
+            f"{r['units_per_group']} ({r['rollouts_per_unit']})", f"{r['tokens_per_step']:,}",
+            f"{r['tokens_per_rank']:,.0f}", f"{r['tiles_per_rank']:,.1f}",
+            f"{r['microbatch_tokens']:,}, {r['scored_per_microbatch']:,}, "
+            f"{r['tiles_per_microbatch']}",
+            ", ".join(f"{r[f'activations_{rc}'] / GiB:.1f}" for rc in ("none", "selective", "full")),
+            f"{r['activations_per_step'] / GiB:.1f}",
+            f"{r['kv_per_step'] / GiB:.1f} ({r['passes']} passes)"]) + " |")
+    dense = next(r for r in rows if not r["share_prefix"])
+    shared = next(r for r in rows if r["share_prefix"])
+    d, s = dense["tokens_per_step"], shared["tokens_per_step"]
+    return ("\n".join(lines) + "\n\n(GiB per GPU; activations / micro-batch as in the table "
+            "above, saved / step summed over the update's micro-batches; tokens and tiles per rank "
+            "in each of the trainer's passes; the shared layout packs "
+            f"{s:,} tokens per step against {d:,}: {d / s:.2f}x fewer)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     cli = parse_cli(PlanCLI, argv, prog="python -m r4b.plan",
@@ -426,9 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows, cli.gpu_gib))
     fit = [f"TP={r['tp']} DP={r['dp']} recompute={r['recompute']}" for r in rows if r["fits"]]
     print("fits:", ", ".join(fit) if fit else "no layout fits as configured")
-    from .models import get_preset, read_hf_config
-
-    cfg = read_hf_config(cli.hf_path)[0] if cli.hf_path else get_preset(cli.preset)
+    cfg = _model_cfg(cli)
     for line in left_out(cli.gpus, cfg):
         print(line)
     budget = 0.9 * cli.gpu_gib * GiB
@@ -440,6 +580,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"({per_token(r['kv_bytes_per_token'])} per token) keeps rollouts within "
                   f"{budget / GiB:.0f} GiB; the update peak with full recomputation is "
                   f"{r['update_peak'] / GiB:.1f} GiB")
+    print(f"\npacking layouts (the table above: "
+          f"{'shared' if cli.share_prefix else 'one sequence per rollout'}; --share_prefix "
+          f"{not cli.share_prefix} for the other):\n")
+    print(format_layouts(layout_table(cli)))
     return 0
 
 

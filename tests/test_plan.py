@@ -4,6 +4,7 @@ command prints the r4b-4b table."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -99,6 +100,119 @@ def test_plan_command_prints_the_r4b_4b_table(capsys):
     out = capsys.readouterr().out
     assert "| 1 | 8 | full |" in out and "| 2 | 4 | none |" in out and "fits:" in out
     assert "KiB per token" in out
+
+
+# ---------------------------------------------------------------- packing layouts
+P, R, G, PROMPTS = 1500, 1024, 8, 32  # N = 2g = 16 rollouts of 2,524 tokens per group
+
+
+def _layout(share, *, budget, p=P, r=R, g=G, tiles=4, per_prompt=None, dp=8):
+    from r4b.plan import step_layout
+
+    return step_layout(prompts=PROMPTS, group_size=g, prompt_tokens=p, response_tokens=r,
+                       tokens_per_microbatch=budget, image_tiles_per_microbatch=tiles, dp=dp,
+                       share_prefix=share, image_tiles_per_prompt=per_prompt)
+
+
+def test_shared_tokens_are_the_formulas():
+    n = 2 * G
+    # a group fits one unit (32,768 >= 1,500 + 16 x 1,024): N (P + R) / (P + N R) fewer tokens
+    d, s = _layout(False, budget=32768), _layout(True, budget=32768)
+    assert d["tokens_per_step"] == PROMPTS * n * (P + R) and d["units_per_group"] == n
+    assert (s["units_per_group"], s["rollouts_per_unit"]) == (1, n)
+    assert s["tokens_per_step"] == PROMPTS * (P + n * R)
+    assert d["tokens_per_step"] / s["tokens_per_step"] == pytest.approx(n * (P + R) / (P + n * R))
+    assert s["tokens_per_rank"] == s["tokens_per_step"] / 8
+    # 16,384 tokens hold the prompt and (16,384 - 1,500) // 1,024 = 14 responses: two units
+    s = _layout(True, budget=16384)
+    assert (s["units_per_group"], s["rollouts_per_unit"]) == (2, 14)
+    assert s["tokens_per_group"] == 2 * P + n * R
+    # the response budget of the r4b-4b recipe: one response per unit, the layouts coincide
+    d, s = _layout(False, budget=16384, r=8192), _layout(True, budget=16384, r=8192)
+    assert s["rollouts_per_unit"] == 1 and s["tokens_per_step"] == d["tokens_per_step"]
+    # tiles: one image set per unit instead of per rollout
+    d, s = _layout(False, budget=16384, per_prompt=2), _layout(True, budget=16384, per_prompt=2)
+    assert d["tiles_per_step"] == PROMPTS * n * 2 and s["tiles_per_step"] == PROMPTS * 2 * 2
+    assert d["tiles_per_microbatch"] == (16384 // (P + R)) * 2  # six rollouts
+    assert s["tiles_per_microbatch"] == (16384 // (P + 2 * R)) * 2  # four remainder units
+    assert s["scored_per_microbatch"] == int(16384 * 14 * R / (P + 14 * R))
+    assert d["scored_per_microbatch"] == int(16384 * R / (P + R))
+
+
+@pytest.mark.parametrize("p,r,g,budget", [(7, 5, 4, 40), (7, 5, 4, 200), (9, 30, 3, 30),
+                                          (3, 4, 8, 17), (12, 1, 2, 13)])
+def test_layout_counts_are_the_packers(p, r, g, budget):
+    """The planner's units and tokens are what r4b.packing.group_units makes of such a group,
+    and its micro-batch bounds hold for the trainer's micro-batch plan."""
+    from r4b.packing import group_units, plan
+
+    n = 2 * g
+    prompt = list(range(100, 100 + p))
+    seqs = [prompt + [1000 + 10 * j + t for t in range(r)] for j in range(n)] * 3  # 3 groups
+    groups = [k // n for k in range(3 * n)]
+    units, st = group_units(seqs, [p] * len(seqs), groups, [[]] * len(seqs), budget=budget)
+    for share in (False, True):
+        lay = _layout(share, budget=budget, p=p, r=r, g=g, dp=1, per_prompt=1)
+        per_group = lay["tokens_per_group"]
+        if share:
+            assert len(units) == 3 * lay["units_per_group"]
+            assert st["shared_tokens"] == 3 * per_group
+            assert max(len(u.seqs) for u in units) == lay["rollouts_per_unit"]
+            mbs, _ = plan([u.length for u in units], dp_rank=0, dp_size=1,
+                          tokens_per_microbatch=budget)
+            assert max(sum(units[i].length for i in mb) for mb in mbs) <= lay["microbatch_tokens"]
+            assert max(len(mb) for mb in mbs) <= lay["tiles_per_microbatch"]  # one tile a prompt
+            assert max(sum(len(units[i].seqs) * r for i in mb) for mb in mbs) <= \
+                lay["scored_per_microbatch"] + r  # int() of a fractional fill
+        else:
+            assert st["dense_tokens"] == 3 * per_group == 3 * n * (p + r)
+
+
+def test_without_sharing_the_table_is_the_dense_formula():
+    """``--share_prefix False`` is the planner of one sequence per rollout: every number of the
+    table comes from micro-batches of max(budget, P + R) tokens, R / (P + R) of them scored."""
+    from r4b.plan import PlanCLI, Workload, plan_table, predict
+    from r4b.models import get_preset
+
+    cli = PlanCLI(response_tokens=R, tokens_per_microbatch=32768, kl=True, share_prefix=False)
+    cfg = get_preset("r4b-4b")
+    rows = plan_table(cli)
+    seq = P + R
+    for row in rows:
+        per_rank = PROMPTS * 2 * G / row["dp"]
+        work = Workload(tokens_per_microbatch=max(32768, seq),
+                        scored_per_microbatch=int(max(32768, seq) * R / seq),
+                        image_tiles_per_microbatch=4, rollout_rows=int(per_rank),
+                        rollout_tokens_per_row=seq, kl=True)
+        want = predict(cfg, tp=row["tp"], dp=row["dp"], dtype=torch.bfloat16,
+                       recompute=row["recompute"], work=work)
+        assert {k: row[k] for k in want} == want
+    shared = plan_table(dataclasses.replace(cli, share_prefix=True))
+    assert all(a["rollout_peak"] == b["rollout_peak"] for a, b in zip(rows, shared))
+    assert all(a["loss"] > b["loss"] for a, b in zip(shared, rows))  # more scored rows
+
+
+def test_layout_table_kv_and_the_command(capsys):
+    from r4b.plan import PlanCLI, layout_table, main
+
+    cli = PlanCLI(response_tokens=R, tokens_per_microbatch=32768, kl=True, gpus=2)
+    rows = layout_table(cli)
+    n = 2 * G
+    for row in rows:
+        kv = 2 * 36 * (8 // row["tp"]) * 128 * 2  # Qwen3-4B: 36 layers, 8 KV heads, bf16
+        assert row["passes"] == 3  # old and reference log-probs, the update
+        assert row["kv_per_step"] == 3 * row["tokens_per_rank"] * kv
+    d, s = rows[0], rows[1]
+    assert (d["share_prefix"], s["share_prefix"]) == (False, True)
+    assert d["kv_per_step"] / s["kv_per_step"] == pytest.approx(n * (P + R) / (P + n * R))
+    assert s["activations_per_step"] < d["activations_per_step"]
+    assert s["activations_none"] <= d["activations_none"]  # fewer image sets per micro-batch
+    assert main(["--response_tokens", str(R), "--tokens_per_microbatch", "32768", "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 | 2 | shared | 1 (16) |" in out and "| 1 | 2 | one per rollout | 16 (1) |" in out
+    assert f"{PROMPTS * (P + n * R):,} tokens per step against {PROMPTS * n * (P + R):,}" in out
+    with pytest.raises(ValueError, match="image_tiles_per_prompt"):
+        PlanCLI(image_tiles_per_prompt=-1)
 
 
 if __name__ == "__main__":
