@@ -1,5 +1,5 @@
-"""prefix_shared_attention: the torch reference, the flash-attn composition and the Triton
-kernel (under the interpreter on CPU) against a naive dense implementation written here.
+"""prefix_shared_attention: the torch reference, the SDPA and flash-attn compositions and the
+Triton kernel (under the interpreter on CPU) against a naive dense implementation written here.
 
 Under the interpreter every kernel block is 16 rows, so the layouts below put block edges
 inside prompts and responses, several short responses in one query block and responses that
@@ -12,6 +12,7 @@ import importlib
 import math
 import sys
 import types
+import zlib
 
 import pytest
 import torch
@@ -65,6 +66,11 @@ def naive_attention(q, k, v, layout: PrefixLayout, scale):
     return torch.einsum("hij,jhd->ihd", torch.softmax(s, dim=-1), vd)
 
 
+def _seed(*parts) -> int:
+    """A reproducible per-case seed (Python's ``hash`` of a str changes between processes)."""
+    return zlib.crc32(repr(parts).encode()) % 1000
+
+
 def _grads(fn, q, k, v, dout):
     qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = fn(qq, kk, vv)
@@ -77,7 +83,7 @@ def _grads(fn, q, k, v, dout):
 def test_torch_reference_equals_naive_dense(name, hq, hk, d):
     layout = PrefixLayout.build(*LAYOUTS[name])
     T = layout.num_tokens
-    q, k, v = make_qkv(T, hq, hk, d, seed=hash((name, hq, d)) % 1000)
+    q, k, v = make_qkv(T, hq, hk, d, seed=_seed(name, hq, d))
     dout = torch.randn(T, hq, d, generator=torch.Generator().manual_seed(7))
     scale = 1 / math.sqrt(d)
     ref = _grads(lambda a, b, c: prefix_shared_attention(a, b, c, layout, impl="torch"), q, k, v, dout)
@@ -162,7 +168,33 @@ def _dense_group(q, k, v, p, suffixes, scale):
     return outs
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("hq,hk,d", [(4, 2, 16), (3, 3, 24)])
+def test_sdpa_composition_equals_reference(name, hq, hk, d, monkeypatch):
+    """The two padded SDPA calls against the explicit-mask reference, forward and backward."""
+    layout = PrefixLayout.build(*LAYOUTS[name])
+    T = layout.num_tokens
+    q, k, v = make_qkv(T, hq, hk, d, seed=_seed("sdpa", name, hq, d))
+    dout = torch.randn(T, hq, d, generator=torch.Generator().manual_seed(_seed(name)))
+    ref = _grads(lambda a, b, c: prefix_shared_attention(a, b, c, layout, impl="torch"), q, k, v, dout)
+    calls = []
+    real = pa._prefix_attention_sdpa
+    monkeypatch.setattr(pa, "_prefix_attention_sdpa",
+                        lambda *a: calls.append(1) or real(*a))
+    got = _grads(lambda a, b, c: prefix_shared_attention(a, b, c, layout, impl="sdpa"), q, k, v, dout)
+    assert calls
+    for a, b, what in zip(got, ref, ("out", "dq", "dk", "dv")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=what)
+
+
+def test_auto_on_cpu_is_the_sdpa_composition():
+    layout = PrefixLayout.build(*LAYOUTS["odd"])
+    q, k, v = make_qkv(layout.num_tokens, 4, 2, 16)
+    assert pa._resolve("auto", q, k, v, layout) == "sdpa"
+    assert pa._resolve("torch", q, k, v, layout) == "torch"
+
+
+@pytest.mark.parametrize("impl", ["torch", "sdpa", pytest.param("triton", marks=needs_triton)])
 def test_shared_layout_equals_dense_sequences(impl, monkeypatch):
     monkeypatch.setattr(pa, "POISON_BUFFERS", True)
     p, suffixes, hq, hk, d = 9, [6, 1, 13], 4, 2, 24
@@ -462,4 +494,4 @@ def test_flash_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # not importable
     with pytest.raises(RuntimeError, match=r"needs flash-attn >= 2.1"):
         pa._flash_varlen()
-    assert pa._resolve("auto", q, k, v, layout) == "torch"  # CPU: the reference
+    assert pa._resolve("auto", q, k, v, layout) == "sdpa"  # CPU: the SDPA composition

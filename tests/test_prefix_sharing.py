@@ -3,8 +3,8 @@
 Exactness against one sequence per rollout (fp32, relative 1e-5): per-token old and reference
 log-probs, the loss, the grad norm and every parameter's gradient, on multimodal groups (one
 and two images, token and prompt routing, ragged responses, a group split over several
-micro-batches), at TP=1 (each attention implementation that runs on CPU: the reference and
-the Triton kernel under the interpreter), TP=2 and FSDP over DP=2 (torchrun, gloo).  Then the
+micro-batches), at TP=1 (each attention implementation that runs on CPU: the SDPA composition,
+the explicit-mask reference and the Triton kernel under the interpreter), TP=2 and FSDP over DP=2 (torchrun, gloo).  Then the
 unit builder's rules, and one whole BPO step (rollouts included) both ways.
 """
 
@@ -51,13 +51,16 @@ def test_shared_layout_equals_one_sequence_per_rollout(rt, case):
         assert b["n_mbs"] > 1 and a["n_mbs"] > 1
 
 
-def test_the_triton_kernel_in_the_model_equals_the_dense_path(rt, monkeypatch):
-    """The model's prefix-shared attention through the Triton kernel (interpreter on CPU)."""
-    pytest.importorskip("triton")
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_each_attention_implementation_in_the_model_equals_the_dense_path(rt, impl, monkeypatch):
+    """The model's prefix-shared attention through the explicit-mask reference and the Triton
+    kernel (interpreter on CPU); the other cases run the SDPA composition (the CPU default)."""
     import r4b_kernels
 
-    if not r4b_kernels.TRITON_INTERPRET:
-        pytest.skip("the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1")
+    if impl == "triton":
+        pytest.importorskip("triton")
+        if not r4b_kernels.TRITON_INTERPRET:
+            pytest.skip("the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1")
     kw = CASES["two_images_prompt_routing"]
     b = run_case(rt, share=False, **kw)
     calls = []
@@ -67,11 +70,22 @@ def test_the_triton_kernel_in_the_model_equals_the_dense_path(rt, monkeypatch):
         calls.append(kwargs.get("impl"))
         return real(*args, **kwargs)
 
-    monkeypatch.setitem(attention.PREFIX_IMPL, "sdpa", "triton")
+    monkeypatch.setitem(attention.PREFIX_IMPL, "sdpa", impl)
     monkeypatch.setattr(r4b_kernels, "prefix_shared_attention", spy)
     a = run_case(rt, share=True, **kw)
-    assert calls and set(calls) == {"triton"}
+    assert calls and set(calls) == {impl}
     assert compare(a, b) == []
+
+
+def test_the_cpu_default_is_the_sdpa_composition(rt, monkeypatch):
+    import r4b_kernels
+
+    calls = []
+    real = r4b_kernels.prefix_shared_attention
+    monkeypatch.setattr(r4b_kernels, "prefix_shared_attention",
+                        lambda *a, **k: calls.append(k.get("impl")) or real(*a, **k))
+    run_case(rt, share=True, **CASES["image_token_routing"])
+    assert calls and set(calls) == {"sdpa"}
 
 
 @pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "fsdp_dp2"])

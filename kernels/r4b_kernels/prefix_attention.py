@@ -22,6 +22,13 @@ Implementations (``impl=``):
 * ``"torch"`` - the reference: per unit, an explicit boolean mask (:meth:`PrefixLayout.mask`)
   and ``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa``; autograd for
   backward; any device and dtype; memory per unit ``O(L_u^2)``.
+* ``"sdpa"`` - the flash path's composition with ``torch.nn.functional.
+  scaled_dot_product_attention`` (any device and dtype), two padded calls: the prompts,
+  right-padded, ``is_causal``; then every response's queries, right-padded, against its keys
+  ``[P; R_i]`` gathered by index with an explicit bottom-right causal mask (response row ``r``
+  sees keys up to ``p + r``).  Autograd for backward (the gathers' backward sums ``P``'s
+  gradients over its copies).  Cost ``O(p^2 + n (p + r) r)`` per unit instead of the
+  reference's ``O(L_u^2)``; the gathered keys copy ``P`` once per response.
 * ``"flash"`` - flash-attn's ``flash_attn_varlen_func`` (imported when used), two calls: the
   prompts, causal over themselves; then every response's queries against the keys
   ``[P; R_i]`` gathered by index (``cu_seqlens_k`` = ``|P| + |R_i|`` per response,
@@ -41,7 +48,7 @@ Implementations (``impl=``):
   bf16/fp16/fp32 in, fp32 math, outputs in the input dtype; head dims up to 128 (padded to
   a power of two and masked).  Under ``TRITON_INTERPRET=1`` it runs on CPU tensors.
 * ``"auto"`` - flash when the tensors are on CUDA in fp16/bf16 and flash-attn imports, else
-  triton for CUDA fp16/bf16 when compiled Triton runs, else torch (fp32 included: the Triton
+  triton for CUDA fp16/bf16 when compiled Triton runs, else sdpa (fp32 included: the Triton
   fp32 path multiplies in full fp32 without tensor cores and is a correctness path).
 """
 
@@ -64,7 +71,7 @@ if HAS_TRITON:
 __all__ = ["PrefixLayout", "prefix_shared_attention", "PREFIX_ATTENTION_IMPLS",
            "PrefixAttentionTiles", "prefix_attention_tiles", "planned_launches"]
 
-PREFIX_ATTENTION_IMPLS = ("auto", "triton", "torch", "flash")
+PREFIX_ATTENTION_IMPLS = ("auto", "triton", "torch", "sdpa", "flash")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -248,6 +255,8 @@ def _build_index(layout: PrefixLayout, key: str) -> torch.Tensor:
         return inv
     if key.startswith("kv_blocks:"):
         return _kv_block_table(layout, int(key.split(":")[1]))
+    if key.startswith("sdpa_"):
+        return _sdpa_index(layout, key)
     raise KeyError(key)
 
 
@@ -334,7 +343,9 @@ def _resolve(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if (dev.type == "cuda" and HAS_TRITON_GPU and q.dtype in _FLASH_DTYPES
                 and q.shape[2] <= MAX_TRITON_HEAD_DIM):
             return "triton"
-        return "torch"
+        return "sdpa"
+    if impl in ("torch", "sdpa"):
+        return impl
     impl = resolve_impl(impl, dev)
     if impl == "triton":
         if q.dtype not in _KERNEL_DTYPES:
@@ -368,6 +379,76 @@ def _prefix_attention_torch(q, k, v, layout: PrefixLayout, scale: float) -> torc
     if not outs:  # no units: T = 0
         return q.new_zeros(q.shape)
     return torch.cat(outs, dim=0)
+
+
+# ----------------------------------------------------------------------------- SDPA composition
+def _prefix_attention_sdpa(q, k, v, layout: PrefixLayout, scale: float) -> torch.Tensor:
+    """Two padded SDPA calls: the prompts (causal); the responses against [P; R_i]."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    dev = q.device
+    gqa = q.shape[1] != k.shape[1]
+    if layout.num_units == 0:
+        return q.new_zeros(q.shape)
+
+    def padded(x, key, rows):  # [T, H, D] -> [n, H, rows, D] by a gather index
+        return x.index_select(0, layout._host_index(key, dev)).view(
+            -1, rows, x.shape[1], x.shape[2]).transpose(1, 2)
+
+    def valid(o, key):  # [n, H, rows, D] -> the real rows, [t, H, D]
+        return o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3]).index_select(
+            0, layout._host_index(key, dev))
+
+    mp = max(layout.prefix_lens_host)
+    o_p = sdpa(padded(q, "sdpa_prompt_rows", mp), padded(k, "sdpa_prompt_rows", mp),
+               padded(v, "sdpa_prompt_rows", mp), is_causal=True, scale=scale, enable_gqa=gqa)
+    outs = [valid(o_p, "sdpa_prompt_valid")]
+    suffixes = [n for ss in layout.suffix_lens_host for n in ss]
+    if suffixes:
+        mn = max(suffixes)
+        mk = max(p + n for p, ss in zip(layout.prefix_lens_host, layout.suffix_lens_host)
+                 for n in ss)
+        mask = layout._host_index("sdpa_suffix_mask", dev)
+        o_s = sdpa(padded(q, "sdpa_suffix_rows", mn), padded(k, "sdpa_suffix_kv_rows", mk),
+                   padded(v, "sdpa_suffix_kv_rows", mk), attn_mask=mask, scale=scale,
+                   enable_gqa=gqa)
+        outs.append(valid(o_s, "sdpa_suffix_valid"))
+    return torch.cat(outs, dim=0)[layout._host_index("inverse", dev)]
+
+
+def _sdpa_index(layout: PrefixLayout, key: str) -> torch.Tensor:
+    """Gather indices, valid-row indices and the suffix mask of the SDPA composition.  Pad
+    slots gather the unit's first row: a prompt's pads sit after its real rows (causality
+    keeps them out), a response's key pads are masked, query pads are dropped (each sees one
+    key, so no row of the padded call is empty)."""
+    off = layout.unit_offsets()
+    ps, ss = layout.prefix_lens_host, layout.suffix_lens_host
+    ar = lambda n: torch.arange(n, dtype=torch.long, device="cpu")  # noqa: E731
+    if key in ("sdpa_prompt_rows", "sdpa_prompt_valid"):
+        mp = max(ps)
+        s = ar(mp)
+        if key == "sdpa_prompt_rows":
+            return torch.cat([torch.where(s < p, off[u] + s, off[u]) for u, p in enumerate(ps)])
+        return torch.cat([u * mp + ar(p) for u, p in enumerate(ps)])
+    sfx = []  # (unit start, prompt length, response start, response length)
+    for u, (p, sl) in enumerate(zip(ps, ss)):
+        at = off[u] + p
+        for n in sl:
+            sfx.append((off[u], p, at, n))
+            at += n
+    mn = max(n for *_, n in sfx)
+    mk = max(p + n for _, p, _, n in sfx)
+    r, j = ar(mn), ar(mk)
+    if key == "sdpa_suffix_rows":
+        return torch.cat([torch.where(r < n, a + r, a) for _, _, a, n in sfx])
+    if key == "sdpa_suffix_valid":
+        return torch.cat([i * mn + ar(n) for i, (*_, n) in enumerate(sfx)])
+    if key == "sdpa_suffix_kv_rows":
+        return torch.cat([torch.where(j < p, u0 + j, torch.where(j < p + n, a + j - p, u0))
+                          for u0, p, a, n in sfx])
+    if key == "sdpa_suffix_mask":  # [S, 1, mn, mk]: row r sees keys j <= p + r (pads: key 0)
+        return torch.stack([torch.where((r < n)[:, None], j[None, :] <= p + r[:, None],
+                                        j[None, :] == 0) for _, p, _, n in sfx])[:, None]
+    raise KeyError(key)
 
 
 # ----------------------------------------------------------------------------- flash-attn path
@@ -908,7 +989,7 @@ def prefix_shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k, v: [T, Hk, D] keys and values (q's dtype and device), ``Hq % Hk == 0``.
         layout: :class:`PrefixLayout` on q's device.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        impl: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"flash"``.
+        impl: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"sdpa"`` | ``"flash"``.
 
     Returns:
         [T, Hq, D] in q's dtype; differentiable w.r.t. q, k and v.
@@ -917,6 +998,8 @@ def prefix_shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     impl = _resolve(impl, q, k, v, layout)
     if impl == "torch":
         return _prefix_attention_torch(q, k, v, layout, scale)
+    if impl == "sdpa":
+        return _prefix_attention_sdpa(q, k, v, layout, scale)
     if impl == "flash":
         return _prefix_attention_flash(q, k, v, layout, scale)
     return _PrefixAttentionFunction.apply(q, k, v, layout, scale)

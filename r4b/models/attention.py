@@ -15,8 +15,8 @@ The backend is resolved in one place, :func:`resolve_backend`:
 Prefix-shared units (:mod:`r4b.packing.groups`: a group's prompt once, then each rollout's
 suffix, which sees the prompt and causally itself) run through
 :func:`r4b_kernels.prefix_shared_attention`: flash-attn's varlen kernel under ``flash``, the
-r4b Triton kernel on other CUDA fp16/bf16 activations, the explicit-mask reference under
-``sdpa`` and on CPU.
+r4b Triton kernel on other CUDA fp16/bf16 activations, its SDPA composition (two padded calls:
+the prompts; the responses against ``[P; R_i]``) under ``sdpa`` and on CPU.
 
 Cached decoding (:class:`KVCache`) always uses SDPA with an explicit per-row mask: the new
 ``s`` tokens of row ``r`` see the row's cached prefix and themselves, causally.
@@ -54,7 +54,7 @@ except ImportError:  # older torch: no varlen module
     HAVE_TORCH_VARLEN = False
 
 BACKENDS = ("flash", "torch_varlen", "sdpa")
-PREFIX_IMPL = {"flash": "flash", "torch_varlen": "auto", "sdpa": "torch"}
+PREFIX_IMPL = {"flash": "flash", "torch_varlen": "auto", "sdpa": "sdpa"}
 """The :func:`r4b_kernels.prefix_shared_attention` implementation of each backend (torch's
 varlen kernel has no such mask: its CUDA activations take the Triton kernel)."""
 _HALF = (torch.float16, torch.bfloat16)
