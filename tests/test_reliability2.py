@@ -457,3 +457,17 @@ def test_8_the_planner_says_which_layouts_it_leaves_out_and_never_prints_0_kib(c
     out = capsys.readouterr().out
     assert "TP=3 DP=2 left out:" in out and "is not divisible by 3" in out
     assert "(0 KiB per token)" not in out and " per token)" in out
+
+
+def test_the_packed_layout_may_change_on_resume():
+    """``share_prefix`` changes the packing, not the math: a resume may switch it (and a run
+    directory recorded before the option existed resumes with it named)."""
+    from r4b.rundir import _safe, job_differences
+
+    old = {"rl": {"lr": 1e-4}, "anneal": {"warmup_steps": 3}}
+    new = {"rl": {"lr": 1e-4, "share_prefix": True},
+           "anneal": {"warmup_steps": 3, "share_prefix": True}}
+    diffs = job_differences(old, new)
+    assert diffs == {"anneal.share_prefix": (None, True), "rl.share_prefix": (None, True)}
+    assert all(_safe(k) for k in diffs)
+    assert not _safe("rl.lr") and not _safe("rl.group_size")
