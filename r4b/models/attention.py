@@ -18,8 +18,17 @@ suffix, which sees the prompt and causally itself) run through
 r4b Triton kernel on other CUDA fp16/bf16 activations, its SDPA composition (two padded calls:
 the prompts; the responses against ``[P; R_i]``) under ``sdpa`` and on CPU.
 
-Cached decoding (:class:`KVCache`) always uses SDPA with an explicit per-row mask: the new
+Cached decoding has two caches.  :class:`KVCache` holds every row's whole sequence (a dense
+``[rows, max_seqlen]`` buffer per layer) and uses SDPA with an explicit per-row mask: the new
 ``s`` tokens of row ``r`` see the row's cached prefix and themselves, causally.
+:class:`SharedKVCache` holds shared prompt segments once: a :class:`PrefixTree` of *nodes*
+(token segments, each continuing its parent node) and *rows* (each continuing one node with
+its own tokens), all in one flat ``[tokens, kv_heads, head_dim]`` buffer per layer.  A row's
+keys are its node chain (root first) and then its own tokens, at the positions they would
+have in one sequence, so attention over them is the dense cache's attention.  It is computed
+in two parts (:func:`shared_cached_attention`): the chain once per distinct node continued,
+for all the queries continuing it (a prompt's keys are read once per step, not once per row),
+each query's own tokens causally, and the two merged exactly with their log-sum-exps.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -244,6 +255,11 @@ class KVCache:
         self.lengths[step.rows] += step.s
         self._host_lengths[step.rows_host] += step.s
 
+    @property
+    def held_tokens(self) -> int:
+        """Token slots the cache's buffers hold per layer (``batch_size * max_seqlen``)."""
+        return int(self.k[0].shape[0] * self.k[0].shape[1]) if self.k else 0
+
 
 @dataclass
 class CacheStep:
@@ -255,6 +271,10 @@ class CacheStep:
     kv_len: int
     mask: torch.Tensor
     s: int
+
+    def attend(self, q, k_new, v_new, k_cache, v_cache, scale: float) -> torch.Tensor:
+        """:func:`cached_attention` with this step (one layer)."""
+        return cached_attention(q, k_new, v_new, k_cache, v_cache, self, scale)
 
 
 def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -273,6 +293,324 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     o = F.scaled_dot_product_attention(qh, kk, vv, attn_mask=step.mask, scale=scale,
                                        enable_gqa=kk.shape[1] != qh.shape[1])
     return o.transpose(1, 2).reshape(b * s, q.shape[1], d)
+
+
+# ---------------------------------------------------------------- shared-prefix KV cache
+def _int_tuple(name: str, values, lo: int) -> tuple[int, ...]:
+    """``values`` as a tuple of ints ``>= lo``; errors name ``name[i]``."""
+    out = []
+    for i, x in enumerate(values):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or int(x) < lo:
+            raise ValueError(f"{name}[{i}] must be an int >= {lo}, got {x!r}")
+        out.append(int(x))
+    return tuple(out)
+
+
+@dataclass
+class PrefixTree:
+    """Layout of a :class:`SharedKVCache`: shared token segments (*nodes*) and the rows that
+    continue them.
+
+    A node continues its parent node (or starts a sequence at position 0); a row continues one
+    node (its whole prompt is that node's chain) with up to ``row_tokens[r]`` tokens of its
+    own.  The positions of a row's tokens are those of one sequence: chain, then own tokens.
+    """
+
+    node_lengths: Sequence[int]
+    """Tokens of each node (each >= 1)."""
+    node_parents: Sequence[int]
+    """The node each node continues: an earlier node's index (parents come first), or -1 for
+    a root (starting at position 0)."""
+    row_nodes: Sequence[int]
+    """The node each row continues (-1: none, the row starts at position 0)."""
+    row_tokens: Sequence[int]
+    """Tokens each row can append after its node (each >= 1)."""
+
+    def __post_init__(self):
+        self.node_lengths = _int_tuple("node_lengths", self.node_lengths, 1)
+        self.node_parents = _int_tuple("node_parents", self.node_parents, -1)
+        self.row_nodes = _int_tuple("row_nodes", self.row_nodes, -1)
+        self.row_tokens = _int_tuple("row_tokens", self.row_tokens, 1)
+        n = len(self.node_lengths)
+        if len(self.node_parents) != n:
+            raise ValueError(f"node_parents must have one entry per node ({n}), got "
+                             f"{len(self.node_parents)}")
+        if len(self.row_nodes) != len(self.row_tokens):
+            raise ValueError(f"row_nodes must have one entry per row ({len(self.row_tokens)}), "
+                             f"got {len(self.row_nodes)}")
+        if not self.row_tokens:
+            raise ValueError("row_tokens must describe at least one row, got none")
+        for j, p in enumerate(self.node_parents):
+            if p >= j:
+                raise ValueError(f"node_parents[{j}] must name an earlier node (< {j}) or -1, "
+                                 f"got {p}")
+        for r, j in enumerate(self.row_nodes):
+            if j >= n:
+                raise ValueError(f"row_nodes[{r}] must be -1 or a node in [0, {n}), got {j}")
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes."""
+        return len(self.node_lengths)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return len(self.row_tokens)
+
+
+@dataclass
+class SharedCacheStep:
+    """One cached forward on a :class:`SharedKVCache` (``b`` slots, ``s`` new tokens each).
+
+    ``positions [b, s]``: absolute positions of the new tokens; ``write [b*s]``: their flat
+    buffer index; ``own_idx [b, L]`` / ``own_mask [b, s, L]``: each slot's own keys, causal;
+    ``chain_sel``: the slots that continue a node, ``chain_of [n]`` the distinct nodes they
+    continue, slot ``chain_sel[j]`` being row ``chain_rank[j]`` of group ``chain_inv[j]``;
+    ``chain_idx [n, P]`` / ``chain_valid [n, P]``: each group's chain keys (every token of
+    the node's path from its root); ``chain_rows``: the largest group."""
+
+    slots: torch.Tensor
+    slots_host: torch.Tensor
+    positions: torch.Tensor
+    write: torch.Tensor
+    own_idx: torch.Tensor
+    own_mask: torch.Tensor
+    chain_sel: torch.Tensor | None
+    chain_inv: torch.Tensor | None
+    chain_rank: torch.Tensor | None
+    chain_idx: torch.Tensor | None
+    chain_valid: torch.Tensor | None
+    chain_rows: int
+    kv_len: int
+    s: int
+
+    def attend(self, q, k_new, v_new, k_cache, v_cache, scale: float) -> torch.Tensor:
+        """:func:`shared_cached_attention` with this step (one layer)."""
+        return shared_cached_attention(q, k_new, v_new, k_cache, v_cache, self, scale)
+
+
+class SharedKVCache:
+    """Key/value cache that holds shared prompt segments once (see :class:`PrefixTree` and the
+    module docstring).
+
+    ``k[i], v[i]``: ``[held_tokens, kv_heads_local, head_dim]`` for local layer ``i``: every
+    node's tokens, then every row's ``row_tokens``, back to back.  The model's cached forward
+    appends to rows (``model(..., kv_cache=cache, cache_rows=rows)``) or, through the
+    :attr:`nodes` view, to nodes (``kv_cache=cache.nodes, cache_rows=node_ids``).  A node or row
+    attends to its chain only once every node of the chain is full (prefill parents first).
+    Build it with ``model.new_kv_cache(batch_size, max_seqlen, prefix_tree=tree)``.
+    """
+
+    def __init__(self, tree: PrefixTree, *, num_layers: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        if not isinstance(tree, PrefixTree):
+            raise TypeError(f"tree must be a PrefixTree, got {type(tree).__name__}")
+        n = tree.num_nodes
+        caps = list(tree.node_lengths) + list(tree.row_tokens)
+        parents = list(tree.node_parents) + list(tree.row_nodes)
+        starts = [0] * len(caps)
+        for j in range(1, len(caps)):
+            starts[j] = starts[j - 1] + caps[j - 1]
+        chains: list[tuple[int, ...]] = []  # ancestor nodes of each slot, root first
+        base = []  # position of each slot's first token
+        for p in parents:
+            chains.append(() if p < 0 else chains[p] + (p,))
+            base.append(0 if p < 0 else base[p] + caps[p])
+        self.tree = tree
+        self.num_nodes = n
+        self.batch_size = tree.batch_size
+        self.device = torch.device(device)
+        self._parent = torch.tensor(parents, dtype=torch.long, device="cpu")
+        self._cap = torch.tensor(caps, dtype=torch.long, device="cpu")
+        self._start = torch.tensor(starts, dtype=torch.long, device="cpu")
+        self._base = torch.tensor(base, dtype=torch.long, device="cpu")
+        self._len = torch.zeros(len(caps), dtype=torch.long, device="cpu")
+        self._chain = chains
+        self.max_seqlen = int((self._base + self._cap).max())
+        # Per node, the flat index of every token of its path from the root (padded by
+        # repeating the last one), built once on the device: a step only picks rows of it.
+        self._path_len = self._base[:n] + self._cap[:n]
+        width = int(self._path_len.max()) if n else 0
+        path = torch.zeros((n, width), dtype=torch.long, device="cpu")
+        for j in range(n):
+            seg = [torch.arange(starts[a], starts[a] + caps[a]) for a in chains[j] + (j,)]
+            idx = torch.cat(seg)
+            path[j, :idx.numel()] = idx
+            path[j, idx.numel():] = idx[-1]
+        self._path = path.to(self.device)
+        self._path_len_d = self._path_len.to(self.device)
+        total = sum(caps)
+        shape = (total, kv_heads, head_dim)
+        # zeros, not empty: padded key reads stay finite (their weights are exactly zero)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.nodes = _NodeSlots(self)
+
+    @property
+    def held_tokens(self) -> int:
+        """Token slots the cache's buffers hold per layer (all nodes + all rows' own tokens)."""
+        return int(self.k[0].shape[0]) if self.k else 0
+
+    def row_lengths(self) -> torch.Tensor:
+        """Host LongTensor ``[batch_size]``: tokens each row sees (its chain + its own)."""
+        r = slice(self.num_nodes, None)
+        return self._base[r] + self._len[r]
+
+    def node_lengths(self) -> torch.Tensor:
+        """Host LongTensor ``[num_nodes]``: tokens written to each node so far."""
+        return self._len[:self.num_nodes].clone()
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Forget the own tokens of ``rows`` (all rows by default); nodes are kept."""
+        if rows is None:
+            self._len[self.num_nodes:] = 0
+        else:
+            self._len[torch.as_tensor(rows).cpu().long() + self.num_nodes] = 0
+
+    def plan(self, rows: torch.Tensor, s: int) -> SharedCacheStep:
+        """Positions, write indices and attention layout for appending ``s`` tokens to each of
+        ``rows``."""
+        return self._plan(rows, s, "cache_rows", self.batch_size, self.num_nodes)
+
+    def advance(self, step: SharedCacheStep) -> None:
+        """Record that ``step.s`` tokens were appended to each of ``step``'s slots."""
+        self._len[step.slots_host] += step.s
+
+    def _plan(self, ids, s: int, name: str, count: int, offset: int) -> SharedCacheStep:
+        ids_host = torch.as_tensor(ids).detach().cpu().long()
+        kind = "row" if offset else "node"
+        if ids_host.dim() != 1 or ids_host.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D LongTensor, got shape "
+                             f"{tuple(ids_host.shape)}")
+        if int(ids_host.min()) < 0 or int(ids_host.max()) >= count:
+            raise ValueError(f"{name} must lie in [0, {count}), got {ids_host.tolist()}")
+        if ids_host.unique().numel() != ids_host.numel():
+            raise ValueError(f"{name} must not repeat a {kind}, got {ids_host.tolist()}")
+        slots = ids_host + offset
+        length, cap = self._len[slots], self._cap[slots]
+        end = length + s
+        if bool((end > cap).any()):
+            bad = [(int(i), int(e), int(c)) for i, e, c in zip(ids_host, end, cap) if e > c]
+            raise ValueError(f"KV cache overflow: ({kind}, own tokens after append, capacity) "
+                             f"{bad}")
+        for i, slot in zip(ids_host.tolist(), slots.tolist()):
+            short = [(j, int(self._len[j]), int(self._cap[j])) for j in self._chain[slot]
+                     if self._len[j] < self._cap[j]]
+            if short:
+                raise ValueError(f"{kind} {i} continues nodes that are not fully written "
+                                 f"(node, tokens, length) {short}: prefill them first")
+        start, base, parent = self._start[slots], self._base[slots], self._parent[slots]
+        sel = torch.nonzero(parent >= 0).reshape(-1)
+        uniq, inv = torch.unique(parent[sel], return_inverse=True)
+        seen: dict[int, int] = {}
+        ranks = []
+        for g in inv.tolist():  # a slot's row within its node's group
+            ranks.append(seen.get(g, 0))
+            seen[g] = ranks[-1] + 1
+        rank = torch.tensor(ranks, dtype=torch.long)
+        # O(b) host vectors in one copy; the O(b x L) index tensors are built on the device
+        host = [slots, start, length, base, sel, uniq, inv, rank]
+        flat = torch.cat(host)
+        if self.device.type != "cpu":
+            flat = flat.to(self.device, non_blocking=True)
+        slots_d, start_d, length_d, base_d, sel_d, uniq_d, inv_d, rank_d = \
+            flat.split([t.numel() for t in host])
+        ar = torch.arange(s, device=self.device)
+        pos_in = length_d[:, None] + ar[None]  # [b, s] own positions of the new tokens
+        L = int(end.max())
+        al = torch.arange(L, device=self.device)
+        own_idx = start_d[:, None] + torch.minimum(al[None], (length_d + s - 1)[:, None])
+        own_mask = al[None, None, :] <= pos_in[:, :, None]
+        chain = dict(chain_sel=None, chain_inv=None, chain_rank=None, chain_idx=None,
+                     chain_valid=None, chain_rows=0)
+        if uniq.numel():
+            P = int(self._path_len[uniq].max())
+            chain = dict(chain_sel=sel_d, chain_inv=inv_d, chain_rank=rank_d,
+                         chain_idx=self._path[uniq_d, :P],
+                         chain_valid=torch.arange(P, device=self.device)[None]
+                         < self._path_len_d[uniq_d][:, None],
+                         chain_rows=max(seen.values()))
+        return SharedCacheStep(slots=slots_d, slots_host=slots, positions=base_d[:, None] + pos_in,
+                               write=(start_d[:, None] + pos_in).reshape(-1), own_idx=own_idx,
+                               own_mask=own_mask, kv_len=int((base + end).max()), s=s, **chain)
+
+
+class _NodeSlots:
+    """The nodes of a :class:`SharedKVCache` addressed like cache rows (``cache_rows`` are
+    node indices), for prefilling them with the model's cached forward."""
+
+    def __init__(self, cache: SharedKVCache):
+        self._cache = cache
+        self.k, self.v = cache.k, cache.v
+        self.batch_size = cache.num_nodes
+        self.max_seqlen = cache.max_seqlen
+
+    def plan(self, nodes, s: int) -> SharedCacheStep:
+        """Like :meth:`SharedKVCache.plan`, for nodes."""
+        c = self._cache
+        if c.num_nodes == 0:
+            raise ValueError("the cache has no nodes to write")
+        return c._plan(nodes, s, "cache_rows (node indices)", c.num_nodes, 0)
+
+    def advance(self, step: SharedCacheStep) -> None:
+        """Like :meth:`SharedKVCache.advance`."""
+        self._cache.advance(step)
+
+
+def _attend_part(qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qh [n, Hk, m, D]`` against ``k, v [n, Hk, L, D]`` under ``mask`` (broadcast to
+    ``[n, Hk, m, L]``, True = visible), fp32: the normalised output ``[n, Hk, m, D]`` and the
+    log-sum-exp of the scores ``[n, Hk, m]``."""
+    sc = torch.matmul(qh, k.transpose(-1, -2)) * scale
+    sc = sc.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(sc, dim=-1)
+    o = torch.matmul(torch.exp(sc - lse[..., None]), v)
+    return o, lse
+
+
+def shared_cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor, step: SharedCacheStep,
+                            scale: float) -> torch.Tensor:
+    """Write ``k_new, v_new [b*s, Hk, D]`` into a :class:`SharedKVCache` layer's flat buffers
+    ``k_cache, v_cache [N, Hk, D]``, attend ``q [b*s, Hq, D]`` to each query slot's chain and
+    own tokens; returns ``[b*s, Hq, D]`` (in ``q``'s dtype).
+
+    Exactly softmax attention over ``[chain ; own tokens]``, in two parts merged with their
+    log-sum-exps: ``o = w_c o_c + w_o o_o`` with ``o_k`` each part's normalised output,
+    ``w_k = exp(l_k - logsumexp(l_c, l_o))`` and ``l_k`` the log-sum-exp of its scores.  The
+    chain part runs once per distinct node continued, for all its queries at once
+    (``[nodes, Hk, rows x s x rep, P]`` scores): a prompt's keys are read once per step, not
+    once per row.  Scores, softmax and the merge are fp32."""
+    b, s = step.positions.shape
+    hk, d = k_new.shape[1], k_new.shape[2]
+    rep = q.shape[1] // hk
+    k_cache.index_copy_(0, step.write, k_new.to(k_cache.dtype))
+    v_cache.index_copy_(0, step.write, v_new.to(v_cache.dtype))
+    # query head h uses kv head h // rep: per kv head, the s x rep queries of a slot
+    qh = q.float().view(b, s, hk, rep, d).permute(0, 2, 1, 3, 4).reshape(b, hk, s * rep, d)
+    L = step.own_idx.shape[1]
+    ko = k_cache[step.own_idx].float().permute(0, 2, 1, 3)  # [b, Hk, L, D]
+    vo = v_cache[step.own_idx].float().permute(0, 2, 1, 3)
+    own = step.own_mask[:, None, :, None, :].expand(b, 1, s, rep, L).reshape(b, 1, s * rep, L)
+    o, lse = _attend_part(qh, ko, vo, own, scale)
+    if step.chain_idx is not None:
+        sel, inv, rank = step.chain_sel, step.chain_inv, step.chain_rank
+        n, m = step.chain_idx.shape[0], step.chain_rows
+        qg = qh.new_zeros((n, m, hk, s * rep, d))
+        qg[inv, rank] = qh[sel]
+        qg = qg.permute(0, 2, 1, 3, 4).reshape(n, hk, m * s * rep, d)
+        kc = k_cache[step.chain_idx].float().permute(0, 2, 1, 3)  # [n, Hk, P, D]
+        vc = v_cache[step.chain_idx].float().permute(0, 2, 1, 3)
+        oc, lc = _attend_part(qg, kc, vc, step.chain_valid[:, None, None, :], scale)
+        oc = oc.view(n, hk, m, s * rep, d).permute(0, 2, 1, 3, 4)[inv, rank]
+        lc = lc.view(n, hk, m, s * rep).permute(0, 2, 1, 3)[inv, rank]
+        lo = lse[sel]
+        tot = torch.logaddexp(lo, lc)
+        o[sel] = o[sel] * torch.exp(lo - tot)[..., None] + oc * torch.exp(lc - tot)[..., None]
+    out = o.view(b, hk, s, rep, d).permute(0, 2, 1, 3, 4).reshape(b * s, hk * rep, d)
+    return out.to(q.dtype)
 
 
 # ---------------------------------------------------------------- the attention block
@@ -318,7 +656,7 @@ class ParallelSelfAttention(nn.Module):
         v = v.reshape(t, self.hk, d)
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
-            o = cached_attention(q, k, v, cache[0], cache[1], step, self.scale)
+            o = step.attend(q, k, v, cache[0], cache[1], self.scale)
         elif self.recompute_core and torch.is_grad_enabled():
             # selective recomputation: the core's saved tensors (SDPA's padded copies and its
             # softmax statistics) are rebuilt from q, k, v in backward

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import nn
 
-from .attention import AttnMeta, CacheStep, KVCache, ParallelSelfAttention
+from .attention import (AttnMeta, CacheStep, KVCache, ParallelSelfAttention, PrefixTree,
+                        SharedKVCache)
 from .config import LMConfig
 from .layers import ParallelSwiGLUMLP, RotaryEmbedding, column_linear, init_normal, make_rms_norm
 
@@ -259,11 +260,15 @@ class Qwen3LM(nn.Module):
             return gather_last_dim(local, self.tp_group)
         return local
 
-    def new_kv_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device) -> KVCache:
-        """An empty cache for this stage's layers and this rank's KV heads."""
-        return KVCache(num_layers=len(self.layers), batch_size=batch_size, max_seqlen=max_seqlen,
-                       kv_heads=self.cfg.num_kv_heads // self.tp_size, head_dim=self.cfg.head_dim,
-                       dtype=dtype, device=device)
+    def new_kv_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype, device,
+                     prefix_tree: PrefixTree | None = None) -> KVCache | SharedKVCache:
+        """An empty cache for this stage's layers and this rank's KV heads: a dense
+        :class:`KVCache`, or with ``prefix_tree`` a :class:`SharedKVCache` of that layout."""
+        kw = dict(num_layers=len(self.layers), kv_heads=self.cfg.num_kv_heads // self.tp_size,
+                  head_dim=self.cfg.head_dim, dtype=dtype, device=device)
+        if prefix_tree is not None:
+            return SharedKVCache(prefix_tree, **kw)
+        return KVCache(batch_size=batch_size, max_seqlen=max_seqlen, **kw)
 
     # ------------------------------------------------------------ HF weights
     def _hf_table(self) -> list[HFEntry]:

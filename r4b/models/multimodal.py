@@ -38,7 +38,7 @@ from torch import nn
 
 from ..data.images import ProcessedImage, anyres_grid
 from ..log import get_logger
-from .attention import KVCache, make_attn_meta, resolve_backend
+from .attention import KVCache, PrefixTree, SharedKVCache, make_attn_meta, resolve_backend
 from .config import ModelConfig
 from .lm import Qwen3LM
 from .parallel import (ensure_model_parallel, mark_tensor_parallel_attributes,
@@ -239,15 +239,33 @@ class R4BModel(nn.Module):
         self.input_tensor = input_tensor
 
     # ------------------------------------------------------------ KV cache
-    def new_kv_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, *,
+                     prefix_tree: PrefixTree | None = None) -> KVCache | SharedKVCache:
         """An empty KV cache with ``batch_size`` rows of ``max_seqlen`` tokens (dtype defaults to
-        the compute dtype), on the model's device; ``cache.lengths`` starts at 0."""
+        the compute dtype), on the model's device; the dense cache's ``lengths`` start at 0.
+
+        With ``prefix_tree`` (a :class:`~r4b.models.attention.PrefixTree` of ``batch_size``
+        rows): a :class:`~r4b.models.attention.SharedKVCache` holding the tree's shared nodes
+        once and each row's own tokens; ``max_seqlen`` bounds every row's chain plus own
+        tokens."""
         if max_seqlen > self.cfg.lm.max_position_embeddings:
             raise ValueError(f"max_seqlen {max_seqlen} exceeds lm.max_position_embeddings "
                              f"{self.cfg.lm.max_position_embeddings}")
         p = next(self.parameters())
-        return self.language_model.new_kv_cache(batch_size, max_seqlen,
-                                                dtype or self.compute_dtype, p.device)
+        if prefix_tree is not None:
+            if not isinstance(prefix_tree, PrefixTree):
+                raise TypeError(f"prefix_tree must be a PrefixTree, got "
+                                f"{type(prefix_tree).__name__}")
+            if prefix_tree.batch_size != batch_size:
+                raise ValueError(f"prefix_tree describes {prefix_tree.batch_size} rows, expected "
+                                 f"batch_size={batch_size}")
+        cache = self.language_model.new_kv_cache(batch_size, max_seqlen,
+                                                 dtype or self.compute_dtype, p.device,
+                                                 prefix_tree=prefix_tree)
+        if cache.max_seqlen > max_seqlen:
+            raise ValueError(f"prefix_tree reaches {cache.max_seqlen} tokens in a row (chain + own "
+                             f"tokens), more than max_seqlen={max_seqlen}")
+        return cache
 
     # ------------------------------------------------------------ images
     def image_token_counts(self, images: ImageBatch) -> list[int]:
@@ -401,7 +419,7 @@ class R4BModel(nn.Module):
     # ------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor | None = None, *, images=None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, kv_cache: KVCache | None = None,
+                max_seqlen: int | None = None, kv_cache=None,
                 cache_rows: torch.Tensor | None = None, return_hidden: bool = False,
                 gather_logits: bool = True, prefix_layout=None) -> torch.Tensor:
         """Run this stage.
@@ -417,9 +435,10 @@ class R4BModel(nn.Module):
                 (plain; default ``arange(S)``).
             cu_seqlens: int32 ``[n+1]`` sequence boundaries of packed ``input_ids``.
             max_seqlen: longest packed sequence (computed from ``cu_seqlens`` when omitted).
-            kv_cache: a cache from :meth:`new_kv_cache`; switches to cached decoding.
-            cache_rows: LongTensor ``[b]``, the cache rows ``input_ids`` belong to (default:
-                all rows, ``b`` must equal the cache's batch size).
+            kv_cache: a cache from :meth:`new_kv_cache` (or a shared cache's ``nodes`` view,
+                to prefill its shared segments); switches to cached decoding.
+            cache_rows: LongTensor ``[b]``, the cache rows (nodes) ``input_ids`` belong to
+                (default: all rows, ``b`` must equal the cache's batch size).
             return_hidden: return final-normed hidden states ``[..., H]`` instead of logits.
             gather_logits: gather logits over TP (``False``: this rank's ``[..., V_local]``).
             prefix_layout: a :class:`r4b_kernels.PrefixLayout` when the packed tokens are
@@ -510,7 +529,7 @@ class R4BModel(nn.Module):
         h = lm.final_norm(hidden)
         return h if return_hidden else lm.logits(h, gather=gather)
 
-    def _forward_cached(self, input_ids, images, cache: KVCache, rows, return_hidden, gather):
+    def _forward_cached(self, input_ids, images, cache, rows, return_hidden, gather):
         if not (self.pre_process and self.post_process):
             raise RuntimeError("cached decoding runs on a single pipeline stage (PP=1) only")
         if input_ids is None or input_ids.dim() != 2:
