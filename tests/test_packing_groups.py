@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r4b.packing import GroupUnit, group_units, image_classes, pack_groups
+from r4b.packing import FlatTokens, GroupUnit, group_units, image_classes, pack_groups
 from r4b.packing import python_ref as pyref
 from r4b.packing import reference as ref
 from r4b.packing import thd
@@ -57,7 +57,8 @@ def group_batches(draw, min_response: int = 0):
             prompt = base.copy()
             if kind == "routing":
                 cut = int(rng.integers(0, P + 1))
-                prompt = np.concatenate([base[:cut], rng.integers(1, vocab, int(rng.integers(1, 4)))])
+                tail = rng.integers(1, vocab, int(rng.integers(1, 4)))
+                prompt = np.concatenate([base[:cut], tail])
             elif kind == "differ_at_0":
                 prompt[0] = 1000 + i
             resp = rng.integers(1, vocab, int(rng.integers(min_response, 20)))
@@ -116,7 +117,8 @@ def test_group_units_invariants(b):
     first-fit-decreasing under the budget (or one unit per member with its whole prompt when it
     may not share), groups in order of first appearance; statistics that add up."""
     out = _units(HOST[0], b)
-    seqs, plens, cls, itok = b["seqs"], b["prompt_lens"].tolist(), b["image_class"], b["image_token_id"]
+    seqs, plens, cls = b["seqs"], b["prompt_lens"].tolist(), b["image_class"]
+    itok = b["image_token_id"]
     bnd = out["unit_offsets"].tolist()
     units = [(out["unit_seqs"][a:e].tolist(), int(c), int(L)) for a, e, c, L in
              zip(bnd[:-1], bnd[1:], out["unit_shared"], out["unit_length"])]
@@ -289,7 +291,10 @@ def test_public_functions_agree_across_implementations(seed):
     assert all(r == (units, stats) for r in res.values())
     order = rng.permutation(len(units)).tolist()
     mbs = [order[:len(order) // 2], [], order[len(order) // 2:]]
+    flat = FlatTokens.of(toks)  # one flattening for both calls gives the same result
+    assert group_units(flat, plens, gids, ims, budget=budget, image_token_id=0) == (units, stats)
     packed = {impl: pack_groups(toks, plens, ims, units, mbs, impl=impl) for impl in HOST}
+    packed["flat"] = pack_groups(flat, plens, ims, units, mbs)
     for impl, mbs_i in packed.items():
         for x, y in zip(packed["python"], mbs_i):
             for f in MB_FIELDS:
@@ -319,7 +324,8 @@ def test_public_functions_agree_across_implementations(seed):
             v = plens[mb.seqs[q]] + t - 1
             u = int(unit_of_row[r])
             keys = [k for k in range(cu[u], cu[u + 1]) if masks[u][r - cu[u], k - cu[u]]]
-            assert tgt == seq[v + 1] and [(pos[k], ids[k]) for k in keys] == list(enumerate(seq[:v + 1]))
+            assert tgt == seq[v + 1]
+            assert [(pos[k], ids[k]) for k in keys] == list(enumerate(seq[:v + 1]))
         # each unit's images once, from its first rollout
         n_img = sum(len(ims[units[u].seqs[0]]) for u in unit_ids)
         assert (mb.images is None) == (n_img == 0)
@@ -481,3 +487,13 @@ def test_cpp_layer_validates_its_own_arguments():
     with pytest.raises(ValueError, match="bounds must be a 1-D int64 array"):
         _C.pack_groups(i64(1, 2), i64(0, 2), i64(1), i64(0), i64(0, 1), i64(1), i64(0),
                        bounds=np.zeros((1, 2), np.int64))
+
+
+def test_flat_tokens_validates_its_arrays():
+    ft = FlatTokens.of([[1, 2], [3]])
+    assert len(ft) == 2 and ft.flat.tolist() == [1, 2, 3] and ft.offsets.tolist() == [0, 2, 3]
+    with pytest.raises(TypeError, match="FlatTokens.flat must be a 1-D int64 NumPy array, got "
+                                        "float64"):
+        FlatTokens(np.ones(3), np.array([0, 3]))
+    with pytest.raises(ValueError, match="FlatTokens.offsets must have n \\+ 1 >= 1 entries"):
+        FlatTokens(np.zeros(0, np.int64), np.zeros(0, np.int64))

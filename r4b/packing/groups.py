@@ -59,6 +59,44 @@ class GroupUnit:
     """Tokens of the unit: ``shared + sum(len(token_ids[j]) - shared for j in seqs)``."""
 
 
+@dataclass(frozen=True)
+class FlatTokens:
+    """A batch's token ids flattened once: sequence ``j`` is ``flat[offsets[j]:offsets[j + 1]]``.
+
+    :func:`group_units` and :func:`pack_groups` take it in place of per-sequence token lists, so
+    that one flattening (the largest host cost of the two on long rollouts) serves both.
+    """
+
+    flat: np.ndarray
+    """int64 [total] token ids back to back."""
+    offsets: np.ndarray
+    """int64 [n + 1] start of each sequence in ``flat``."""
+
+    @classmethod
+    def of(cls, token_ids: Sequence[Sequence[int]]) -> "FlatTokens":
+        """Flatten per-sequence token lists (or 1-D arrays / tensors)."""
+        return cls(*flatten_sequences(token_ids))
+
+    def __post_init__(self):
+        for name in ("flat", "offsets"):
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype != np.int64:
+                raise TypeError(f"FlatTokens.{name} must be a 1-D int64 NumPy array, got "
+                                f"{getattr(a, 'dtype', type(a).__name__)} "
+                                f"{getattr(a, 'shape', '')}")
+        if self.offsets.shape[0] < 1:
+            raise ValueError("FlatTokens.offsets must have n + 1 >= 1 entries, got 0")
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+
+def _flat(token_ids) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(token_ids, FlatTokens):
+        return token_ids.flat, token_ids.offsets
+    return flatten_sequences(token_ids)
+
+
 def _same_images(a: list, b: list) -> bool:
     """Whether two image lists hold the same images, by content (not by object)."""
     if len(a) != len(b):
@@ -108,9 +146,9 @@ def _check_lengths(n: int, **per_seq) -> None:
             raise ValueError(f"{name} has {len(seq)} entries, expected one per sequence ({n})")
 
 
-def group_units(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
-                group_ids: Sequence[int], images: Sequence[list], *, budget: int,
-                image_token_id: int | None = None, impl: str = "auto"
+def group_units(token_ids: Sequence[Sequence[int]] | FlatTokens,
+                prompt_lens: Sequence[int], group_ids: Sequence[int], images: Sequence[list], *,
+                budget: int, image_token_id: int | None = None, impl: str = "auto"
                 ) -> tuple[list[GroupUnit], dict]:
     """Split the batch into prefix-shared units, in order of each group's first sequence.
 
@@ -120,7 +158,9 @@ def group_units(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
     unit (prefix = its prompt, one suffix), which is exactly the one-rollout-per-sequence layout.
     A group whose unit would exceed ``budget`` tokens is split first-fit-decreasing over the
     fewest units that fit (each unit repeats the prefix); a single member longer than the budget
-    gets a unit of its own.  ``impl``: "auto" | "cpp" | "numpy" | "python" (identical results).
+    gets a unit of its own.  ``token_ids``: per-sequence token lists, or the batch flattened
+    once (:class:`FlatTokens`, which :func:`pack_groups` takes too).  ``impl``: "auto" | "cpp"
+    | "numpy" | "python" (identical results).
 
     Returns the units and statistics: ``dense_tokens`` (the one-rollout-per-sequence count),
     ``shared_tokens`` (tokens of all units), ``prefix_copies_lost`` (extra prefix copies from
@@ -131,7 +171,7 @@ def group_units(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
     if budget < 1:
         raise ValueError(f"budget must be >= 1 token, got {budget}")
     impl = thd.resolve_impl(impl, groups=True)
-    flat, offsets = flatten_sequences(token_ids)
+    flat, offsets = _flat(token_ids)
     out = thd._host_impl(impl).group_units(
         flat, offsets, thd._ints("prompt_lens", prompt_lens), thd._ints("group_ids", group_ids),
         image_classes(images, group_ids), int(budget),
@@ -144,8 +184,8 @@ def group_units(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
     return units, stats
 
 
-def pack_groups(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
-                images: Sequence[list], units: Sequence[GroupUnit],
+def pack_groups(token_ids: Sequence[Sequence[int]] | FlatTokens,
+                prompt_lens: Sequence[int], images: Sequence[list], units: Sequence[GroupUnit],
                 microbatches: Sequence[Sequence[int]], *,
                 process: Callable[[list], list] | None = None,
                 impl: str = "auto") -> list[PackedMicroBatch]:
@@ -161,8 +201,8 @@ def pack_groups(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
 
     No unit may be in two micro-batches and no sequence in two packed units, and each unit's
     ``shared`` tokens must be a common prefix of its sequences' prompts; errors name the place.
-    ``impl``: "auto" | "cpp" | "numpy" | "python" (identical results; the images of every
-    implementation are gathered here, in Python).
+    ``token_ids`` as in :func:`group_units`.  ``impl``: "auto" | "cpp" | "numpy" | "python"
+    (identical results; the images of every implementation are gathered here, in Python).
     """
     from r4b_kernels import PrefixLayout
 
@@ -197,7 +237,7 @@ def pack_groups(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
             x, y = int(order[dup[0]]), int(order[dup[0] + 1])
             raise ValueError(f"every unit must be in at most one micro-batch, but unit "
                              f"{int(sel[x])} is at {where(x)} and {where(y)}")
-    flat, offsets = flatten_sequences(token_ids)
+    flat, offsets = _flat(token_ids)
     packed = thd._host_impl(impl).pack_groups(
         flat, offsets, thd._ints("prompt_lens", prompt_lens), unit_seqs, unit_offsets,
         unit_shared, sel, bounds)
