@@ -8,26 +8,30 @@ which mode the completion is in (for auto requests: the mode the model chose).
 
 How a batch runs:
 
-1. **Prefill.** Rows are grouped by identical prompt (the same ``prompt_ids`` and images of the
-   same content); each distinct prompt is prefilled once, into the KV-cache row of its first
-   request, and then *forked*: every layer's cached keys and values of positions
-   ``[0, len)`` are copied into the cache rows of the group's other requests
-   (:func:`fork_cache_rows`), whose logits are the representative's.  Distinct prompts of
-   equal length run as one cached forward (images concatenated in row order), at most
-   ``prefill_tokens`` prompt tokens per forward; only the last position of each goes through
-   the LM head (its logits seed decoding).  The cache holds ``max(prompt + budget)`` tokens
-   per row, never more than ``max_seqlen``.  Under token routing the 2g requests of a BPO group
-   have one prompt, so the group costs one prefill and one image encoding instead of 2g
-   (and requests passing the same images object share one processed image batch).
-   Under prompt routing the mode prefix is part of the prompt, so the think and no-think
-   prompts of a group differ in their last tokens: only exact duplicates share (the g
-   requests of each mode), not the longest common prefix.  ``share_prompts=False`` prefills
-   every row on its own (the same results; for comparison).
+1. **Prefill.** Rows with the same prompt (the same ``prompt_ids`` and images of the same
+   content) are one *distinct prompt* (:func:`prompt_groups`); the distinct prompts' shared
+   prefixes form a radix tree (:func:`prompt_tree`) whose *nodes* — each distinct prefix
+   segment — are prefilled once, parents first, into a
+   :class:`~r4b.models.attention.SharedKVCache` that holds each node once; every row then
+   continues the node its prompt ends with, holding only its own response tokens.  Under
+   token routing the 2g requests of a BPO group have one prompt: one root, one prefill, one
+   image encoding instead of 2g.  Under prompt routing the think and no-think prompts of a
+   group differ in their last tokens: their longest common prefix (with the images) is one
+   node and each mode's remainder a child node prefilled against it.  Prompts with images
+   share only with prompts of equal image content whose tokens agree through the last image
+   placeholder, so every placeholder lies in the root; text prompts of different groups also
+   share their common template prefix.  Nodes of equal depth and length run as one cached
+   forward (images concatenated in node order), at most ``prefill_tokens`` tokens per
+   forward; only the last position of each distinct prompt goes through the LM head (its
+   logits seed decoding).  ``share_prompts=False`` prefills every row on its own into a dense
+   per-row :class:`~r4b.models.attention.KVCache` (the same results; for comparison).
 2. **Decode.** All live rows advance in lock step, so response position ``t`` is decoding step
    ``t`` for every row: one sampler call and one device→host copy (tokens and log-probs
    together) per step.  Forced tokens replace the draw at their positions; every row is drawn
    either way, so the random stream does not depend on forcing.  Finished rows drop out of the
-   batch (their cache rows are simply no longer addressed).
+   batch (their cache rows are simply no longer addressed).  On the shared cache a step's
+   attention reads each prompt node once for all the rows continuing it, then each row's own
+   tokens, and merges the parts exactly (:func:`~r4b.models.attention.shared_cached_attention`).
 
 Log-probs are ``log_softmax(logits / T)[token]`` over the full vocabulary (see
 :mod:`r4b.rollout.sampling`), for sampled and forced tokens alike.  Some ids are never drawn:
@@ -40,9 +44,12 @@ generator's state and its position in the request list — not on which other ro
 batch, on the device, or on how a KV budget splits the batch into waves.
 
 KV budget: with ``kv_budget_tokens`` the engine never holds more than that many cached tokens
-(rows x capacity, each row reserving its prompt plus response budget): requests run in
-*waves*, largest capacity first, each wave filled up to the budget.  Without it, all requests
-form one wave.
+per layer: requests run in *waves*, each filled up to the budget.  With shared prompts a wave
+holds each distinct prompt prefix once (its prompt tree's tokens) plus each row's response
+budget, so a group's prompt counts once, not 2g times; requests are taken in prompt-tree
+order, so a group's rows fill one wave together.  Per-row prompts (``share_prompts=False``):
+rows x the largest prompt + budget, largest first.  Without a budget, all requests form one
+wave.  ``last_stats['kv_tokens_peak']`` is the largest cache held, read from its buffers.
 
 TP: the model returns full-vocabulary logits on every TP rank; every rank of a TP group must
 pass a generator with the same seed and state, so all ranks draw the same tokens and feed the
@@ -180,7 +187,8 @@ def row_seeds(generator: torch.Generator | None, n: int) -> torch.Tensor:
 
 
 _WAVE_STATS = ("prefill_seconds", "decode_seconds", "decode_steps", "prompt_tokens",
-               "prefill_tokens", "distinct_prompts", "prefill_forwards", "prefill_images")
+               "prefill_tokens", "distinct_prompts", "prefix_nodes", "prefill_forwards",
+               "prefill_images")
 """Statistics each wave reports and :meth:`EmbeddedEngine.generate` sums over waves."""
 
 
@@ -212,82 +220,153 @@ def _same_images(a, b) -> bool:
     return pa.dtype == pb.dtype and pa.shape == pb.shape and torch.equal(pa.cpu(), pb.cpu())
 
 
+def image_classes(images: Sequence) -> list[int | None]:
+    """Per request, the index of its images' content class (None: no image): two requests get
+    the same class exactly when their processed images (``images[i]``: an
+    :class:`~r4b.models.ImageBatch` or None) hold the same tiles, layout and pixels.
+
+    Images are compared by a hash of their bytes, shape, tile counts and sizes, then exactly;
+    one object is hashed once (identity only shortcuts the comparison)."""
+    digests: dict[int, tuple | None] = {}
+    reps: dict[tuple, list[int]] = {}  # digest -> a request index per class
+    cls_of_rep: dict[int, int] = {}
+    out: list[int | None] = []
+    for i, im in enumerate(images):
+        if im is None:
+            out.append(None)
+            continue
+        if id(im) not in digests:
+            digests[id(im)] = _image_digest(im)
+        for r in reps.setdefault(digests[id(im)], []):
+            if _same_images(images[r], im):
+                out.append(cls_of_rep[r])
+                break
+        else:
+            cls_of_rep[i] = len(cls_of_rep)
+            reps[digests[id(im)]].append(i)
+            out.append(cls_of_rep[i])
+    return out
+
+
+def _groups_of(reqs: Sequence[RolloutRequest], classes: Sequence[int | None]) -> list[list[int]]:
+    """Rows grouped by (prompt ids, image class), groups in order of their first row."""
+    by_key: dict[tuple, list[int]] = {}
+    groups: list[list[int]] = []
+    for i, r in enumerate(reqs):
+        key = (tuple(int(t) for t in r.prompt_ids), classes[i])
+        if key not in by_key:
+            by_key[key] = []
+            groups.append(by_key[key])
+        by_key[key].append(i)
+    return groups
+
+
 def prompt_groups(reqs: Sequence[RolloutRequest], images: Sequence, *,
                   share: bool = True) -> list[list[int]]:
     """Row indices grouped by identical prompt: equal ``prompt_ids`` and images of equal content
-    (``images[i]``: request ``i``'s processed :class:`~r4b.models.ImageBatch` or None).
+    (``images[i]``: request ``i``'s processed :class:`~r4b.models.ImageBatch` or None; see
+    :func:`image_classes`).
 
     Groups are in order of their first row, rows ascending within a group; the first row is
-    the group's representative (the one prefilled).  Images are compared by content (a hash of
-    their bytes, shape, tile counts and sizes, then an exact comparison); identity only
-    shortcuts the comparison (one object is equal to itself), it is never needed: equal images
-    in different objects share, and two requests whose images differ in any pixel never do.
-    Only exact duplicates share; prompts with a common prefix but different ends are separate
-    groups.  ``share=False``:
-    every row is its own group."""
+    the group's representative.  Equal images in different objects share, and two requests
+    whose images differ in any pixel never do.  These are the engine's *distinct prompts*;
+    :func:`prompt_tree` then shares their common prefixes.  ``share=False``: every row is its
+    own group."""
     if len(images) != len(reqs):
         raise ValueError(f"images must hold one entry per request ({len(reqs)}), got "
                          f"{len(images)}")
     if not share:
         return [[i] for i in range(len(reqs))]
-    buckets: dict[tuple, list[list[int]]] = {}
-    groups: list[list[int]] = []
-    digests: dict[int, tuple | None] = {}  # one hash per image batch object
-    for i, r in enumerate(reqs):
-        im = images[i]
-        if id(im) not in digests:
-            digests[id(im)] = _image_digest(im)
-        key = (tuple(int(t) for t in r.prompt_ids), digests[id(im)])
-        for g in buckets.setdefault(key, []):
-            if _same_images(images[g[0]], images[i]):
-                g.append(i)
-                break
-        else:
-            g = [i]
-            buckets[key].append(g)
-            groups.append(g)
-    return groups
+    return _groups_of(reqs, image_classes(images))
 
 
-def fork_cache_rows(cache, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
-    """Copy the first ``length`` cached positions of KV-cache rows ``src`` into rows ``dst``
-    (every local layer's keys and values; ``src[j]`` → ``dst[j]``) and set the length of each
-    ``dst`` row to ``length``: the ``dst`` rows then continue as if they had been prefilled
-    with the same tokens.
+def _share_bucket(prompt: tuple[int, ...], cls: int | None, image_token_id: int | None) -> tuple:
+    """Prompts may share prefixes only within one bucket: all text prompts are one bucket; a
+    prompt with images shares only with prompts of the same image class and the same tokens up
+    to and including its last image placeholder (so every placeholder lies in the shared root
+    and is prefilled with the images; the rule of :func:`r4b.packing.groups.group_units`).
+    Without a known placeholder id, image prompts share only exact duplicates."""
+    if cls is None:
+        return ("text",)
+    if image_token_id is None:
+        return ("images", cls, prompt)
+    last = max((k for k, t in enumerate(prompt) if t == image_token_id), default=-1)
+    return ("images", cls, prompt[:last + 1])
 
-    ``cache``: a :class:`~r4b.models.attention.KVCache`; ``src``, ``dst``: LongTensors ``[n]``
-    of row indices (``dst`` distinct and disjoint from ``src``); every ``src`` row must hold at
-    least ``length`` cached tokens."""
-    src_h = torch.as_tensor(src, dtype=torch.long).cpu().reshape(-1)
-    dst_h = torch.as_tensor(dst, dtype=torch.long).cpu().reshape(-1)
-    if src_h.numel() != dst_h.numel():
-        raise ValueError(f"src and dst must have the same number of rows, got {src_h.numel()} "
-                         f"and {dst_h.numel()}")
-    if src_h.numel() == 0:
-        return
-    for name, rows in (("src", src_h), ("dst", dst_h)):
-        lo, hi = int(rows.min()), int(rows.max())
-        if lo < 0 or hi >= cache.batch_size:
-            raise ValueError(f"{name} rows must lie in [0, {cache.batch_size}), got values in "
-                             f"[{lo}, {hi}]")
-    if dst_h.unique().numel() != dst_h.numel():
-        raise ValueError(f"dst rows must be distinct, got {dst_h.tolist()}")
-    if set(dst_h.tolist()) & set(src_h.tolist()):
-        raise ValueError(f"dst rows {dst_h.tolist()} must not overlap src rows {src_h.tolist()}")
-    if isinstance(length, bool) or not isinstance(length, int) \
-            or not 1 <= length <= cache.max_seqlen:
-        raise ValueError(f"length must be an int in [1, {cache.max_seqlen}], got {length!r}")
-    held = cache._host_lengths[src_h]
-    if int(held.min()) < length:
-        bad = [(int(r), int(n)) for r, n in zip(src_h, held) if n < length]
-        raise ValueError(f"src rows must hold at least length={length} cached tokens, got "
-                         f"(row, tokens) {bad}")
-    dev = cache.lengths.device
-    s, d = src_h.to(dev), dst_h.to(dev)
-    for buf in (*cache.k, *cache.v):
-        buf[d, :length] = buf[s, :length]
-    cache.lengths[d] = length
-    cache._host_lengths[dst_h] = length
+
+def _lcp(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
+    """Length of the common prefix of ``a`` and ``b`` (known equal below ``start``)."""
+    n = min(len(a), len(b))
+    k = start
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+@dataclass
+class PromptNode:
+    """One shared prompt segment of :func:`prompt_tree`: tokens ``[start, end)`` of request
+    ``row``'s prompt, continuing node ``parent`` (-1: a root, from position 0)."""
+
+    parent: int
+    """Index of the node this one continues, or -1."""
+    row: int
+    """A request whose prompt holds the segment (its images, for a root with images)."""
+    start: int
+    """First position of the segment (the parent's end)."""
+    end: int
+    """One past the segment's last position."""
+    depth: int
+    """0 for a root, else the parent's depth + 1."""
+    ends: list[int] = field(default_factory=list)
+    """Distinct prompts (indices into the groups) that end with this node."""
+
+
+def prompt_tree(reqs: Sequence[RolloutRequest], groups: Sequence[Sequence[int]],
+                classes: Sequence[int | None], image_token_id: int | None = None
+                ) -> tuple[list[PromptNode], list[int]]:
+    """The radix tree of the distinct prompts ``groups`` (rows of equal prompt and images, see
+    :func:`prompt_groups`; ``classes``: each row's image class): every distinct prefix of the
+    prompts within one sharing bucket (see :func:`_share_bucket`) is one node, held and
+    prefilled once; a prompt is the chain of nodes from a root to the node it ends with.
+
+    Under token routing a group's 2g prompts are one distinct prompt (one root).  Under prompt
+    routing the think and no-think prompts of a group end differently: their longest common
+    prefix is one node (with the images) and each mode's remainder a child node.  Text prompts
+    of different groups share their common template prefix too.
+
+    Returns the nodes (parents before children) and, per group, the node it ends with."""
+    nodes: list[PromptNode] = []
+    group_node = [-1] * len(groups)
+    prompts = [tuple(int(t) for t in reqs[g[0]].prompt_ids) for g in groups]
+    buckets: dict[tuple, list[int]] = {}
+    for gi, g in enumerate(groups):
+        buckets.setdefault(_share_bucket(prompts[gi], classes[g[0]], image_token_id),
+                           []).append(gi)
+    for members in buckets.values():
+        members = sorted(members, key=lambda gi: prompts[gi])
+        stack: list[tuple[list[int], int, int]] = [(members, 0, -1)]
+        while stack:
+            mem, d, parent = stack.pop()
+            # sorted prompts: the set's common prefix is that of its first and last
+            end = _lcp(prompts[mem[0]], prompts[mem[-1]], d)
+            if end > d:
+                depth = 0 if parent < 0 else nodes[parent].depth + 1
+                ends = [gi for gi in mem if len(prompts[gi]) == end]
+                nodes.append(PromptNode(parent=parent, row=groups[mem[0]][0], start=d, end=end,
+                                        depth=depth, ends=ends))
+                parent = len(nodes) - 1
+                for gi in ends:
+                    group_node[gi] = parent
+                mem = [gi for gi in mem if len(prompts[gi]) > end]
+            runs: list[list[int]] = []
+            for gi in mem:  # children: runs of equal next token
+                if runs and prompts[runs[-1][0]][end] == prompts[gi][end]:
+                    runs[-1].append(gi)
+                else:
+                    runs.append([gi])
+            stack.extend((run, end, parent) for run in reversed(runs))
+    return nodes, group_node
 
 
 class EmbeddedEngine:
@@ -310,18 +389,24 @@ class EmbeddedEngine:
             template tokenizer's ``image_token_id``) — a response cannot contain an image.
         prefill_tokens: prompt tokens per prefill forward (rows of one prompt length are
             split into forwards of at most this many tokens; one row always fits).
-        kv_budget_tokens: most KV-cache tokens held at once (None: no bound); see above.
-        share_prompts: prefill each distinct prompt (token ids and image content) once and fork
-            its KV-cache rows into the other requests of that prompt (default); False prefills
-            every request on its own, the same computation row by row (to measure the saving).
-            Only exact duplicates share; see the module docstring.
+        kv_budget_tokens: most KV-cache tokens held at once, per layer (None: no bound).  With
+            shared prompts a wave counts every distinct prompt prefix once (a group's common
+            prompt once, each mode's remainder once) plus each row's response budget
+            (``max_new_tokens`` of its mode + its forced tokens); per-row prompts count rows x
+            the largest prompt + budget.  A request that alone needs more is an error.
+        share_prompts: hold and prefill each distinct prompt prefix once (the prompt tree of
+            the batch: exact duplicates and common prefixes, with equal image content) in a
+            shared KV cache (default); False prefills every request on its own into a dense
+            per-row cache, the same computation row by row (to measure the saving).
 
     ``last_stats`` after :meth:`generate`: ``seconds``, ``prefill_seconds``,
     ``decode_seconds``, ``decode_steps``, ``rows``, ``response_tokens``, ``tokens_per_s``,
-    ``waves``, ``kv_tokens_peak``, and for the prefill ``prompt_tokens`` (all requests' prompt
-    tokens), ``prefill_tokens`` (prompt tokens that went through the model),
-    ``distinct_prompts`` (prompts prefilled, summed over waves), ``prefill_forwards`` and
-    ``prefill_images`` (images encoded).
+    ``waves``, ``kv_tokens_peak`` (the largest KV cache held: token slots per layer of its
+    buffers, prompt prefixes and response budgets), and for the prefill ``prompt_tokens`` (all
+    requests' prompt tokens), ``prefill_tokens`` (prompt tokens that went through the model),
+    ``distinct_prompts`` (distinct prompts, summed over waves), ``prefix_nodes`` (prompt-tree
+    nodes prefilled; 0 per-row), ``prefill_forwards`` and ``prefill_images`` (images
+    encoded).
     """
 
     def __init__(self, model: torch.nn.Module, *, stop_ids: Sequence[int],
@@ -423,7 +508,7 @@ class EmbeddedEngine:
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams,
                  generator: torch.Generator | None = None) -> list[Rollout]:
         """Generate one completion per request, in request order (deterministic for a fixed
-        ``generator`` state).  Sets ``last_stats`` (seconds, tokens, throughput)."""
+        ``generator`` state).  Sets ``last_stats`` (seconds, tokens, throughput, KV tokens)."""
         requests = list(requests)
         budgets = validate_requests(requests, params, max_seqlen=self.max_seqlen,
                                     vocab_size=self.vocab_size)
@@ -444,51 +529,91 @@ class EmbeddedEngine:
                 processed[id(r.images)] = _as_images(r.images, i, cfg)
             images.append(processed[id(r.images)])
         self._check_images(requests, images)
+        classes = image_classes(images) if self.share_prompts else [None] * len(requests)
         seeds = row_seeds(generator, len(requests))
-        waves = self._waves(requests, budgets)
+        waves = self._waves(requests, budgets, classes)
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         out: list[Rollout | None] = [None] * len(requests)
         stats = dict.fromkeys(_WAVE_STATS, 0)
+        kv_peak = 0
         try:
             # A sharded policy gathers its weights once for the whole rollout, not per step.
             with full_params(self.model):
                 for wave in waves:
-                    got, st = self._generate([requests[i] for i in wave], [budgets[i] for i in wave],
-                                             [images[i] for i in wave], params, seeds[wave])
+                    got, st = self._generate([requests[i] for i in wave],
+                                             [budgets[i] for i in wave], [images[i] for i in wave],
+                                             [classes[i] for i in wave], params, seeds[wave])
                     for i, r in zip(wave, got):
                         out[i] = r
                     for k in stats:
                         stats[k] += st[k]
+                    kv_peak = max(kv_peak, st["kv_tokens"])
         finally:
             self.model.train(was_training)
         n_tok = sum(len(r.response_ids) for r in out)
         dt = time.perf_counter() - t0
-        kv = max(len(wave) * max(len(requests[i].prompt_ids) + budgets[i] for i in wave)
-                 for wave in waves)
         self.last_stats = {"seconds": dt, **stats, "rows": len(out), "response_tokens": n_tok,
                            "tokens_per_s": n_tok / max(dt, 1e-9), "waves": len(waves),
-                           "kv_tokens_peak": kv}
+                           "kv_tokens_peak": kv_peak}
         return out
 
-    def _waves(self, reqs: list[RolloutRequest], budgets: list[int]) -> list[list[int]]:
-        """Request indices per wave: largest capacity first, each wave's rows x capacity within
-        ``kv_budget_tokens`` (one wave of everything without a budget)."""
-        cap = [len(r.prompt_ids) + b for r, b in zip(reqs, budgets)]
+    def _image_token_id(self) -> int | None:
+        return getattr(getattr(self.model, "cfg", None), "image_token_id", None)
+
+    def _waves(self, reqs: list[RolloutRequest], budgets: list[int],
+               classes: list[int | None]) -> list[list[int]]:
+        """Request indices per wave, each wave's KV cache within ``kv_budget_tokens`` (one wave
+        of everything without a budget).
+
+        Shared prompts: requests in prompt-tree order (bucket, then prompt ids), each wave
+        filled while its distinct prompt-prefix tokens plus its rows' response budgets fit —
+        exactly the tokens its :class:`~r4b.models.attention.SharedKVCache` holds (in sorted
+        order a prompt's new prefix tokens are those past its common prefix with the previous
+        prompt of its bucket).  Per-row prompts: largest capacity (prompt + budget) first, rows
+        x largest capacity."""
         if self.kv_budget_tokens is None:
             return [list(range(len(reqs)))]
-        order = sorted(range(len(reqs)), key=lambda i: (-cap[i], i))
+        budget = self.kv_budget_tokens
+
+        def too_big(i, need):
+            return ValueError(f"requests[{i}] needs {need} KV-cache tokens (prompt "
+                              f"{len(reqs[i].prompt_ids)} + budget {budgets[i]}), more than "
+                              f"the engine's kv_budget_tokens {budget}")
+
         waves: list[list[int]] = []
+        if not self.share_prompts:
+            cap = [len(r.prompt_ids) + b for r, b in zip(reqs, budgets)]
+            for i in sorted(range(len(reqs)), key=lambda i: (-cap[i], i)):
+                if cap[i] > budget:
+                    raise too_big(i, cap[i])
+                if waves and (len(waves[-1]) + 1) * cap[waves[-1][0]] <= budget:
+                    waves[-1].append(i)
+                else:
+                    waves.append([i])
+            return [sorted(w) for w in waves]
+        ph = self._image_token_id()
+        prompts = [tuple(int(t) for t in r.prompt_ids) for r in reqs]
+        keys = [_share_bucket(p, c, ph) for p, c in zip(prompts, classes)]
+        first: dict[tuple, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        order = sorted(range(len(reqs)), key=lambda i: (first[keys[i]], prompts[i], i))
+        held, prev = 0, None
         for i in order:
-            if cap[i] > self.kv_budget_tokens:
-                raise ValueError(f"requests[{i}] needs {cap[i]} KV-cache tokens (prompt "
-                                 f"{len(reqs[i].prompt_ids)} + budget {budgets[i]}), more than "
-                                 f"the engine's kv_budget_tokens {self.kv_budget_tokens}")
-            if waves and (len(waves[-1]) + 1) * cap[waves[-1][0]] <= self.kv_budget_tokens:
+            need = len(prompts[i]) + budgets[i]
+            if need > budget:
+                raise too_big(i, need)
+            if waves and prev is not None and keys[prev] == keys[i]:
+                need -= _lcp(prompts[prev], prompts[i])
+            if waves and held + need <= budget:
                 waves[-1].append(i)
+                held += need
             else:
                 waves.append([i])
+                held = len(prompts[i]) + budgets[i]
+            prev = i
         return [sorted(w) for w in waves]
 
     def _check_images(self, reqs: list[RolloutRequest], images: list) -> None:
@@ -512,55 +637,111 @@ class EmbeddedEngine:
                 raise ValueError(f"requests[{i}]: prompt_ids hold {n_ph} image placeholders (id "
                                  f"{img_id}) but its {len(need)} images need {need} = {sum(need)}")
 
-    def _generate(self, reqs: list[RolloutRequest], budgets: list[int], images: list,
-                  params: SamplingParams, seeds: torch.Tensor):
+    def _prefill_rows(self, reqs, budgets, images, dev):
+        """Every row prefilled on its own into a dense :class:`~r4b.models.attention.KVCache`
+        (``share_prompts=False``); returns the cache, the first-token logits ``[B, V]`` and
+        the prefill statistics."""
         from ..models.multimodal import ImageBatch
 
+        B = len(reqs)
+        capacity = max(len(r.prompt_ids) + b for r, b in zip(reqs, budgets))
+        cache = self.model.new_kv_cache(B, capacity)
+        by_len: dict[int, list[int]] = {}
+        for i, r in enumerate(reqs):
+            by_len.setdefault(len(r.prompt_ids), []).append(i)
+        hidden = None
+        n_fwd = n_img = n_tok = 0
+        for length, rows_all in sorted(by_len.items()):
+            per = max(1, self.prefill_tokens // length)
+            for s in range(0, len(rows_all), per):
+                rows = rows_all[s:s + per]
+                ids = torch.tensor([[int(t) for t in reqs[i].prompt_ids] for i in rows],
+                                   dtype=torch.long, device="cpu").to(dev, non_blocking=True)
+                batch = ImageBatch.collate([images[i] for i in rows if images[i] is not None])
+                h = self.model(input_ids=ids, kv_cache=cache, return_hidden=True,
+                               images=None if batch is None else batch.to(dev),
+                               cache_rows=torch.tensor(rows, dtype=torch.long, device="cpu"))[:, -1]
+                if hidden is None:
+                    hidden = h.new_empty((B, h.shape[-1]))
+                hidden[torch.tensor(rows, device=dev)] = h
+                n_fwd += 1
+                n_tok += length * len(rows)
+                n_img += 0 if batch is None else batch.num_images
+        stats = {"prefill_tokens": n_tok, "distinct_prompts": B, "prefix_nodes": 0,
+                 "prefill_forwards": n_fwd, "prefill_images": n_img}
+        return cache, self.model.logits_of_hidden(hidden), stats
+
+    def _prefill_shared(self, reqs, budgets, images, classes, dev):
+        """Each node of the batch's :func:`prompt_tree` prefilled once into a
+        :class:`~r4b.models.attention.SharedKVCache` (parents first; nodes of one depth and
+        length in one forward, within ``prefill_tokens``; a root takes its prompt's images);
+        every row then continues the node its prompt ends with.  Returns the cache, the
+        first-token logits ``[B, V]`` (each row its prompt's) and the prefill statistics."""
+        from ..models.attention import PrefixTree
+        from ..models.multimodal import ImageBatch
+
+        B = len(reqs)
+        groups = _groups_of(reqs, classes)
+        nodes, group_node = prompt_tree(reqs, groups, classes, self._image_token_id())
+        row_node = [0] * B
+        for gi, g in enumerate(groups):
+            for i in g:
+                row_node[i] = group_node[gi]
+        tree = PrefixTree(node_lengths=[n.end - n.start for n in nodes],
+                          node_parents=[n.parent for n in nodes], row_nodes=row_node,
+                          row_tokens=budgets)
+        capacity = max(len(r.prompt_ids) + b for r, b in zip(reqs, budgets))
+        cache = self.model.new_kv_cache(B, capacity, prefix_tree=tree)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for j, n in enumerate(nodes):
+            by_shape.setdefault((n.depth, n.end - n.start), []).append(j)
+        hidden = None  # [n_groups, H]: last-position hidden state of each distinct prompt
+        n_fwd = n_img = n_tok = 0
+        for (_, length), js in sorted(by_shape.items()):  # depth first: parents before children
+            per = max(1, self.prefill_tokens // length)
+            for s in range(0, len(js), per):
+                part = js[s:s + per]
+                segs = [nodes[j] for j in part]
+                ids = torch.tensor([[int(t) for t in reqs[n.row].prompt_ids[n.start:n.end]]
+                                    for n in segs], dtype=torch.long, device="cpu")
+                # every placeholder of a prompt with images lies in its root (_share_bucket)
+                batch = ImageBatch.collate([images[n.row] for n in segs
+                                            if n.parent < 0 and images[n.row] is not None])
+                h = self.model(input_ids=ids.to(dev, non_blocking=True), kv_cache=cache.nodes,
+                               images=None if batch is None else batch.to(dev), return_hidden=True,
+                               cache_rows=torch.tensor(part, dtype=torch.long, device="cpu"))[:, -1]
+                if hidden is None:
+                    hidden = h.new_empty((len(groups), h.shape[-1]))
+                at = [(gi, k) for k, j in enumerate(part) for gi in nodes[j].ends]
+                if at:
+                    hidden[torch.tensor([gi for gi, _ in at], device=dev)] = \
+                        h[torch.tensor([k for _, k in at], device=dev)]
+                n_fwd += 1
+                n_tok += length * len(part)
+                n_img += 0 if batch is None else batch.num_images
+        of_row = torch.empty(B, dtype=torch.long, device="cpu")
+        for gi, g in enumerate(groups):
+            of_row[g] = gi
+        logits = self.model.logits_of_hidden(hidden)
+        logits = logits.index_select(0, of_row.to(logits.device))
+        stats = {"prefill_tokens": n_tok, "distinct_prompts": len(groups),
+                 "prefix_nodes": len(nodes), "prefill_forwards": n_fwd, "prefill_images": n_img}
+        return cache, logits, stats
+
+    def _generate(self, reqs: list[RolloutRequest], budgets: list[int], images: list,
+                  classes: list, params: SamplingParams, seeds: torch.Tensor):
         dev = self._device()
         seeds = seeds.to(dev)
         banned = (torch.tensor(self.banned_ids, dtype=torch.long, device=dev)
                   if self.banned_ids else None)
         B = len(reqs)
-        capacity = max(len(r.prompt_ids) + b for r, b in zip(reqs, budgets))
-        cache = self.model.new_kv_cache(B, capacity)
 
-        # 1. Prefill each distinct prompt once (its first row), one forward per prompt length
-        #    within the token budget; then fork its cache rows into the group's other rows.
+        # 1. Prefill: the prompt tree's nodes once each (shared), or every row on its own.
         t0 = time.perf_counter()
-        groups = prompt_groups(reqs, images, share=self.share_prompts)
-        by_len: dict[int, list[int]] = {}
-        for gi, g in enumerate(groups):
-            by_len.setdefault(len(reqs[g[0]].prompt_ids), []).append(gi)
-        hidden = None  # [n_groups, H]: last-position hidden state of each distinct prompt
-        n_fwd = n_img = n_tok = 0
-        for length, gis in sorted(by_len.items()):
-            per = max(1, self.prefill_tokens // length)
-            for s in range(0, len(gis), per):
-                part = gis[s:s + per]
-                rows = [groups[gi][0] for gi in part]
-                ids = torch.tensor([[int(t) for t in reqs[i].prompt_ids] for i in rows],
-                                   dtype=torch.long, device="cpu").to(dev, non_blocking=True)
-                batch = ImageBatch.collate([images[i] for i in rows if images[i] is not None])
-                pix = None if batch is None else batch.to(dev)
-                # Hidden states, not logits: only each row's last position needs the LM head.
-                h = self.model(input_ids=ids, kv_cache=cache, images=pix, return_hidden=True,
-                               cache_rows=torch.tensor(rows, dtype=torch.long, device="cpu"))[:, -1]
-                if hidden is None:
-                    hidden = h.new_empty((len(groups), h.shape[-1]))
-                hidden[torch.tensor(part, device=dev)] = h
-                n_fwd += 1
-                n_tok += length * len(rows)
-                n_img += 0 if batch is None else batch.num_images
-            pairs = [(groups[gi][0], i) for gi in gis for i in groups[gi][1:]]
-            if pairs:
-                fork_cache_rows(cache, torch.tensor([a for a, _ in pairs], dtype=torch.long, device="cpu"),
-                                torch.tensor([b for _, b in pairs], dtype=torch.long, device="cpu"), length)
-        logits = self.model.logits_of_hidden(hidden)
-        if len(groups) < B:  # each row takes its prompt's logits
-            of_row = torch.empty(B, dtype=torch.long, device="cpu")
-            for gi, g in enumerate(groups):
-                of_row[g] = gi
-            logits = logits.index_select(0, of_row.to(logits.device))
+        if self.share_prompts:
+            cache, logits, pstats = self._prefill_shared(reqs, budgets, images, classes, dev)
+        else:
+            cache, logits, pstats = self._prefill_rows(reqs, budgets, images, dev)
         t_prefill = time.perf_counter() - t0
 
         # 2. Decode in lock step: response position t == step t for every live row.
@@ -624,7 +805,6 @@ class EmbeddedEngine:
                                finished=finished[i], mode_chosen=chosen,
                                behaviour_logprobs=blps[i]))
         stats = {"prefill_seconds": t_prefill, "decode_seconds": t_decode, "decode_steps": step,
-                 "prompt_tokens": sum(len(r.prompt_ids) for r in reqs), "prefill_tokens": n_tok,
-                 "distinct_prompts": len(groups), "prefill_forwards": n_fwd,
-                 "prefill_images": n_img}
+                 "prompt_tokens": sum(len(r.prompt_ids) for r in reqs), **pstats,
+                 "kv_tokens": cache.held_tokens}
         return out, stats
