@@ -10,18 +10,48 @@ only checks that the three implementations agree.
 
 GPU: the fused THD pack (``impl="cuda"``) of 64M tokens against a device-to-device copy of the
 same number of bytes (bytes read + written); gate >= 70% of copy bandwidth.
+
+Prefix-shared group units (``r4b.packing.groups``, the BPO default ``--rl.share_prefix``): a
+BPO batch of 512 rollouts in groups of 16 (8 forced thinking, 8 forced non-thinking), prompts of
+about 1,500 tokens (an image's 1,485 placeholders and a question) that differ after the shared
+part by their forced mode prefix, responses of 80-400 (non-thinking) and 300-8000 (thinking)
+tokens, 16,384 tokens per micro-batch.  Recorded for C++, NumPy and pure Python: the public
+``group_units`` + ``pack_groups`` of every micro-batch from token lists (as the trainer calls
+them, each call flattening the lists), the same from one ``FlatTokens`` flattening, and the
+cores alone on flat buffers.  No gate; the smoke run checks that the three
+implementations agree on a batch of 64.
+
+Each case replaces its own rows in ``benchmarks/results/pack-<device>.json`` and keeps the
+others (carried-over rows keep the date they were measured under ``measured``).
 """
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from r4b.packing import groups as G
 from r4b.packing import thd as P
+from r4b.packing.microbatch import plan as plan_units
 
-from _harness import record, time_fn
+from _harness import RESULTS_DIR, environment, record, time_fn
 
 FIELDS = ("input_ids", "position_ids", "labels", "loss_mask", "mode", "advantage", "seq_index",
           "cu_seqlens", "response_rows")
+
+
+def record_rows(rows: list[dict]):
+    """``record("pack", rows)``, keeping the rows of the other cases already in the file."""
+    env = environment()
+    dev = "".join(c if c.isalnum() else "_" for c in env["device"]).strip("_").lower() or "cpu"
+    path = RESULTS_DIR / f"pack-{dev}.json"
+    old = json.loads(path.read_text()) if path.exists() else {"results": []}
+    mine = {r["what"] for r in rows}
+    when = old.get("environment", {}).get("date")
+    kept = [{**r, "measured": r.get("measured", when)} for r in old["results"]
+            if r["what"] not in mine]
+    return record("pack", kept + rows)
 
 
 def bimodal(n: int, seed: int = 0):
@@ -94,7 +124,7 @@ def test_pack_cpu_cpp_vs_reference(bench_mode, capsys):
              "speedup_vs_python": t["python", "plan"] / t["cpp", "plan"],
              "speedup_vs_numpy": t["numpy", "plan"] / t["cpp", "plan"]},
             {"what": "balance", "imbalance_tokens": pc.imbalance}]
-    path = record("pack", rows)
+    path = record_rows(rows)
     with capsys.disabled():
         for r in rows:
             print(f"\n[bench_pack] {r}")
@@ -160,9 +190,113 @@ def test_pack_cuda_vs_device_copy(bench_mode, capsys):
              "pack_end_to_end_s": t_e2e},
             {"what": "gather_rows int64 vs d2d copy", "tokens": rows_n, "gather_s": t_gather,
              "copy_s": t_copy2, "fraction_of_copy_bw": t_copy2 / t_gather}]
-    path = record("pack", rows)
+    path = record_rows(rows)
     with capsys.disabled():
         for r in rows:
             print(f"\n[bench_pack] {r}")
         print(f"[bench_pack] recorded {path}")
     assert t_copy / t_kernel >= 0.7, rows[0]
+
+
+# ---------------------------------------------------------------- prefix-shared group units
+IMAGE_TOKEN, THINK, NO_THINK = 151_655, [151_667, 198], [151_667, 271, 151_668, 271]
+
+
+def bpo_groups(n: int, group: int = 16, image_tokens: int = 1485, seed: int = 0):
+    """Token lists, prompt lengths, group ids and images of a BPO batch: per group one image
+    (1,485 placeholders) and a 10-40 token question, then the forced mode prefix (the first
+    half of the group thinking); responses 80-400 tokens without thinking, lognormal
+    300-8000 with."""
+    rng = np.random.default_rng(seed)
+    toks, plens, gids, ims = [], [], [], []
+    for g in range(n // group):
+        head = rng.integers(0, 150_000, 10).tolist()
+        question = rng.integers(0, 150_000, int(rng.integers(10, 41))).tolist()
+        prompt = head + [IMAGE_TOKEN] * image_tokens + question
+        image = [torch.rand(3, 8, 8)]  # the group's image (content is not what is timed)
+        for i in range(group):
+            think = i < group // 2
+            p = prompt + (THINK if think else NO_THINK)
+            R = (int(np.clip(rng.lognormal(7.0, 0.8), 300, 8000)) if think
+                 else int(rng.integers(80, 401)))
+            toks.append(p + rng.integers(0, 150_000, R).tolist())
+            plens.append(len(p))
+            gids.append(g)
+            ims.append(image)
+    return toks, plens, gids, ims
+
+
+def shared_pack(b, impl: str, budget: int = 16384, flatten_once: bool = False):
+    """What the trainer runs with --rl.share_prefix: units, the plan over them, the pack (from
+    the token lists, or from one ``FlatTokens`` built here and given to both calls)."""
+    toks, plens, gids, ims = b
+    if flatten_once:
+        toks = G.FlatTokens.of(toks)
+    units, stats = G.group_units(toks, plens, gids, ims, budget=budget,
+                                 image_token_id=IMAGE_TOKEN, impl=impl)
+    mbs, _ = plan_units([u.length for u in units], dp_rank=0, dp_size=1,
+                        tokens_per_microbatch=budget)
+    return units, stats, mbs, G.pack_groups(toks, plens, ims, units, mbs, impl=impl)
+
+
+def _core_inputs(b, units, mbs):
+    toks, plens, gids, ims = b
+    flat, off = P.flatten_sequences(toks)
+    cls = G.image_classes(ims, gids)
+    uoff = np.concatenate([[0], np.cumsum([len(u.seqs) for u in units])]).astype(np.int64)
+    useqs = np.array([j for u in units for j in u.seqs], dtype=np.int64)
+    ushared = np.array([u.shared for u in units], dtype=np.int64)
+    sel = np.concatenate([np.asarray(m, dtype=np.int64) for m in mbs])
+    bounds = np.concatenate([[0], np.cumsum([len(m) for m in mbs])]).astype(np.int64)
+    return (flat, off, np.asarray(plens, dtype=np.int64), np.asarray(gids, dtype=np.int64), cls,
+            useqs, uoff, ushared, sel, bounds)
+
+
+@pytest.mark.skipif(not P.HAS_R4B_C_GROUPS, reason="r4b._C lacks the group functions")
+def test_group_units_cpu_cpp_vs_reference(bench_mode, capsys):
+    n = 512 if bench_mode else 64
+    b = bpo_groups(n, image_tokens=1485 if bench_mode else 40)
+    units, stats, mbs, packed = shared_pack(b, "cpp")
+    for impl in ("numpy", "python"):
+        u2, s2, m2, p2 = shared_pack(b, impl)
+        assert u2 == units and s2 == stats and m2 == mbs, impl
+        for x, y in zip(packed, p2):
+            for f in ("input_ids", "position_ids", "cu_seqlens", "rows", "row_targets",
+                      "row_seq", "row_token"):
+                assert torch.equal(getattr(x, f), getattr(y, f)), (impl, f)
+            assert x.seqs == y.seqs
+    assert stats["shared_tokens"] < stats["dense_tokens"]
+    if not bench_mode:
+        return
+    flat, off, pl, gid, cls, useqs, uoff, ushared, sel, bounds = _core_inputs(b, units, mbs)
+    t = {}
+    for impl, iters in (("cpp", 7), ("numpy", 5), ("python", 3)):
+        m = P._host_impl(impl)
+        t[impl, "public"] = time_fn(lambda: shared_pack(b, impl), warmup=1, iters=iters)
+        t[impl, "once"] = time_fn(lambda: shared_pack(b, impl, flatten_once=True), warmup=1,
+                                  iters=iters)
+        t[impl, "units"] = time_fn(lambda: m.group_units(flat, off, pl, gid, cls, 16384,
+                                                         image_token_id=IMAGE_TOKEN),
+                                   warmup=1, iters=iters)
+        t[impl, "pack"] = time_fn(lambda: m.pack_groups(flat, off, pl, useqs, uoff, ushared, sel,
+                                                        bounds=bounds), warmup=1, iters=iters)
+    t["flatten"] = time_fn(lambda: P.flatten_sequences(b[0]), warmup=1, iters=5)
+    common = {"rollouts": n, "group_size": 16, "units": len(units), "microbatches": len(mbs),
+              "dense_tokens": stats["dense_tokens"], "shared_tokens": stats["shared_tokens"],
+              "prefix_copies_lost": stats["prefix_copies_lost"]}
+
+    def row(what, key, **extra):
+        return {"what": what, **common, **{f"{i}_s": t[i, key] for i in ("cpp", "numpy", "python")},
+                "speedup_vs_python": t["python", key] / t["cpp", key],
+                "speedup_vs_numpy": t["numpy", key] / t["cpp", key], **extra}
+
+    rows = [row("group units: group_units + plan + pack_groups (public, token lists in)", "public",
+                flatten_s=t["flatten"]),
+            row("group units: the same from one FlatTokens (one flattening, timed)", "once"),
+            row("group units: group_units core (flat buffers)", "units"),
+            row("group units: pack_groups core, every micro-batch (flat buffers)", "pack")]
+    path = record_rows(rows)
+    with capsys.disabled():
+        for r in rows:
+            print(f"\n[bench_pack] {r}")
+        print(f"[bench_pack] recorded {path}")
