@@ -70,10 +70,16 @@ class Counting(torch.nn.Module):
         return self.inner(**kwargs)
 
 
-def held_tokens(cache) -> int:
+def held_tokens(cache, kv_heads: int, head_dim: int) -> int:
     """KV tokens per layer that ``cache``'s key and value buffers hold, from their sizes."""
-    per_token = 2 * len(cache.k) * cache.k[0].shape[-2] * cache.k[0].shape[-1]
-    return sum(t.numel() for t in (*cache.k, *cache.v)) // per_token
+    per_token = 2 * len(cache.k) * kv_heads * head_dim
+    n = sum(t.numel() for t in (*cache.k, *cache.v))
+    assert n % per_token == 0
+    return n // per_token
+
+
+def _held(env, cache) -> int:
+    return held_tokens(cache, env.cfg.lm.num_kv_heads, env.cfg.lm.head_dim)
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +320,7 @@ def test_prompt_routing_holds_the_common_prefix_once(text):
         eng = _engine(model, text, share_prompts=share)
         outs[share] = eng.generate(reqs, PARAMS, torch.Generator().manual_seed(12))
         assert len(model.caches) == 1
-        held[share] = held_tokens(model.caches[0])
+        held[share] = _held(text, model.caches[0])
         assert eng.last_stats["kv_tokens_peak"] == held[share]
         assert isinstance(model.caches[0], SharedKVCache) == share
     _assert_same(outs[True], outs[False])
@@ -359,10 +365,10 @@ def test_prefill_token_budget_and_kv_waves_with_sharing(text):
         got = eng.generate(reqs, PARAMS, torch.Generator().manual_seed(3))
         _assert_same(got, want)
         assert _distinct(reqs) <= eng.last_stats["distinct_prompts"] < len(reqs)
-        assert eng.last_stats["kv_tokens_peak"] == max(held_tokens(c) for c in model.caches)
+        assert eng.last_stats["kv_tokens_peak"] == max(_held(text, c) for c in model.caches)
         if "kv_budget_tokens" in kw:
             assert len(model.caches) == eng.last_stats["waves"] >= 3
-            assert max(held_tokens(c) for c in model.caches) <= budget
+            assert max(_held(text, c) for c in model.caches) <= budget
         else:  # one node per forward
             assert eng.last_stats["prefill_forwards"] == eng.last_stats["prefix_nodes"]
             assert len(model.prefills) == eng.last_stats["prefix_nodes"]
@@ -445,7 +451,7 @@ def test_shared_cached_attention_matches_softmax_over_the_whole_sequence(hq, hk,
                       row_nodes=[1, 1, 2, 0, 3, -1], row_tokens=[7, 7, 7, 7, 7, 7])
     c = SharedKVCache(tree, num_layers=1, kv_heads=hk, head_dim=d, dtype=torch.float32,
                       device=torch.device("cpu"))
-    assert c.held_tokens == 5 + 3 + 1 + 4 + 6 * 7 == held_tokens(c)
+    assert c.held_tokens == 5 + 3 + 1 + 4 + 6 * 7 == held_tokens(c, hk, d)
     seqs = {}  # slot -> (keys, values) of its whole sequence so far, kept independently
 
     def append(view, ids, n, key):

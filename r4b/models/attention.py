@@ -23,7 +23,7 @@ Cached decoding has two caches.  :class:`KVCache` holds every row's whole sequen
 ``s`` tokens of row ``r`` see the row's cached prefix and themselves, causally.
 :class:`SharedKVCache` holds shared prompt segments once: a :class:`PrefixTree` of *nodes*
 (token segments, each continuing its parent node) and *rows* (each continuing one node with
-its own tokens), all in one flat ``[tokens, kv_heads, head_dim]`` buffer per layer.  A row's
+its own tokens), all in one flat ``[kv_heads, tokens, head_dim]`` buffer per layer.  A row's
 keys are its node chain (root first) and then its own tokens, at the positions they would
 have in one sequence, so attention over them is the dense cache's attention.  It is computed
 in two parts (:func:`shared_cached_attention`): the chain once per distinct node continued,
@@ -394,7 +394,7 @@ class SharedKVCache:
     """Key/value cache that holds shared prompt segments once (see :class:`PrefixTree` and the
     module docstring).
 
-    ``k[i], v[i]``: ``[held_tokens, kv_heads_local, head_dim]`` for local layer ``i``: every
+    ``k[i], v[i]``: ``[kv_heads_local, held_tokens, head_dim]`` for local layer ``i``: every
     node's tokens, then every row's ``row_tokens``, back to back.  The model's cached forward
     appends to rows (``model(..., kv_cache=cache, cache_rows=rows)``) or, through the
     :attr:`nodes` view, to nodes (``kv_cache=cache.nodes, cache_rows=node_ids``).  A node or row
@@ -441,7 +441,7 @@ class SharedKVCache:
         self._path = path.to(self.device)
         self._path_len_d = self._path_len.to(self.device)
         total = sum(caps)
-        shape = (total, kv_heads, head_dim)
+        shape = (kv_heads, total, head_dim)  # head-major: gathers feed batched matmuls as they are
         # zeros, not empty: padded key reads stay finite (their weights are exactly zero)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -450,7 +450,7 @@ class SharedKVCache:
     @property
     def held_tokens(self) -> int:
         """Token slots the cache's buffers hold per layer (all nodes + all rows' own tokens)."""
-        return int(self.k[0].shape[0]) if self.k else 0
+        return int(self.k[0].shape[1]) if self.k else 0
 
     def row_lengths(self) -> torch.Tensor:
         """Host LongTensor ``[batch_size]``: tokens each row sees (its chain + its own)."""
@@ -494,21 +494,21 @@ class SharedKVCache:
             bad = [(int(i), int(e), int(c)) for i, e, c in zip(ids_host, end, cap) if e > c]
             raise ValueError(f"KV cache overflow: ({kind}, own tokens after append, capacity) "
                              f"{bad}")
-        for i, slot in zip(ids_host.tolist(), slots.tolist()):
-            short = [(j, int(self._len[j]), int(self._cap[j])) for j in self._chain[slot]
-                     if self._len[j] < self._cap[j]]
-            if short:
-                raise ValueError(f"{kind} {i} continues nodes that are not fully written "
-                                 f"(node, tokens, length) {short}: prefill them first")
+        if bool((self._len[:self.num_nodes] < self._cap[:self.num_nodes]).any()):
+            for i, slot in zip(ids_host.tolist(), slots.tolist()):
+                short = [(j, int(self._len[j]), int(self._cap[j])) for j in self._chain[slot]
+                         if self._len[j] < self._cap[j]]
+                if short:
+                    raise ValueError(f"{kind} {i} continues nodes that are not fully written "
+                                     f"(node, tokens, length) {short}: prefill them first")
         start, base, parent = self._start[slots], self._base[slots], self._parent[slots]
         sel = torch.nonzero(parent >= 0).reshape(-1)
-        uniq, inv = torch.unique(parent[sel], return_inverse=True)
-        seen: dict[int, int] = {}
-        ranks = []
-        for g in inv.tolist():  # a slot's row within its node's group
-            ranks.append(seen.get(g, 0))
-            seen[g] = ranks[-1] + 1
-        rank = torch.tensor(ranks, dtype=torch.long)
+        uniq, inv, counts = torch.unique(parent[sel], return_inverse=True, return_counts=True)
+        # a slot's row within its node's group: its place among the group's slots
+        order = torch.argsort(inv, stable=True)
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(inv)
+        rank[order] = torch.arange(inv.numel()) - first[inv[order]]
         # O(b) host vectors in one copy; the O(b x L) index tensors are built on the device
         host = [slots, start, length, base, sel, uniq, inv, rank]
         flat = torch.cat(host)
@@ -530,7 +530,7 @@ class SharedKVCache:
                          chain_idx=self._path[uniq_d, :P],
                          chain_valid=torch.arange(P, device=self.device)[None]
                          < self._path_len_d[uniq_d][:, None],
-                         chain_rows=max(seen.values()))
+                         chain_rows=int(counts.max()))
         return SharedCacheStep(slots=slots_d, slots_host=slots, positions=base_d[:, None] + pos_in,
                                write=(start_d[:, None] + pos_in).reshape(-1), own_idx=own_idx,
                                own_mask=own_mask, kv_len=int((base + end).max()), s=s, **chain)
@@ -560,56 +560,54 @@ class _NodeSlots:
 
 def _attend_part(qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``qh [n, Hk, m, D]`` against ``k, v [n, Hk, L, D]`` under ``mask`` (broadcast to
-    ``[n, Hk, m, L]``, True = visible), fp32: the normalised output ``[n, Hk, m, D]`` and the
-    log-sum-exp of the scores ``[n, Hk, m]``."""
-    sc = torch.matmul(qh, k.transpose(-1, -2)) * scale
-    sc = sc.masked_fill(~mask, float("-inf"))
+    """``qh [Hk, n, m, D]`` against ``k, v [Hk, n, L, D]`` under ``mask`` (broadcast to
+    ``[Hk, n, m, L]``, True = visible), fp32: the normalised output ``[Hk, n, m, D]`` and the
+    log-sum-exp of the scores ``[Hk, n, m]``."""
+    sc = torch.matmul(qh, k.transpose(-1, -2)).mul_(scale).masked_fill_(~mask, float("-inf"))
     lse = torch.logsumexp(sc, dim=-1)
-    o = torch.matmul(torch.exp(sc - lse[..., None]), v)
+    o = torch.matmul(sc.sub_(lse[..., None]).exp_(), v)
     return o, lse
 
 
 def shared_cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                             k_cache: torch.Tensor, v_cache: torch.Tensor, step: SharedCacheStep,
                             scale: float) -> torch.Tensor:
-    """Write ``k_new, v_new [b*s, Hk, D]`` into a :class:`SharedKVCache` layer's flat buffers
-    ``k_cache, v_cache [N, Hk, D]``, attend ``q [b*s, Hq, D]`` to each query slot's chain and
-    own tokens; returns ``[b*s, Hq, D]`` (in ``q``'s dtype).
+    """Write ``k_new, v_new [b*s, Hk, D]`` into a :class:`SharedKVCache` layer's head-major
+    buffers ``k_cache, v_cache [Hk, N, D]``, attend ``q [b*s, Hq, D]`` to each query slot's
+    chain and own tokens; returns ``[b*s, Hq, D]`` (in ``q``'s dtype).
 
     Exactly softmax attention over ``[chain ; own tokens]``, in two parts merged with their
     log-sum-exps: ``o = w_c o_c + w_o o_o`` with ``o_k`` each part's normalised output,
     ``w_k = exp(l_k - logsumexp(l_c, l_o))`` and ``l_k`` the log-sum-exp of its scores.  The
     chain part runs once per distinct node continued, for all its queries at once
-    (``[nodes, Hk, rows x s x rep, P]`` scores): a prompt's keys are read once per step, not
-    once per row.  Scores, softmax and the merge are fp32."""
+    (``[Hk, nodes, rows x s x rep, P]`` scores): a prompt's keys are read once per step, not
+    once per row.  Gathers from the head-major buffers are batched-matmul operands as they
+    are (no transposed copies).  Scores, softmax and the merge are fp32."""
     b, s = step.positions.shape
     hk, d = k_new.shape[1], k_new.shape[2]
     rep = q.shape[1] // hk
-    k_cache.index_copy_(0, step.write, k_new.to(k_cache.dtype))
-    v_cache.index_copy_(0, step.write, v_new.to(v_cache.dtype))
-    # query head h uses kv head h // rep: per kv head, the s x rep queries of a slot
-    qh = q.float().view(b, s, hk, rep, d).permute(0, 2, 1, 3, 4).reshape(b, hk, s * rep, d)
+    k_cache.index_copy_(1, step.write, k_new.transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(1, step.write, v_new.transpose(0, 1).to(v_cache.dtype))
+    # query head h uses kv head h // rep: per kv head and slot, its s x rep queries
+    qh = q.float().view(b, s, hk, rep, d).permute(2, 0, 1, 3, 4).reshape(hk, b, s * rep, d)
     L = step.own_idx.shape[1]
-    ko = k_cache[step.own_idx].float().permute(0, 2, 1, 3)  # [b, Hk, L, D]
-    vo = v_cache[step.own_idx].float().permute(0, 2, 1, 3)
-    own = step.own_mask[:, None, :, None, :].expand(b, 1, s, rep, L).reshape(b, 1, s * rep, L)
-    o, lse = _attend_part(qh, ko, vo, own, scale)
+    own = step.own_mask[:, :, None, :].expand(b, s, rep, L).reshape(b, s * rep, L)
+    o, lse = _attend_part(qh, k_cache[:, step.own_idx].float(), v_cache[:, step.own_idx].float(),
+                          own, scale)
     if step.chain_idx is not None:
         sel, inv, rank = step.chain_sel, step.chain_inv, step.chain_rank
         n, m = step.chain_idx.shape[0], step.chain_rows
-        qg = qh.new_zeros((n, m, hk, s * rep, d))
-        qg[inv, rank] = qh[sel]
-        qg = qg.permute(0, 2, 1, 3, 4).reshape(n, hk, m * s * rep, d)
-        kc = k_cache[step.chain_idx].float().permute(0, 2, 1, 3)  # [n, Hk, P, D]
-        vc = v_cache[step.chain_idx].float().permute(0, 2, 1, 3)
-        oc, lc = _attend_part(qg, kc, vc, step.chain_valid[:, None, None, :], scale)
-        oc = oc.view(n, hk, m, s * rep, d).permute(0, 2, 1, 3, 4)[inv, rank]
-        lc = lc.view(n, hk, m, s * rep).permute(0, 2, 1, 3)[inv, rank]
-        lo = lse[sel]
+        qg = qh.new_zeros((hk, n, m, s * rep, d))
+        qg[:, inv, rank] = qh[:, sel]
+        oc, lc = _attend_part(qg.view(hk, n, m * s * rep, d), k_cache[:, step.chain_idx].float(),
+                              v_cache[:, step.chain_idx].float(), step.chain_valid[:, None, :],
+                              scale)
+        oc = oc.view(hk, n, m, s * rep, d)[:, inv, rank]
+        lc = lc.view(hk, n, m, s * rep)[:, inv, rank]
+        lo = lse[:, sel]
         tot = torch.logaddexp(lo, lc)
-        o[sel] = o[sel] * torch.exp(lo - tot)[..., None] + oc * torch.exp(lc - tot)[..., None]
-    out = o.view(b, hk, s, rep, d).permute(0, 2, 1, 3, 4).reshape(b * s, hk * rep, d)
+        o[:, sel] = o[:, sel] * torch.exp(lo - tot)[..., None] + oc * torch.exp(lc - tot)[..., None]
+    out = o.view(hk, b, s, rep, d).permute(1, 2, 0, 3, 4).reshape(b * s, hk * rep, d)
     return out.to(q.dtype)
 
 
