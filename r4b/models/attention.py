@@ -442,7 +442,7 @@ class SharedKVCache:
         self._path_len_d = self._path_len.to(self.device)
         total = sum(caps)
         shape = (kv_heads, total, head_dim)  # head-major: gathers feed batched matmuls as they are
-        # zeros, not empty: padded key reads stay finite (their weights are exactly zero)
+        # zeros, not empty: padded reads repeat a written key, and no slot ever holds NaN bits
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.nodes = _NodeSlots(self)
