@@ -134,10 +134,16 @@ class RolloutConfig:
     """Prompt tokens per prefill forward: rows of equal prompt length share a forward up to
     this many tokens (a longer single prompt still runs alone).  Embedded engine only."""
     kv_budget_tokens: int | None = None
-    """Most KV-cache tokens one rank holds at once (rows x per-row capacity): larger batches
-    generate in waves with the same samples.  None: all requests at once.  KiB per token: see
-    ``python -m r4b.plan``.  Embedded engine only (vLLM sizes its KV cache from
-    ``vllm_gpu_memory_utilization``)."""
+    """Most KV-cache tokens one rank holds at once: larger batches generate in waves with the
+    same samples.  A wave counts its distinct prompt prefixes once plus each row's response
+    budget (``share_prompts``; without it, rows x per-row capacity).  None: all requests at
+    once.  KiB per token: see ``python -m r4b.plan``.  Embedded engine only (vLLM sizes its KV
+    cache from ``vllm_gpu_memory_utilization``)."""
+    share_prompts: bool = True
+    """Embedded engine: hold and prefill each distinct prompt prefix once (a group's prompt
+    and image encoding, under prompt routing the modes' common prefix), each rollout only its
+    response (same tokens as per-row prompts).  False: every row prefills and holds its own
+    prompt."""
     engine: str = "embedded"
     """Rollout engine: 'embedded' (r4b's own KV-cache sampler on the policy module; CPU or
     GPU) or 'vllm' (vLLM in each trainer process on its own GPU, weights pushed in memory
@@ -166,6 +172,9 @@ class RolloutConfig:
         require_range("rollout.prefill_tokens", self.prefill_tokens, 1)
         if self.kv_budget_tokens is not None:
             require_range("rollout.kv_budget_tokens", self.kv_budget_tokens, 2)
+        if not isinstance(self.share_prompts, bool):
+            raise TypeError(f"rollout.share_prompts must be true or false, got "
+                            f"{self.share_prompts!r}")
         require_choice("rollout.engine", self.engine, ENGINES)
         require_range("rollout.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization,
                       0.0, 1.0, lo_open=True)
@@ -400,7 +409,8 @@ def build_engine(model, template, tokenizer, *, max_seqlen: int,
                           mode_classifier=template.classify_mode, max_seqlen=max_seqlen,
                           vocab_limit=tokenizer.vocab_size, banned_ids=[tokenizer.image_token_id],
                           prefill_tokens=rollout.prefill_tokens,
-                          kv_budget_tokens=rollout.kv_budget_tokens)
+                          kv_budget_tokens=rollout.kv_budget_tokens,
+                          share_prompts=rollout.share_prompts)
 
 
 def _vllm_device(model) -> torch.device:

@@ -20,7 +20,10 @@ DP):
   loss' saved tensors, measured on meta the same way;
 * **rollouts**: the KV cache (``2 x layers x kv_heads/TP x head_dim x c`` per token) for the
   rows generated at once (``rollout.kv_budget_tokens``, or every rollout of the rank's
-  prompts), the full weights gathered in the compute dtype, and the sampler's logits;
+  prompts), the full weights gathered in the compute dtype, and the sampler's logits.  The
+  embedded engine's shared cache (``--share_prompts``, its default) holds a group's prompt
+  once and each row's response budget (:func:`rollout_wave`); without it every row holds
+  prompt + response;
 * **reference model** (KL on): a full copy in the compute dtype.
 
 Peak = max(update phase, rollout phase) over what is live in each; master weights and moments
@@ -196,7 +199,11 @@ class Workload:
     rollout_rows: int = 512
     """Rollouts one rank generates at once (prompts x 2g / DP, or the KV budget's rows)."""
     rollout_tokens_per_row: int = 9700
-    """Prompt + response budget per rollout row."""
+    """KV tokens each rollout row holds itself: prompt + response budget, or only the
+    response budget when the prompts are held once (``rollout_prompt_tokens``)."""
+    rollout_prompt_tokens: int = 0
+    """Prompt tokens held once for all the rows that share them (the engine's shared cache:
+    one prompt per group in the wave)."""
     kl: bool = False
     loss_impl: str = "fused"
     """'fused' (the GPU kernel) or 'torch' (the CPU reference, logits materialised)."""
@@ -245,7 +252,8 @@ def predict(cfg, *, tp: int, dp: int, dtype: torch.dtype, recompute: str, work: 
     out["optimizer_temp"] = 4 * P / dp
     out["reference"] = c * P if work.kl else 0.0
     kv_per_token = 2 * lm.num_layers * max(1, lm.num_kv_heads // tp) * lm.head_dim * c
-    out["kv_cache"] = work.rollout_rows * work.rollout_tokens_per_row * kv_per_token
+    out["kv_cache"] = (work.rollout_rows * work.rollout_tokens_per_row
+                       + work.rollout_prompt_tokens) * kv_per_token
     out["rollout_weights"] = c * P
     out["sampler"] = work.rollout_rows * lm.vocab_size * 4 * 3  # logits, probabilities, cdf
     common = out["master"] + out["moments"] + out["reference"]
@@ -357,6 +365,9 @@ class PlanCLI:
     share_prefix: bool = True
     """The trainer's prefix-shared layout (``--rl.share_prefix``): a group's prompt and images
     once per packed unit, then its rollouts' responses.  False: one sequence per rollout."""
+    share_prompts: bool = True
+    """The embedded engine's shared KV cache (``--setup.rollout.share_prompts``): a group's
+    prompt held once per wave, each row its response.  False: every row holds its prompt."""
 
     def __post_init__(self):
         require_choice("preset", self.preset, ("r4b-4b", "tiny"))
@@ -455,15 +466,39 @@ def _cli_layout(cli: PlanCLI, dp: int, share_prefix: bool) -> dict:
                        share_prefix=share_prefix, image_tiles_per_prompt=cli.image_tiles_per_prompt)
 
 
+def rollout_wave(rows: int, group_rows: int, prompt_tokens: int, response_tokens: int,
+                 kv_budget_tokens: int | None, *, share_prompts: bool = True) -> tuple[int, int]:
+    """``(rows, prompt tokens held)`` of the engine's largest wave for ``rows`` rollouts in
+    groups of ``group_rows`` that share their prompt.  Shared (the embedded engine's default),
+    rows join in group order while the wave's prompts (once per group started) plus its rows'
+    response budgets fit ``kv_budget_tokens``, as ``EmbeddedEngine._waves`` fills them; per row,
+    ``budget // (prompt + response)`` rows hold their prompt each (prompt tokens held: 0, they
+    count per row).  At least one row."""
+    seq = prompt_tokens + response_tokens
+    if not share_prompts:
+        n = rows if kv_budget_tokens is None else min(rows, kv_budget_tokens // seq)
+        return max(1, n), 0
+    n = held = 0
+    while n < rows:
+        new_prompt = prompt_tokens if n % group_rows == 0 else 0
+        if (kv_budget_tokens is not None and n
+                and held + new_prompt + (n + 1) * response_tokens > kv_budget_tokens):
+            break
+        held += new_prompt
+        n += 1
+    return n, held
+
+
 def _workload(cli: PlanCLI, dp: int, lay: dict) -> Workload:
-    per_rank = cli.prompts_per_step * 2 * cli.group_size / dp
-    seq = cli.prompt_tokens + cli.response_tokens
-    rows_at_once = per_rank if cli.kv_budget_tokens is None else \
-        max(1, min(per_rank, cli.kv_budget_tokens // seq))
+    per_rank = int(cli.prompts_per_step * 2 * cli.group_size / dp)
+    rows, held = rollout_wave(per_rank, 2 * cli.group_size, cli.prompt_tokens,
+                              cli.response_tokens, cli.kv_budget_tokens,
+                              share_prompts=cli.share_prompts)
+    per_row = cli.response_tokens if cli.share_prompts else cli.prompt_tokens + cli.response_tokens
     return Workload(tokens_per_microbatch=lay["microbatch_tokens"],
                     scored_per_microbatch=lay["scored_per_microbatch"],
-                    image_tiles_per_microbatch=lay["tiles_per_microbatch"],
-                    rollout_rows=int(rows_at_once), rollout_tokens_per_row=seq, kl=cli.kl)
+                    image_tiles_per_microbatch=lay["tiles_per_microbatch"], rollout_rows=rows,
+                    rollout_tokens_per_row=per_row, rollout_prompt_tokens=held, kl=cli.kl)
 
 
 def _model_cfg(cli: PlanCLI):

@@ -105,11 +105,13 @@ NOT_COMPARED = ("out_dir", "resume_changed")
 """Options that never make a run another job: where it lives, and the list of accepted changes."""
 SAFE_CHANGES = ("steps", "eval_every", "eval_items_during", "ckpt_every", "tensorboard", "eval",
                 "anneal.ckpt_every", "setup.timeout_rollout_s", "setup.timeout_update_s",
-                "setup.timeout_checkpoint_s", "dp_size", "rl.share_prefix", "anneal.share_prefix")
+                "setup.timeout_checkpoint_s", "dp_size", "rl.share_prefix", "anneal.share_prefix",
+                "setup.rollout.share_prompts")
 """Options a resume may change when ``--resume_changed`` names them (a name or a dotted prefix:
 ``eval`` accepts every ``eval.*`` option): how long the run goes on, how often it evaluates and
 checkpoints, evaluation, timeouts, the data-parallel size (checkpoints reshard) and the packed
-layout (``share_prefix``: exact either way, and absent from run directories made before it).  Every
+layouts (``share_prefix``, ``share_prompts``: exact either way, and absent from run
+directories made before them).  Every
 other option defines what is trained (model, data and its content, task, seed, algorithm and
 its hyper-parameters, tensor-parallel size) and a run directory keeps it for life."""
 

@@ -541,3 +541,21 @@ def test_share_prompts_flag_is_checked(text):
         EmbeddedEngine(text.model, stop_ids=[1], share_prompts="yes")
     with pytest.raises(ValueError, match=r"images must hold one entry per request \(2\), got 1"):
         prompt_groups([RolloutRequest(prompt_ids=[1], mode="auto")] * 2, [None])
+
+
+def test_rollout_config_share_prompts_reaches_the_engine(text):
+    """``--setup.rollout.share_prompts`` builds the engine it names (and is checked)."""
+    from r4b.components import RolloutConfig, build_engine
+
+    class Tok:
+        im_end_id, eos_id, vocab_size, image_token_id = 1, 2, 64, 63
+
+    class Template:
+        classify_mode = staticmethod(lambda ids: None)
+
+    for share in (True, False):
+        eng = build_engine(text.model, Template(), Tok(), max_seqlen=64,
+                           rollout=RolloutConfig(share_prompts=share, kv_budget_tokens=500))
+        assert eng.share_prompts is share and eng.kv_budget_tokens == 500
+    with pytest.raises(TypeError, match="rollout.share_prompts must be true or false, got 'no'"):
+        RolloutConfig(share_prompts="no")

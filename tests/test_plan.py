@@ -174,7 +174,8 @@ def test_without_sharing_the_table_is_the_dense_formula():
     from r4b.plan import PlanCLI, Workload, plan_table, predict
     from r4b.models import get_preset
 
-    cli = PlanCLI(response_tokens=R, tokens_per_microbatch=32768, kl=True, share_prefix=False)
+    cli = PlanCLI(response_tokens=R, tokens_per_microbatch=32768, kl=True, share_prefix=False,
+                  share_prompts=False)
     cfg = get_preset("r4b-4b")
     rows = plan_table(cli)
     seq = P + R
@@ -217,3 +218,24 @@ def test_layout_table_kv_and_the_command(capsys):
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("p,r,budget", [(30, 8, 70), (30, 8, 200), (5, 40, 100), (12, 3, 15),
+                                        (30, 8, None)])
+def test_rollout_wave_is_the_engines_first_wave(share, p, r, budget):
+    """The planner's wave (rows, prompt tokens held once) against ``EmbeddedEngine._waves`` on
+    3 groups of 4 rollouts whose prompts share nothing across groups."""
+    from r4b.models import build_model, get_preset
+    from r4b.plan import rollout_wave
+    from r4b.rollout.engine import EmbeddedEngine, RolloutRequest
+
+    model = build_model(get_preset("tiny", vision=False))
+    eng = EmbeddedEngine(model, stop_ids=[1], kv_budget_tokens=budget, share_prompts=share)
+    reqs = [RolloutRequest(prompt_ids=[10 + g] + [3] * (p - 1), mode="think", group_id=g)
+            for g in range(3) for _ in range(4)]
+    waves = eng._waves(reqs, [r] * len(reqs), [None] * len(reqs))
+    rows, held = rollout_wave(len(reqs), 4, p, r, budget, share_prompts=share)
+    assert rows == max(len(w) for w in waves) == len(waves[0])
+    groups = {reqs[i].group_id for i in waves[0]}
+    assert held == (len(groups) * p if share else 0)

@@ -470,4 +470,5 @@ def test_the_packed_layout_may_change_on_resume():
     diffs = job_differences(old, new)
     assert diffs == {"anneal.share_prefix": (None, True), "rl.share_prefix": (None, True)}
     assert all(_safe(k) for k in diffs)
+    assert _safe("setup.rollout.share_prompts")
     assert not _safe("rl.lr") and not _safe("rl.group_size")
