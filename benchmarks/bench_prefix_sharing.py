@@ -22,6 +22,7 @@ Run it in one process::
 
     python benchmarks/bench_prefix_sharing.py                # both cases, CPU: ~25 min
     python benchmarks/bench_prefix_sharing.py --images 384x384 --repeats 1
+    python benchmarks/bench_prefix_sharing.py --images 384x384 --layers 4 --append
 
 It writes ``benchmarks/results/prefix-sharing-<device>.json`` (``--out`` to choose).  On a GPU,
 ``pytest benchmarks/bench_prefix_sharing.py --benchmark`` runs the same cases in bf16 (the
@@ -191,8 +192,9 @@ def bench_case(name: str, image_hw: tuple[int, int], *, cfg, rt, layers: int, re
 
 
 def run(cases, *, layers: int = 2, repeats: int = 2, warmup: int = 1, dtype: str | None = None,
-        out: Path | None = None, log=print) -> tuple[list[dict], Path]:
-    """Every case in ``cases`` in this process; writes and returns the rows and the path."""
+        out: Path | None = None, append: bool = False, log=print) -> tuple[list[dict], Path]:
+    """Every case in ``cases`` in this process; writes and returns the rows and the path.
+    ``append`` keeps the file's rows of other (case, layers, dtype) and replaces equal ones."""
     from r4b.runtime import init_runtime
 
     rt = init_runtime(1)
@@ -214,9 +216,23 @@ def run(cases, *, layers: int = 2, repeats: int = 2, warmup: int = 1, dtype: str
     dev = "".join(c if c.isalnum() else "_" for c in env["device"]).strip("_").lower() or "cpu"
     path = out or RESULTS_DIR / f"prefix-sharing-{dev}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    def key(r):
+        return (r["case"], r["layers"]["lm"], r["dtype"])
+
+    kept = []
+    if append and path.exists():
+        old = json.loads(path.read_text())
+        mine = {key(r) for r in rows}
+        kept = [r for r in old.get("results", []) if key(r) not in mine]
+        for r in kept:  # rows written before per-row stamps: the file's own stamp
+            r.setdefault("environment", {**old.get("environment", {}),
+                                         "command": old.get("command")})
     tmp = path.with_suffix(path.suffix + ".tmp")
+    stamp = {**env, "command": " ".join(sys.argv)}
+    for r in rows:
+        r["environment"] = stamp  # rows of an appended file keep their own run's stamp
     tmp.write_text(json.dumps({"environment": env, "command": " ".join(sys.argv),
-                               "results": rows}, indent=2) + "\n")
+                               "results": kept + rows}, indent=2) + "\n")
     tmp.replace(path)
     return rows, path
 
@@ -233,6 +249,8 @@ def main(argv=None) -> int:
                     help="parameter dtype (default: float32 on CPU, bfloat16 on CUDA)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results file (default benchmarks/results/prefix-sharing-<device>.json)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the results file's rows of other cases / depths / dtypes")
     a = ap.parse_args(argv)
     for name, v in (("--layers", a.layers), ("--repeats", a.repeats)):
         if v < 1:
@@ -240,7 +258,7 @@ def main(argv=None) -> int:
     if a.warmup < 0:
         ap.error(f"--warmup must be >= 0, got {a.warmup}")
     rows, path = run(a.images, layers=a.layers, repeats=a.repeats, warmup=a.warmup,
-                     dtype=a.dtype, out=a.out)
+                     dtype=a.dtype, out=a.out, append=a.append)
     print(f"wrote {path}")
     return 0
 
