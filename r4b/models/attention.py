@@ -434,7 +434,8 @@ class SharedKVCache:
         width = int(self._path_len.max()) if n else 0
         path = torch.zeros((n, width), dtype=torch.long, device="cpu")
         for j in range(n):
-            seg = [torch.arange(starts[a], starts[a] + caps[a]) for a in chains[j] + (j,)]
+            seg = [torch.arange(starts[a], starts[a] + caps[a], device="cpu")
+                   for a in chains[j] + (j,)]
             idx = torch.cat(seg)
             path[j, :idx.numel()] = idx
             path[j, idx.numel():] = idx[-1]
@@ -508,7 +509,7 @@ class SharedKVCache:
         order = torch.argsort(inv, stable=True)
         first = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(inv)
-        rank[order] = torch.arange(inv.numel()) - first[inv[order]]
+        rank[order] = torch.arange(inv.numel(), device=inv.device) - first[inv[order]]
         # O(b) host vectors in one copy; the O(b x L) index tensors are built on the device
         host = [slots, start, length, base, sel, uniq, inv, rank]
         flat = torch.cat(host)
