@@ -4,7 +4,7 @@ One BPO group of ``2g = 8`` rollouts (4 forced-thinking, 4 forced-non-thinking, 
 all eight share the prompt exactly) on a one-image prompt, at r4b-4b's real widths (Qwen3-4B:
 hidden 2,560, 32 / 8 heads, MLP 9,728, vocab 151,936; SigLIP So400m: 1,152) cut to 2 LM + 2
 vision layers, random weights.  The same :class:`~r4b.rl.bpo.BPOTrainer` packs the group both
-ways (``--rl.share_prefix true`` / ``false``) at the r4b-4b recipe's 16,384-token micro-batch
+ways (``--rl.share_prefix True`` / ``False``) at the r4b-4b recipe's 16,384-token micro-batch
 budget, scores the old log-probs (``score_old_and_ref``) and runs the update (``update``:
 forward, fused policy loss, backward, clip, optimizer step).  The optimizer is SGD with lr 0,
 so both layouts see the same weights in every repeat, and their losses, grad norms and
