@@ -290,7 +290,9 @@ def test_prefix_sharing_bench(bench_mode, tmp_path):
         print(f"prefix-sharing {r['case']}: lm_tokens_ratio {r['lm_tokens_ratio']:.2f} "
               f"update_time_ratio {r['update_time_ratio']:.2f} "
               f"passes_time_ratio {r['passes_time_ratio']:.2f} ({path.name})")
-        assert r["loss_rel_diff"] <= 1e-2, r  # bf16: the layouts round differently
+        # bf16: the layouts round differently; the loss itself is ~1e-6 (ratios are 1 and the
+        # group's advantages sum to zero), so the grad norm is the quantity compared
+        assert r["grad_norm_rel_diff"] <= 2e-2, r
 
 
 if __name__ == "__main__":
