@@ -217,32 +217,15 @@ def pack_groups(token_ids: Sequence[Sequence[int]] | FlatTokens,
     unit_seqs = np.fromiter((j for u in units for j in u.seqs), dtype=np.int64,
                             count=int(unit_offsets[-1]))
     unit_shared = np.fromiter((u.shared for u in units), dtype=np.int64, count=len(units))
-    parts = [thd._ints(f"microbatches[{b}]", mb) for b, mb in enumerate(microbatches)]
-    bounds = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum([p.shape[0] for p in parts], out=bounds[1:])
-    sel = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-    def where(i: int) -> str:  # position i of the concatenation as microbatches[b][j]
-        b = int(np.searchsorted(bounds, i, side="right")) - 1
-        return f"microbatches[{b}][{i - int(bounds[b])}]"
-
-    bad = (sel < 0) | (sel >= len(units))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{where(i)} must be a unit index in [0, {len(units)}), got {int(sel[i])}")
-    if sel.size > 1:
-        order = np.argsort(sel, kind="stable")
-        dup = np.flatnonzero(sel[order[1:]] == sel[order[:-1]])
-        if dup.size:
-            x, y = int(order[dup[0]]), int(order[dup[0] + 1])
-            raise ValueError(f"every unit must be in at most one micro-batch, but unit "
-                             f"{int(sel[x])} is at {where(x)} and {where(y)}")
+    sel, bounds = thd.select_microbatches(microbatches, len(units), what="unit",
+                                          rule="at most one")
     flat, offsets = _flat(token_ids)
     packed = thd._host_impl(impl).pack_groups(
         flat, offsets, thd._ints("prompt_lens", prompt_lens), unit_seqs, unit_offsets,
         unit_shared, sel, bounds)
     out = []
-    for d, mb in zip(packed, parts):
+    for b, d in enumerate(packed):
+        mb = sel[bounds[b]:bounds[b + 1]]
         if not mb.size:
             out.append(empty_microbatch())
             continue

@@ -371,6 +371,35 @@ def pack_microbatch(token_ids, offsets, prompt_lens, seq_indices, *, modes=None,
                  pad_token_id, impl)[0]
 
 
+def select_microbatches(microbatches, n: int, *, what: str, rule: str
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the micro-batches' index lists into ``(sel, bounds)`` (``sel[bounds[b]:
+    bounds[b + 1]]`` is micro-batch ``b``), checking that every index lies in ``[0, n)`` and
+    none repeats; errors name the ``what`` and its places as ``microbatches[b][i]``."""
+    parts = [_ints(f"microbatches[{b}]", mb) for b, mb in enumerate(microbatches)]
+    sizes = np.fromiter((p.shape[0] for p in parts), dtype=np.int64, count=len(parts))
+    bounds = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=bounds[1:])
+    sel = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def where(j: int) -> str:  # position j of the concatenation as microbatches[b][i]
+        b = int(np.searchsorted(bounds, j, side="right")) - 1
+        return f"microbatches[{b}][{j - int(bounds[b])}]"
+
+    bad = (sel < 0) | (sel >= n)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where(j)} must be a {what} index in [0, {n}), got {int(sel[j])}")
+    if sel.size > 1:
+        order = np.argsort(sel, kind="stable")
+        dup = np.flatnonzero(sel[order[1:]] == sel[order[:-1]])
+        if dup.size:
+            x, y = int(order[dup[0]]), int(order[dup[0] + 1])
+            raise ValueError(f"every {what} must be in {rule} micro-batch, but {what} "
+                             f"{int(sel[x])} is at {where(x)} and {where(y)}")
+    return sel, bounds
+
+
 def pack_microbatches(token_ids, offsets, prompt_lens, microbatches, *, modes=None,
                       advantages=None, pad_to_multiple: int = 1, pad_token_id: int = 0,
                       impl: str = "auto") -> list[PackedBatch]:
@@ -387,28 +416,8 @@ def pack_microbatches(token_ids, offsets, prompt_lens, microbatches, *, modes=No
         one :class:`PackedBatch` per entry of ``microbatches`` (empty entries give empty
         batches).
     """
-    parts = [_ints(f"microbatches[{b}]", mb) for b, mb in enumerate(microbatches)]
-    sizes = np.fromiter((p.shape[0] for p in parts), dtype=np.int64, count=len(parts))
-    bounds = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=bounds[1:])
-    sel = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     n = _ints("prompt_lens", prompt_lens).shape[0]
-
-    def where(j: int) -> str:  # position j of the concatenation as microbatches[b][i]
-        b = int(np.searchsorted(bounds, j, side="right")) - 1
-        return f"microbatches[{b}][{j - int(bounds[b])}]"
-
-    bad = (sel < 0) | (sel >= n)
-    if bad.any():
-        j = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{where(j)} must be a sequence index in [0, {n}), got {int(sel[j])}")
-    if sel.size > 1:
-        order = np.argsort(sel, kind="stable")
-        dup = np.flatnonzero(sel[order[1:]] == sel[order[:-1]])
-        if dup.size:
-            x, y = int(order[dup[0]]), int(order[dup[0] + 1])
-            raise ValueError(f"every sequence must be in exactly one micro-batch, but sequence "
-                             f"{int(sel[x])} is at {where(x)} and {where(y)}")
+    sel, bounds = select_microbatches(microbatches, n, what="sequence", rule="exactly one")
     return _pack(token_ids, offsets, prompt_lens, sel, bounds, modes, advantages,
                  pad_to_multiple, pad_token_id, impl)
 
