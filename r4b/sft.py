@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .packing import FlatTokens, forward_rows, group_units, pack, pack_groups, plan
+from .packing import forward_rows, pack, pack_shared, plan
 from .components import image_processor
 from .config import require_range
 from .log import get_logger
@@ -116,15 +116,11 @@ def _sft_microbatches(examples: Sequence[Example], rt: Runtime, *, tokens_per_mi
     n_tok = sum(len(t) for t in tokens)
     groups = item_groups(examples)
     if share_prefix and len(set(groups)) < len(groups):
-        flat = FlatTokens.of(tokens)  # flattened once for both calls
-        units, st = group_units(flat, plens, groups, images, budget=tokens_per_microbatch,
-                                image_token_id=image_token_id)
-        mine, _ = plan([u.length for u in units], dp_rank=rt.dp_rank, dp_size=rt.dp_size,
-                       tokens_per_microbatch=tokens_per_microbatch)
-        stats = {"pack/dense_tokens": st["dense_tokens"], "pack/tokens": st["shared_tokens"],
-                 "pack/prefix_copies_lost": st["prefix_copies_lost"],
-                 "pack/unshared_groups": st["unshared_groups"]}
-        return pack_groups(flat, plens, images, units, mine, process=process), stats
+        packed, stats, _ = pack_shared(tokens, plens, groups, images, dp_rank=rt.dp_rank,
+                                       dp_size=rt.dp_size,
+                                       tokens_per_microbatch=tokens_per_microbatch,
+                                       image_token_id=image_token_id, process=process)
+        return packed, stats
     mine, _ = plan([len(t) for t in tokens], dp_rank=rt.dp_rank, dp_size=rt.dp_size,
                    tokens_per_microbatch=tokens_per_microbatch, modes=[e.mode for e in examples])
     stats = {"pack/dense_tokens": n_tok, "pack/tokens": n_tok}

@@ -14,7 +14,7 @@ A batch goes one way down this package:
   (row-by-row pure Python, the specification): the same contract as the C++ core.
 """
 
-from .groups import FlatTokens, GroupUnit, group_units, image_classes, pack_groups
+from .groups import FlatTokens, GroupUnit, group_units, image_classes, pack_groups, pack_shared
 from .microbatch import PackedMicroBatch, empty_microbatch, forward_rows, pack, plan
 from .thd import (COSTS, HAS_R4B_C, HAS_R4B_C_GROUPS, HAS_R4B_CUDA, IGNORE_INDEX, PackedBatch, Plan,
                   flatten_sequences, gather_rows, pack_microbatch, pack_microbatches,
@@ -22,7 +22,7 @@ from .thd import (COSTS, HAS_R4B_C, HAS_R4B_C_GROUPS, HAS_R4B_CUDA, IGNORE_INDEX
 
 __all__ = [
     "PackedMicroBatch", "empty_microbatch", "forward_rows", "pack", "plan",
-    "FlatTokens", "GroupUnit", "group_units", "image_classes", "pack_groups",
+    "FlatTokens", "GroupUnit", "group_units", "image_classes", "pack_groups", "pack_shared",
     "COSTS", "HAS_R4B_C", "HAS_R4B_C_GROUPS", "HAS_R4B_CUDA", "IGNORE_INDEX", "PackedBatch", "Plan",
     "flatten_sequences", "gather_rows", "pack_microbatch", "pack_microbatches",
     "plan_microbatches", "resolve_impl", "scatter_rows", "unpack_response", "unpack_rows",

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from . import thd
-from .microbatch import PackedMicroBatch, empty_microbatch
+from .microbatch import PackedMicroBatch, empty_microbatch, plan
 from .thd import IGNORE_INDEX, flatten_sequences
 
 
@@ -249,3 +249,23 @@ def pack_groups(token_ids: Sequence[Sequence[int]] | FlatTokens,
             images=ImageBatch.collate(flat_imgs) if flat_imgs else None,
             prefix_layout=layout, row_targets=t["row_targets"]))
     return out
+
+
+def pack_shared(token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int],
+                group_ids: Sequence[int], images: Sequence[list], *, dp_rank: int, dp_size: int,
+                tokens_per_microbatch: int, image_token_id: int | None = None,
+                process: Callable[[list], list] | None = None
+                ) -> tuple[list[PackedMicroBatch], dict, float]:
+    """This rank's micro-batches in the prefix-shared layout: :func:`group_units`, the DP plan
+    over the units' token counts, :func:`pack_groups`.  Returns them, the ``pack/*`` statistics
+    (``pack/dense_tokens``, ``pack/tokens``, ``pack/prefix_copies_lost``,
+    ``pack/unshared_groups``) and the plan's imbalance."""
+    flat = FlatTokens.of(token_ids)  # flattened once for both calls
+    units, st = group_units(flat, prompt_lens, group_ids, images, budget=tokens_per_microbatch,
+                            image_token_id=image_token_id)
+    mine, imbalance = plan([u.length for u in units], dp_rank=dp_rank, dp_size=dp_size,
+                           tokens_per_microbatch=tokens_per_microbatch)
+    stats = {"pack/dense_tokens": st["dense_tokens"], "pack/tokens": st["shared_tokens"],
+             "pack/prefix_copies_lost": st["prefix_copies_lost"],
+             "pack/unshared_groups": st["unshared_groups"]}
+    return pack_groups(flat, prompt_lens, images, units, mine, process=process), stats, imbalance

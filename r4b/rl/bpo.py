@@ -50,8 +50,7 @@ import torch
 import r4b_kernels as K
 
 from ..log import get_logger
-from ..packing import (FlatTokens, PackedMicroBatch, forward_rows, group_units, pack, pack_groups,
-                       plan)
+from ..packing import PackedMicroBatch, forward_rows, pack, pack_shared, plan
 from ..components import image_processor
 from ..rewards import verify
 from ..rollout.engine import RolloutRequest
@@ -286,16 +285,10 @@ class BPOTrainer:
         process = image_processor(self.policy.cfg) if self.policy.cfg.vision is not None else None
         images = [s.images for s in kept]
         if cfg.share_prefix:
-            flat = FlatTokens.of(tokens)  # flattened once for both calls
-            units, st = group_units(flat, plens, [s.group for s in kept], images,
-                                    budget=cfg.tokens_per_microbatch,
-                                    image_token_id=self.policy.cfg.image_token_id)
-            mine, imbalance = plan([u.length for u in units], dp_rank=rt.dp_rank,
-                                   dp_size=rt.dp_size, tokens_per_microbatch=cfg.tokens_per_microbatch)
-            packed = pack_groups(flat, plens, images, units, mine, process=process)
-            stats = {"pack/dense_tokens": st["dense_tokens"], "pack/tokens": st["shared_tokens"],
-                     "pack/prefix_copies_lost": st["prefix_copies_lost"],
-                     "pack/unshared_groups": st["unshared_groups"]}
+            packed, stats, imbalance = pack_shared(
+                tokens, plens, [s.group for s in kept], images, dp_rank=rt.dp_rank,
+                dp_size=rt.dp_size, tokens_per_microbatch=cfg.tokens_per_microbatch,
+                image_token_id=self.policy.cfg.image_token_id, process=process)
         else:
             mine, imbalance = plan([len(t) for t in tokens], dp_rank=rt.dp_rank,
                                    dp_size=rt.dp_size, tokens_per_microbatch=cfg.tokens_per_microbatch,
