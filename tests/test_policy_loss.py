@@ -120,7 +120,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("T,H,V,dtype,opts", CASES, ids=lambda x: str(x) if not isinstance(x, dict) else "-".join(x))
-@pytest.mark.parametrize("impl", [TRITON])
+@pytest.mark.parametrize("impl", ["chunked", TRITON])
 def test_matches_fp64_ground_truth(impl, T, H, V, dtype, opts):
     hidden, weight, targets, old, adv, w, ref = make_inputs(T, H, V, dtype)
     opts = dict(opts)
@@ -171,7 +171,7 @@ def test_statistics_definitions():
     assert isinstance(out, PolicyLossOutput) and out.entropy is None and out.entropy_mean is None
 
 
-@pytest.mark.parametrize("impl", ["torch", TRITON])
+@pytest.mark.parametrize("impl", ["torch", "chunked", TRITON])
 def test_matches_liger_grpo(impl):
     """Same semantics as Liger's LigerFusedLinearGRPOLoss (token-level ratio, k3 KL with
     beta, same eps) with token_weights reproducing its "bnpo" and "grpo" aggregations."""
@@ -210,7 +210,7 @@ def test_matches_liger_grpo(impl):
         torch.testing.assert_close(W2.grad, W1.grad, rtol=1e-3, atol=1e-5, msg=loss_type)
 
 
-@pytest.mark.parametrize("impl", ["torch", TRITON])
+@pytest.mark.parametrize("impl", ["torch", "chunked", TRITON])
 def test_zero_advantages_and_zero_weights_give_zero_gradient(impl):
     hidden, weight, targets, old, adv, w, ref = make_inputs(40, 32, 300, torch.float32)
     h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -226,7 +226,7 @@ def test_zero_advantages_and_zero_weights_give_zero_gradient(impl):
     assert h.grad.abs().max().item() == 0.0 and W.grad.abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("impl", ["torch", TRITON])
+@pytest.mark.parametrize("impl", ["torch", "chunked", TRITON])
 def test_gradient_scaling_no_grad_and_frozen_weight(impl):
     hidden, weight, targets, old, adv, w, ref = make_inputs(20, 16, 100, torch.float32)
     h1, W1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -244,13 +244,13 @@ def test_gradient_scaling_no_grad_and_frozen_weight(impl):
     assert not out.loss.requires_grad
 
 
-@pytest.mark.skipif(not pl.HAS_TRITON, reason="needs triton")
-def test_fused_weight_grad_is_deterministic_and_backward_once():
+@pytest.mark.parametrize("impl", ["chunked", TRITON])
+def test_fused_weight_grad_is_deterministic_and_backward_once(impl):
     hidden, weight, targets, old, adv, w, ref = make_inputs(70, 32, 300, torch.bfloat16)
     grads = []
     for _ in range(2):
         h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = policy_loss(h, W, targets, old, adv, impl="triton", chunk_rows=16)
+        out = policy_loss(h, W, targets, old, adv, impl=impl, chunk_rows=16)
         out.loss.backward(retain_graph=True)
         grads.append((h.grad.clone(), W.grad.clone()))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
@@ -258,7 +258,7 @@ def test_fused_weight_grad_is_deterministic_and_backward_once():
         out.loss.backward()
 
 
-@pytest.mark.parametrize("impl", ["torch", TRITON])
+@pytest.mark.parametrize("impl", ["torch", "chunked", TRITON])
 @pytest.mark.parametrize("T,H,V,dtype", [(1031, 48, 257, torch.float32), (77, 200, 1000, torch.bfloat16)])
 def test_token_logprobs_matches_log_softmax(impl, T, H, V, dtype):
     hidden, weight, targets, *_ = make_inputs(T, H, V, dtype)
@@ -290,7 +290,7 @@ def test_large_logits_are_stable():
     torch.testing.assert_close(ent.double(), -(logsm.exp() * logsm).sum(-1), atol=2e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["torch", TRITON])
+@pytest.mark.parametrize("impl", ["torch", "chunked", TRITON])
 def test_argument_errors_name_the_argument(impl):
     """Shape, dtype, device and option errors: always checked (they cost nothing)."""
     hidden, weight, targets, old, adv, w, ref = make_inputs(6, 16, 50, torch.float32)
@@ -327,7 +327,7 @@ def test_argument_errors_name_the_argument(impl):
         policy_loss(hidden, weight, targets, old, adv, impl="cuda")
 
 
-@pytest.mark.parametrize("impl", ["torch", TRITON])
+@pytest.mark.parametrize("impl", ["torch", "chunked", TRITON])
 @pytest.mark.parametrize("how", ["argument", "env"])
 def test_opt_in_value_checks_name_the_bad_value(impl, how, monkeypatch):
     """check_inputs=True (or R4B_KERNEL_CHECKS=1) reads the values: NaN/inf inputs, target ids
@@ -374,7 +374,7 @@ def test_opt_in_value_checks_name_the_bad_value(impl, how, monkeypatch):
     call()  # valid inputs pass the checks
 
 
-@pytest.mark.parametrize("impl", ["torch", TRITON])
+@pytest.mark.parametrize("impl", ["torch", "chunked", TRITON])
 def test_unchecked_bad_values_surface_as_nan(impl, monkeypatch):
     """Without the opt-in checks nothing is read ahead of the kernels, but bad values are not
     silently turned into plausible numbers: an out-of-range target gives a NaN log-prob for
@@ -466,11 +466,11 @@ def _default_path_calls(impl, monkeypatch, T=37, chunk_rows=16):
     return counter
 
 
-@pytest.mark.parametrize("impl", ["torch", TRITON])
+@pytest.mark.parametrize("impl", ["torch", "chunked", TRITON])
 def test_default_path_has_no_host_sync_and_no_scan_of_the_weights(impl, monkeypatch):
     counter = _default_path_calls(impl, monkeypatch)
     assert counter.syncs == [], f"host syncs on the default path: {counter.syncs}"
-    if impl == "triton":
+    if impl in ("triton", "chunked"):
         # The fused path reads hidden and the weight only in its GEMMs: per chunk the logits
         # GEMM, dH = dlogits @ W and dW += dlogits^T @ H (fwd+bwd), the logits GEMM (log-probs).
         chunks = -(-37 // 16)

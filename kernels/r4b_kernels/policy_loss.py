@@ -32,6 +32,11 @@ Implementations (``impl=``):
   Extra memory is one ``[C, V_local]`` fp32 logits chunk (+ a ``[C, V_local]`` bf16 dlogits
   chunk for bf16 inputs), never ``[T, V]``; ``C`` is chosen so that this stays within
   :data:`CHUNK_BUDGET_BYTES`.
+* ``"chunked"`` - the same chunked driver (GEMMs, TP exchange, gradients in the forward) with
+  steps 2 and 4 as whole-chunk PyTorch ops instead of the two kernels (one more fp32
+  ``[C, V_local]`` buffer, the exponentials); runs on any device.  ``"auto"`` picks
+  ``"triton"`` on CUDA when compiled Triton works, else ``"chunked"``: on the CPU it is the
+  fused loss that never materialises ``[T, V_local]``.
 
 Gradient semantics under TP: the gradient w.r.t. ``hidden`` returned on every rank is the
 FULL gradient (the partial ``dH`` of each vocab shard is all-reduced inside), so callers must
@@ -116,6 +121,21 @@ class PolicyLossOutput:
     """Weighted mean of ``kl_t`` when ``ref_logprobs`` is given."""
     entropy_mean: torch.Tensor | None
     """Weighted mean of ``H_t`` when the entropy is computed."""
+
+
+#: ``impl`` values of :func:`policy_loss` and :func:`token_logprobs`.
+IMPLS = ("auto", "triton", "chunked", "torch")
+
+
+def _loss_impl(impl: str, device: torch.device) -> str:
+    """``impl`` -> ``"triton" | "chunked" | "torch"``: ``auto`` is the Triton path on CUDA
+    (when compiled Triton works) and the chunked path with the PyTorch epilogue elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "chunked":
+        return impl
+    which = resolve_impl(impl, device)
+    return "chunked" if (impl == "auto" and which == "torch") else which
 
 
 # ----------------------------------------------------------------------------- validation
@@ -497,9 +517,13 @@ def epilogue_tiles(v_local: int, *, interpret: bool | None = None) -> EpilogueTi
     return EpilogueTiles(1, min(2048, next_power_of_2(v_local)), 8)
 
 
-def default_chunk_rows(n_rows: int, v_local: int, dtype: torch.dtype, with_grad: bool) -> int:
-    """Rows per chunk of the fused path under :data:`CHUNK_BUDGET_BYTES`."""
+def default_chunk_rows(n_rows: int, v_local: int, dtype: torch.dtype, with_grad: bool, *,
+                       epilogue: str = "triton") -> int:
+    """Rows per chunk of the fused path under :data:`CHUNK_BUDGET_BYTES` (the ``"torch"``
+    epilogue holds a second fp32 ``[C, V_local]`` buffer, the exponentials)."""
     per_row = v_local * (4 + (dtype.itemsize if (with_grad and dtype != torch.float32) else 0))
+    if epilogue == "torch":
+        per_row += v_local * 4
     c = max(16, CHUNK_BUDGET_BYTES // per_row // 16 * 16)  # multiple of 16 for tensor cores
     return int(min(n_rows, c))
 
@@ -623,19 +647,121 @@ def _tp_gather_stats(local: torch.Tensor, world: int, group) -> torch.Tensor:
     return out
 
 
-def _fused_chunks(hidden, weight, targets, old, adv, w, ref, cfg, need_dh, need_dw, chunk_rows):
-    """Run the chunked fused pass; returns (rows [8, T], dH or None, dW or None)."""
+# ------------------------------------------------------------------ PyTorch epilogue
+# The same per-chunk math as the two Triton kernels, as whole-chunk PyTorch ops: the fused
+# path's ``"chunked"`` implementation (``auto`` off CUDA).  Three GEMMs and a handful of passes
+# over one [C, V_local] chunk at a time, gradients computed in the forward; memory two
+# [C, V_local] fp32 buffers instead of the reference's several [T, V_local] ones.
+def _stats_torch(lg: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, st: torch.Tensor,
+                 vocab_start: int, inv_tau: float) -> None:
+    """``lg`` [n, V_local] fp32 logits -> in place ``d = z - m`` (``z = lg * inv_tau``,
+    ``m`` the row max), ``e = exp(d)``, and ``st[n, 4] = (m, s, a, zt)`` as the stats kernel
+    writes them: ``s = sum_j e_j``, ``a = sum_j e_j d_j``, ``zt = z[target]`` in this shard
+    else 0."""
+    n, v = lg.shape
+    if inv_tau != 1.0:
+        lg.mul_(inv_tau)
+    m = lg.amax(dim=1)
+    lg.sub_(m[:, None])
+    torch.exp(lg, out=e)
+    local = targets - vocab_start
+    inside = (local >= 0) & (local < v)
+    d_t = lg.gather(1, local.clamp(0, v - 1)[:, None])[:, 0]
+    st[:, 0] = m
+    st[:, 1] = e.sum(dim=1)
+    st[:, 2] = torch.bmm(e.unsqueeze(1), lg.unsqueeze(2)).view(n)  # row dot products, no temp
+    st[:, 3] = torch.where(inside, d_t + m, torch.zeros_like(m))
+
+
+def _combine_parts_torch(parts: torch.Tensor):
+    """[world, n, 4] shard partials -> merged (m, s, a, zt), as ``_combine_parts``."""
+    m_p, s_p, a_p, zt_p = parts.unbind(-1)
+    m = m_p.amax(0)
+    scale = torch.exp(m_p - m)
+    return m, (scale * s_p).sum(0), (scale * (a_p + s_p * (m_p - m))).sum(0), zt_p.sum(0)
+
+
+def _grad_torch(lg, e, dl, m_loc, parts, targets, old, adv, w, ref, rows, row0: int, cfg,
+                with_grad: bool) -> None:
+    """The grad kernel's work on one chunk after :func:`_stats_torch`: per-row loss terms
+    into ``rows[:, row0:row0 + n]`` and (``with_grad``) ``dloss/dlogits`` into ``dl``
+    (``lg``'s buffer for fp32; the chunk's ``d`` and ``e`` are consumed).  ``m_loc`` is this
+    shard's row max (its ``st[:, 0]``), ``parts`` the [world, n, 4] partials of all shards."""
+    n, v = lg.shape
+    world = cfg["world"]
+    sl = slice(row0, row0 + n)
+    tgt, old, adv, w = targets[sl], old[sl], adv[sl], w[sl]
+    m, s, a, zt = _combine_parts_torch(parts)
+    log_s = torch.log(s)
+    lse = m + log_s
+    logp = torch.where(_target_ok(tgt, v * world), zt - lse, float("nan"))
+    ent = log_s - a / s
+    s_mean = m + a / s
+    lo, hi = 1.0 - cfg["eps_low"], 1.0 + cfg["eps_high"]
+    ratio = torch.exp(logp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(lo, hi)  # clamp and maximum propagate NaN, like the kernel
+    pg = torch.maximum(unclipped, clipped)
+    dpg = torch.where(unclipped >= clipped, -adv * ratio, torch.zeros_like(ratio))
+    low = ((adv < 0) & (ratio < lo)).float()
+    high = ((adv > 0) & (ratio > hi)).float()
+    dual = torch.zeros_like(ratio)
+    if cfg["dual_clip"] is not None:
+        cap = -cfg["dual_clip"] * adv
+        capped = (adv < 0) & (pg > cap)
+        pg = torch.where(capped, cap, pg)
+        dpg = torch.where(capped, torch.zeros_like(dpg), dpg)
+        dual = capped.float()
+    g = dpg
+    kl = torch.zeros_like(ratio)
+    if ref is not None:
+        d = logp - ref[sl]
+        k = cfg["kl_coef"]
+        if cfg["kl_estimator"] == "k1":
+            kl, g = d, g + k
+        elif cfg["kl_estimator"] == "k2":
+            kl, g = 0.5 * d * d, g + k * d
+        else:
+            e_rd = torch.exp(-d)
+            kl, g = e_rd + d - 1.0, g + k * (1.0 - e_rd)
+    rows[:, sl] = torch.stack([logp, ent, ratio, pg, kl, low, high, dual])
+    if not with_grad:
+        return
+    inv_tau = 1.0 / cfg["temperature"]
+    alpha = w * g * inv_tau
+    beta = w * cfg["entropy_coef"] * inv_tau
+    c = torch.exp(m_loc - lse)  # p_j = exp(z_j - lse) = e_j c
+    if cfg["entropy_coef"] != 0.0:
+        # -p (alpha + beta (S - z)) with z = m_loc + d: d <- (alpha + beta (S - m_loc)) - beta d
+        lg.mul_(-beta[:, None]).add_((alpha + beta * (s_mean - m_loc))[:, None])
+        lg.mul_(e).mul_(-c[:, None])
+    else:
+        torch.mul(e, (-alpha * c)[:, None], out=lg)
+    local = tgt - cfg["vocab_start"]
+    inside = (local >= 0) & (local < v)
+    ar = torch.arange(n, device=lg.device)
+    lg.index_put_((ar, local.clamp(0, v - 1)), torch.where(inside, alpha, torch.zeros_like(alpha)),
+                  accumulate=True)
+    if dl is not lg:
+        dl.copy_(lg)
+
+
+def _fused_chunks(hidden, weight, targets, old, adv, w, ref, cfg, need_dh, need_dw, chunk_rows,
+                  epilogue: str = "triton"):
+    """Run the chunked fused pass with the ``epilogue`` (``"triton"`` kernels or the
+    ``"torch"`` ops); returns (rows [8, T], dH or None, dW or None)."""
     T, H = hidden.shape
     V = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
     world, group = cfg["world"], cfg["tp_group"]
     with_grad = need_dh or need_dw
-    C = chunk_rows or default_chunk_rows(T, V, dtype, with_grad)
+    C = chunk_rows or default_chunk_rows(T, V, dtype, with_grad, epilogue=epilogue)
     tiles = epilogue_tiles(V)
     w_t = weight.t()
     if dev.type != "cuda" and dtype != torch.float32:
         w_t = w_t.float()  # CPU/interpreter: one upcast per call instead of one per chunk
     logits, dlog, stats = _chunk_buffers(C, V, dtype, with_grad, dev)
+    exps = _buffer((C, V), torch.float32, dev) if epilogue == "torch" else None
     rows = _buffer((_N_ROWS, T), torch.float32, dev)
     dH = _buffer(hidden.shape, dtype, dev) if need_dh else None
     dW = _buffer(weight.shape, dtype, dev) if need_dw else None
@@ -643,9 +769,17 @@ def _fused_chunks(hidden, weight, targets, old, adv, w, ref, cfg, need_dh, need_
     for c0, n in _chunk_spans(T, C):
         lg, st, dl = logits[:n], stats[:n], dlog[:n]
         _logits_mm(hidden[c0:c0 + n], w_t, lg)
-        _stats_launch(tiles, lg, targets, st, c0, cfg["vocab_start"], inv_tau).run()
-        parts = _tp_gather_stats(st, world, group)
-        _grad_launch(tiles, lg, dl, parts, targets, old, adv, w, ref, rows, c0, cfg, with_grad).run()
+        if epilogue == "torch":
+            e = exps[:n]
+            _stats_torch(lg, e, targets[c0:c0 + n], st, cfg["vocab_start"], inv_tau)
+            parts = _tp_gather_stats(st, world, group)
+            _grad_torch(lg, e, dl, st[:, 0], parts, targets, old, adv, w, ref, rows, c0, cfg,
+                        with_grad)
+        else:
+            _stats_launch(tiles, lg, targets, st, c0, cfg["vocab_start"], inv_tau).run()
+            parts = _tp_gather_stats(st, world, group)
+            _grad_launch(tiles, lg, dl, parts, targets, old, adv, w, ref, rows, c0, cfg,
+                         with_grad).run()
         if need_dh:
             torch.mm(dl, weight, out=dH[c0:c0 + n])
         if need_dw:
@@ -664,10 +798,11 @@ class _FusedPolicyLoss(torch.autograd.Function):
     """Gradients are computed in forward (the loss is a scalar); backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, old, adv, w, ref, cfg, need_dh, need_dw, chunk_rows):
+    def forward(ctx, hidden, weight, targets, old, adv, w, ref, cfg, need_dh, need_dw, chunk_rows,
+                epilogue):
         with device_guard(hidden.device):
             rows, dH, dW = _fused_chunks(hidden, weight, targets, old, adv, w, ref, cfg,
-                                         need_dh, need_dw, chunk_rows)
+                                         need_dh, need_dw, chunk_rows, epilogue)
         loss = (w * _loss_terms(rows, cfg)).sum()
         ctx.grads = (dH, dW)
         ctx.mark_non_differentiable(rows)
@@ -686,7 +821,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
             dH.mul_(g.to(dH.dtype))
         if dW is not None:
             dW.mul_(g.to(dW.dtype))
-        return dH, dW, None, None, None, None, None, None, None, None, None
+        return dH, dW, None, None, None, None, None, None, None, None, None, None
 
 
 def _loss_terms(rows: torch.Tensor, cfg) -> torch.Tensor:
@@ -735,7 +870,7 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, *, token_weig
             returned gradient w.r.t. ``hidden`` is the FULL gradient on every rank (partial
             dH is all-reduced inside; do not also use copy-to-TP-region); the gradient w.r.t.
             ``weight`` is this shard's.
-        impl: ``"auto" | "triton" | "torch"``.
+        impl: ``"auto" | "triton" | "chunked" | "torch"`` (module docstring).
         return_entropy: also return per-token entropies (implied by ``entropy_coef != 0``).
         chunk_rows: rows per chunk of the fused path (default: from
             :data:`CHUNK_BUDGET_BYTES`); ignored by ``"torch"``.
@@ -782,14 +917,16 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, *, token_weig
                dual_clip=None if dual_clip is None else float(dual_clip),
                entropy_coef=float(entropy_coef), need_entropy=need_entropy, has_ref=ref is not None)
     targets = targets.contiguous()
-    if resolve_impl(impl, dev) == "torch":
+    which = _loss_impl(impl, dev)
+    if which == "torch":
         loss, rows = _policy_loss_torch(hidden, weight, targets, old, adv, w, ref, cfg)
     else:
         grad_on = torch.is_grad_enabled()
         need_dh = grad_on and hidden.requires_grad
         need_dw = grad_on and weight.requires_grad
         loss, rows = _FusedPolicyLoss.apply(hidden.contiguous(), weight, targets, old, adv, w, ref,
-                                            cfg, need_dh, need_dw, chunk_rows)
+                                            cfg, need_dh, need_dw, chunk_rows,
+                                            "torch" if which == "chunked" else "triton")
     with torch.no_grad():
         wsum = w.sum()
         clipped = torch.maximum(rows[_ROW_LOW], rows[_ROW_HIGH])
@@ -813,31 +950,33 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, *, token_weig
         )
 
 
-def _token_logprobs_triton(hidden, weight, targets, temperature, vocab_start, tp_group, chunk_rows):
+def _token_logprobs_fused(hidden, weight, targets, temperature, vocab_start, tp_group, chunk_rows,
+                          epilogue: str):
     T = hidden.shape[0]
     V = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
     world, _ = _tp_info(tp_group)
-    C = chunk_rows or default_chunk_rows(T, V, dtype, with_grad=False)
+    C = chunk_rows or default_chunk_rows(T, V, dtype, with_grad=False, epilogue=epilogue)
     tiles = epilogue_tiles(V)
     w_t = weight.t()
     if dev.type != "cuda" and dtype != torch.float32:
         w_t = w_t.float()
     logits = _buffer((C, V), torch.float32, dev)
+    exps = _buffer((C, V), torch.float32, dev) if epilogue == "torch" else None
     stats = _buffer((T, 4), torch.float32, dev)
     for c0, n in _chunk_spans(T, C):
         lg = logits[:n]
         _logits_mm(hidden[c0:c0 + n], w_t, lg)
-        _stats_launch(tiles, lg, targets, stats[c0:c0 + n], c0, vocab_start, 1.0 / temperature).run()
+        if epilogue == "torch":
+            _stats_torch(lg, exps[:n], targets[c0:c0 + n], stats[c0:c0 + n], vocab_start,
+                         1.0 / temperature)
+        else:
+            _stats_launch(tiles, lg, targets, stats[c0:c0 + n], c0, vocab_start,
+                          1.0 / temperature).run()
     # One exchange for the whole batch: merge the [T, 4] partials of every shard.
-    parts = _tp_gather_stats(stats, world, tp_group)
-    m_p, s_p, a_p, zt_p = parts.unbind(-1)
-    m = m_p.amax(0)
-    scale = torch.exp(m_p - m)
-    s = (scale * s_p).sum(0)
-    a = (scale * (a_p + s_p * (m_p - m))).sum(0)
+    m, s, a, zt = _combine_parts_torch(_tp_gather_stats(stats, world, tp_group))
     log_s = torch.log(s)
-    logp = torch.where(_target_ok(targets, V * world), zt_p.sum(0) - (m + log_s), float("nan"))
+    logp = torch.where(_target_ok(targets, V * world), zt - (m + log_s), float("nan"))
     return logp, log_s - a / s
 
 
@@ -860,12 +999,13 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=F
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     targets = targets.contiguous()
     with torch.no_grad():
-        if resolve_impl(impl, hidden.device) == "torch":
+        which = _loss_impl(impl, hidden.device)
+        if which == "torch":
             logp, ent = _logp_entropy_torch(hidden, weight, targets, float(temperature),
                                             vocab_start, tp_group, bool(return_entropy))
         else:
             with device_guard(hidden.device):
-                logp, ent = _token_logprobs_triton(hidden.contiguous(), weight, targets,
-                                                   float(temperature), vocab_start, tp_group,
-                                                   chunk_rows)
+                logp, ent = _token_logprobs_fused(
+                    hidden.contiguous(), weight, targets, float(temperature), vocab_start,
+                    tp_group, chunk_rows, "torch" if which == "chunked" else "triton")
     return (logp, ent) if return_entropy else logp
