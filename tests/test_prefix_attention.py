@@ -495,3 +495,15 @@ def test_flash_errors(monkeypatch):
     with pytest.raises(RuntimeError, match=r"needs flash-attn >= 2.1"):
         pa._flash_varlen()
     assert pa._resolve("auto", q, k, v, layout) == "sdpa"  # CPU: the SDPA composition
+
+
+def test_readme_example_runs(capsys):
+    """The example in kernels/README.md's prefix_shared_attention section runs and prints what
+    its comment says."""
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[1] / "kernels" / "README.md").read_text()
+    section = text.split("## prefix_shared_attention\n", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[-1]
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "20 torch.Size([20, 8, 64]) True"

@@ -13,7 +13,8 @@ Public API (stable):
 * :func:`prefix_shared_attention` over a :class:`PrefixLayout` — attention over packed groups
   that share one prompt (each response sees the prompt and itself, the prompt is computed once).
 
-Every function takes ``impl="auto" | "triton" | "torch"`` (the attention also ``"flash"``);
+Every function takes ``impl="auto" | "triton" | "torch"`` (the policy loss and log-probs also
+``"chunked"``, their ``auto`` off CUDA; the attention also ``"sdpa"`` and ``"flash"``);
 ``"torch"`` is the reference implementation and runs everywhere.  Only torch is required (triton when present).
 """
 
