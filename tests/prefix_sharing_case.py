@@ -172,6 +172,10 @@ def main() -> None:
     if rt.rank == 0:
         with open(out, "w") as f:
             json.dump({"tp": rt.tp_size, "dp": rt.dp_size, "results": results}, f, indent=1)
+    # Leave together and close the gloo group: a rank that exits while its peer's gloo threads
+    # still run can abort at exit ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 CASES = {
