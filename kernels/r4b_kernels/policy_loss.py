@@ -518,11 +518,11 @@ def epilogue_tiles(v_local: int, *, interpret: bool | None = None) -> EpilogueTi
 
 
 def default_chunk_rows(n_rows: int, v_local: int, dtype: torch.dtype, with_grad: bool, *,
-                       epilogue: str = "triton") -> int:
-    """Rows per chunk of the fused path under :data:`CHUNK_BUDGET_BYTES` (the ``"torch"``
-    epilogue holds a second fp32 ``[C, V_local]`` buffer, the exponentials)."""
+                       impl: str = "triton") -> int:
+    """Rows per chunk of the fused path (``impl`` ``"triton"`` or ``"chunked"``, which holds a
+    second fp32 ``[C, V_local]`` buffer, the exponentials) under :data:`CHUNK_BUDGET_BYTES`."""
     per_row = v_local * (4 + (dtype.itemsize if (with_grad and dtype != torch.float32) else 0))
-    if epilogue == "torch":
+    if impl == "chunked":
         per_row += v_local * 4
     c = max(16, CHUNK_BUDGET_BYTES // per_row // 16 * 16)  # multiple of 16 for tensor cores
     return int(min(n_rows, c))
@@ -697,34 +697,25 @@ def _grad_torch(lg, e, dl, m_loc, parts, targets, old, adv, w, ref, rows, row0: 
     logp = torch.where(_target_ok(tgt, v * world), zt - lse, float("nan"))
     ent = log_s - a / s
     s_mean = m + a / s
-    lo, hi = 1.0 - cfg["eps_low"], 1.0 + cfg["eps_high"]
-    ratio = torch.exp(logp - old)
+    # The values as the reference computes them; their derivative w.r.t. logp explicitly.
+    ratio, pg, kl, low, high, dual = _per_token_terms(
+        logp, old, adv, None if ref is None else ref[sl], kl_estimator=cfg["kl_estimator"],
+        eps_low=cfg["eps_low"], eps_high=cfg["eps_high"], dual_clip=cfg["dual_clip"])
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(lo, hi)  # clamp and maximum propagate NaN, like the kernel
-    pg = torch.maximum(unclipped, clipped)
-    dpg = torch.where(unclipped >= clipped, -adv * ratio, torch.zeros_like(ratio))
-    low = ((adv < 0) & (ratio < lo)).float()
-    high = ((adv > 0) & (ratio > hi)).float()
-    dual = torch.zeros_like(ratio)
-    if cfg["dual_clip"] is not None:
-        cap = -cfg["dual_clip"] * adv
-        capped = (adv < 0) & (pg > cap)
-        pg = torch.where(capped, cap, pg)
-        dpg = torch.where(capped, torch.zeros_like(dpg), dpg)
-        dual = capped.float()
-    g = dpg
-    kl = torch.zeros_like(ratio)
-    if ref is not None:
-        d = logp - ref[sl]
-        k = cfg["kl_coef"]
+    # The gradient flows only through the unclipped branch, and not where the dual clip caps.
+    g = torch.where((unclipped >= -adv * ratio.clamp(1.0 - cfg["eps_low"], 1.0 + cfg["eps_high"]))
+                    & ~dual, unclipped, torch.zeros_like(ratio))
+    if kl is None:
+        kl = torch.zeros_like(ratio)
+    else:
+        k, d = cfg["kl_coef"], logp - ref[sl]
         if cfg["kl_estimator"] == "k1":
-            kl, g = d, g + k
+            g = g + k
         elif cfg["kl_estimator"] == "k2":
-            kl, g = 0.5 * d * d, g + k * d
+            g = g + k * d
         else:
-            e_rd = torch.exp(-d)
-            kl, g = e_rd + d - 1.0, g + k * (1.0 - e_rd)
-    rows[:, sl] = torch.stack([logp, ent, ratio, pg, kl, low, high, dual])
+            g = g + k * (1.0 - torch.exp(-d))
+    rows[:, sl] = torch.stack([logp, ent, ratio, pg, kl, low.float(), high.float(), dual.float()])
     if not with_grad:
         return
     inv_tau = 1.0 / cfg["temperature"]
@@ -747,21 +738,21 @@ def _grad_torch(lg, e, dl, m_loc, parts, targets, old, adv, w, ref, rows, row0: 
 
 
 def _fused_chunks(hidden, weight, targets, old, adv, w, ref, cfg, need_dh, need_dw, chunk_rows,
-                  epilogue: str = "triton"):
-    """Run the chunked fused pass with the ``epilogue`` (``"triton"`` kernels or the
-    ``"torch"`` ops); returns (rows [8, T], dH or None, dW or None)."""
+                  impl: str):
+    """Run the chunked fused pass, its epilogue the Triton kernels (``impl="triton"``) or the
+    PyTorch ops (``"chunked"``); returns (rows [8, T], dH or None, dW or None)."""
     T, H = hidden.shape
     V = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
     world, group = cfg["world"], cfg["tp_group"]
     with_grad = need_dh or need_dw
-    C = chunk_rows or default_chunk_rows(T, V, dtype, with_grad, epilogue=epilogue)
+    C = chunk_rows or default_chunk_rows(T, V, dtype, with_grad, impl=impl)
     tiles = epilogue_tiles(V)
     w_t = weight.t()
     if dev.type != "cuda" and dtype != torch.float32:
         w_t = w_t.float()  # CPU/interpreter: one upcast per call instead of one per chunk
     logits, dlog, stats = _chunk_buffers(C, V, dtype, with_grad, dev)
-    exps = _buffer((C, V), torch.float32, dev) if epilogue == "torch" else None
+    exps = _buffer((C, V), torch.float32, dev) if impl == "chunked" else None
     rows = _buffer((_N_ROWS, T), torch.float32, dev)
     dH = _buffer(hidden.shape, dtype, dev) if need_dh else None
     dW = _buffer(weight.shape, dtype, dev) if need_dw else None
@@ -769,15 +760,15 @@ def _fused_chunks(hidden, weight, targets, old, adv, w, ref, cfg, need_dh, need_
     for c0, n in _chunk_spans(T, C):
         lg, st, dl = logits[:n], stats[:n], dlog[:n]
         _logits_mm(hidden[c0:c0 + n], w_t, lg)
-        if epilogue == "torch":
-            e = exps[:n]
-            _stats_torch(lg, e, targets[c0:c0 + n], st, cfg["vocab_start"], inv_tau)
-            parts = _tp_gather_stats(st, world, group)
-            _grad_torch(lg, e, dl, st[:, 0], parts, targets, old, adv, w, ref, rows, c0, cfg,
-                        with_grad)
+        if impl == "chunked":
+            _stats_torch(lg, exps[:n], targets[c0:c0 + n], st, cfg["vocab_start"], inv_tau)
         else:
             _stats_launch(tiles, lg, targets, st, c0, cfg["vocab_start"], inv_tau).run()
-            parts = _tp_gather_stats(st, world, group)
+        parts = _tp_gather_stats(st, world, group)
+        if impl == "chunked":
+            _grad_torch(lg, exps[:n], dl, st[:, 0], parts, targets, old, adv, w, ref, rows, c0,
+                        cfg, with_grad)
+        else:
             _grad_launch(tiles, lg, dl, parts, targets, old, adv, w, ref, rows, c0, cfg,
                          with_grad).run()
         if need_dh:
@@ -799,10 +790,10 @@ class _FusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, old, adv, w, ref, cfg, need_dh, need_dw, chunk_rows,
-                epilogue):
+                impl):
         with device_guard(hidden.device):
             rows, dH, dW = _fused_chunks(hidden, weight, targets, old, adv, w, ref, cfg,
-                                         need_dh, need_dw, chunk_rows, epilogue)
+                                         need_dh, need_dw, chunk_rows, impl)
         loss = (w * _loss_terms(rows, cfg)).sum()
         ctx.grads = (dH, dW)
         ctx.mark_non_differentiable(rows)
@@ -925,8 +916,7 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, *, token_weig
         need_dh = grad_on and hidden.requires_grad
         need_dw = grad_on and weight.requires_grad
         loss, rows = _FusedPolicyLoss.apply(hidden.contiguous(), weight, targets, old, adv, w, ref,
-                                            cfg, need_dh, need_dw, chunk_rows,
-                                            "torch" if which == "chunked" else "triton")
+                                            cfg, need_dh, need_dw, chunk_rows, which)
     with torch.no_grad():
         wsum = w.sum()
         clipped = torch.maximum(rows[_ROW_LOW], rows[_ROW_HIGH])
@@ -951,23 +941,23 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, *, token_weig
 
 
 def _token_logprobs_fused(hidden, weight, targets, temperature, vocab_start, tp_group, chunk_rows,
-                          epilogue: str):
+                          impl: str):
     T = hidden.shape[0]
     V = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
     world, _ = _tp_info(tp_group)
-    C = chunk_rows or default_chunk_rows(T, V, dtype, with_grad=False, epilogue=epilogue)
+    C = chunk_rows or default_chunk_rows(T, V, dtype, with_grad=False, impl=impl)
     tiles = epilogue_tiles(V)
     w_t = weight.t()
     if dev.type != "cuda" and dtype != torch.float32:
         w_t = w_t.float()
     logits = _buffer((C, V), torch.float32, dev)
-    exps = _buffer((C, V), torch.float32, dev) if epilogue == "torch" else None
+    exps = _buffer((C, V), torch.float32, dev) if impl == "chunked" else None
     stats = _buffer((T, 4), torch.float32, dev)
     for c0, n in _chunk_spans(T, C):
         lg = logits[:n]
         _logits_mm(hidden[c0:c0 + n], w_t, lg)
-        if epilogue == "torch":
+        if impl == "chunked":
             _stats_torch(lg, exps[:n], targets[c0:c0 + n], stats[c0:c0 + n], vocab_start,
                          1.0 / temperature)
         else:
@@ -1007,5 +997,5 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=F
             with device_guard(hidden.device):
                 logp, ent = _token_logprobs_fused(
                     hidden.contiguous(), weight, targets, float(temperature), vocab_start,
-                    tp_group, chunk_rows, "torch" if which == "chunked" else "triton")
+                    tp_group, chunk_rows, which)
     return (logp, ent) if return_entropy else logp
